@@ -1,0 +1,1 @@
+"""FreshRec services: ranking, updater, ingestion, feature-store access, shared server plumbing."""

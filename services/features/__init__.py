@@ -1,0 +1,1 @@
+"""Feature-store access: the FeatureReader/ProfileWriter seams and their Feast implementations."""
