@@ -1,1 +1,1 @@
-"""services/common."""
+"""Server plumbing shared by both services: create_server, health, reflection, error mapping."""

@@ -1,1 +1,1 @@
-"""services/ingestion."""
+"""Event ingestion: validate, de-duplicate, append to the offline store, update online profiles."""

@@ -1,1 +1,1 @@
-"""services/ranking."""
+"""Ranking service: Recommend and LogEvents over gRPC, hot-swapping model versions."""

@@ -1,1 +1,1 @@
-"""services/updater."""
+"""Updater service: incremental fine-tuning, champion/challenger gate, publish, promote, rollback."""
