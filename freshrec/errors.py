@@ -14,28 +14,33 @@ one server interceptor (services/common/server.py) turns these into gRPC statuse
 
 from __future__ import annotations
 
-import grpc
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # grpc is imported lazily so pure code (model/) can raise these errors
+    import grpc
 
 
 class FreshRecError(Exception):
     """Base of every error FreshRec raises on purpose."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: str = "INTERNAL"  # name of the grpc.StatusCode
 
     def grpc_status_code(self) -> grpc.StatusCode:
-        return self.code
+        import grpc
+
+        return grpc.StatusCode[self.code]
 
 
 class InvalidArgument(FreshRecError, ValueError):
     """A caller-supplied value is malformed or out of range; the message names the field."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
 
 class NotFound(FreshRecError, KeyError):
     """A named thing (model version, item) does not exist."""
 
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
@@ -44,13 +49,13 @@ class NotFound(FreshRecError, KeyError):
 class FailedPrecondition(FreshRecError):
     """The system is not in a state where the operation makes sense."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
 
 class Unavailable(FreshRecError):
     """A dependency is down; retrying later may succeed."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"
 
 
 class FeatureStoreUnavailable(Unavailable):
@@ -60,4 +65,4 @@ class FeatureStoreUnavailable(Unavailable):
 class ArtifactError(FreshRecError):
     """A model or index version failed verification (sha256, config, missing files)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"

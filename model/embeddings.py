@@ -1,0 +1,84 @@
+"""Recall embeddings: a bi-encoder (MiniLM mean pooling) maps item text and queries to one space.
+
+Items are embedded from their text, so a new item is recallable the moment it exists. A user is
+the recency-weighted mean of the items they engaged with (plus their query, when given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from model.reranker import pretrained_path
+
+RECENCY_DECAY = 0.85
+
+
+class TextEncoder:
+    """Sentence embeddings (mean pooling, L2-normalised) from a BERT encoder."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int = 64
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(cls, path: Path | str | None = None, max_length: int = 64) -> TextEncoder:
+        source = str(path or pretrained_path())
+        return cls(
+            AutoModel.from_pretrained(source), AutoTokenizer.from_pretrained(source), max_length
+        )
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], batch_size: int = 128, progress=None) -> np.ndarray:
+        """Embeddings, float32, shape (len(texts), dim), each row of unit length.
+
+        Args:
+            progress: optional callable(n_done) for progress bars.
+        """
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+            out[start : start + len(pooled)] = pooled.numpy()
+            if progress is not None:
+                progress(len(pooled))
+        return out
+
+
+def user_vector(
+    item_vectors: Sequence[np.ndarray], query_vector: np.ndarray | None = None
+) -> np.ndarray | None:
+    """A user's recall query: recency-weighted mean of recent item vectors (most recent first),
+    blended equally with the query vector when there is one; unit length. None if nothing known.
+    """
+    parts: list[np.ndarray] = []
+    if len(item_vectors) > 0:
+        weights = RECENCY_DECAY ** np.arange(len(item_vectors), dtype=np.float32)
+        history = (np.stack(item_vectors) * weights[:, None]).sum(0)
+        parts.append(history / max(float(np.linalg.norm(history)), 1e-9))
+    if query_vector is not None:
+        parts.append(query_vector)
+    if not parts:
+        return None
+    combined = np.sum(parts, axis=0).astype(np.float32)
+    return combined / max(float(np.linalg.norm(combined)), 1e-9)

@@ -1,0 +1,322 @@
+"""The ranking pipeline, as verb-noun steps over narrow seams (no gRPC here).
+
+    fetch_user_profile → recall_candidates → fetch_item_features → filter_candidates
+      → rerank → apply_weights → add_exploration → top k
+
+A request takes one `ServingModels` snapshot at its start, so a hot swap never mixes versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from freshrec.errors import FeatureStoreUnavailable, InvalidArgument
+from freshrec.records import ItemFeatures, UserProfile
+from model.embeddings import TextEncoder, user_vector
+from model.index import RecallIndex
+from model.reranker import CrossEncoderReranker
+from model.text import item_text, user_context_text
+from services.features.reader import FeatureReader
+
+log = logging.getLogger(__name__)
+
+STAGE_RECALL = "recall"
+STAGE_EXPLORATION = "exploration"
+STAGE_FALLBACK = "fallback"
+
+MAX_ID_CHARS = 128
+MAX_QUERY_CHARS = 512
+MAX_EXCLUDE = 1000
+MAX_CONTEXT_ENTRIES = 32
+MAX_CONTEXT_CHARS = 256
+
+
+@dataclass(frozen=True)
+class ServingModels:
+    """The immutable set of versions one request is answered with."""
+
+    reranker: CrossEncoderReranker
+    model_version: str
+    index: RecallIndex
+    index_version: str
+
+
+@dataclass(frozen=True)
+class RecommendInput:
+    user_id: str
+    k: int
+    query: str | None = None
+    context: Mapping[str, str] = field(default_factory=dict)
+    exclude_item_ids: tuple[str, ...] = ()
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    item_id: str
+    score: float
+    relevance: float
+    business_weight: float
+    stage: str
+    title: str = ""
+    category: str = ""
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    items: list[ScoredItem]
+    model_version: str
+    index_version: str
+    degraded: bool = False
+    degraded_reason: str = ""
+    cold_start: bool = False
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    recall_candidates: int = 50
+    max_k: int = 100
+    exploration_slots: int = 1
+    exploration_rate: float = 0.1
+    category_weights: Mapping[str, float] = field(default_factory=dict)
+    exclude_purchased: bool = True
+
+
+def validate_input(req: RecommendInput, max_k: int) -> None:
+    """Reject malformed requests; messages name the field and the allowed range.
+
+    Raises:
+        InvalidArgument
+    """
+    if not req.user_id or not req.user_id.strip():
+        raise InvalidArgument("user_id must be a non-empty string")
+    if len(req.user_id) > MAX_ID_CHARS:
+        raise InvalidArgument(
+            f"user_id must be at most {MAX_ID_CHARS} characters, got {len(req.user_id)}"
+        )
+    if not 1 <= req.k <= max_k:
+        raise InvalidArgument(f"k must be in 1..{max_k}, got {req.k}")
+    if req.query is not None and len(req.query) > MAX_QUERY_CHARS:
+        raise InvalidArgument(
+            f"query must be at most {MAX_QUERY_CHARS} characters, got {len(req.query)}"
+        )
+    if len(req.exclude_item_ids) > MAX_EXCLUDE:
+        raise InvalidArgument(
+            f"exclude_item_ids must hold at most {MAX_EXCLUDE} ids, got {len(req.exclude_item_ids)}"
+        )
+    for item_id in req.exclude_item_ids:
+        if not item_id or len(item_id) > MAX_ID_CHARS:
+            raise InvalidArgument(f"exclude_item_ids entries must be 1..{MAX_ID_CHARS} characters")
+    if len(req.context) > MAX_CONTEXT_ENTRIES:
+        raise InvalidArgument(
+            f"context must hold at most {MAX_CONTEXT_ENTRIES} entries, got {len(req.context)}"
+        )
+    for key, value in req.context.items():
+        if len(key) > MAX_CONTEXT_CHARS or len(value) > MAX_CONTEXT_CHARS:
+            raise InvalidArgument(
+                f"context keys and values must be at most {MAX_CONTEXT_CHARS} characters"
+            )
+    if len(req.request_id) > MAX_ID_CHARS:
+        raise InvalidArgument(f"request_id must be at most {MAX_ID_CHARS} characters")
+
+
+def _request_rng(request_id: str, user_id: str) -> np.random.Generator:
+    seed = int.from_bytes(
+        hashlib.blake2b(f"{request_id}/{user_id}".encode(), digest_size=8).digest()
+    )
+    return np.random.default_rng(seed)
+
+
+class RankingPipeline:
+    """Answers one recommendation request from features, an index and a re-ranker."""
+
+    def __init__(
+        self,
+        features: FeatureReader,
+        settings: PipelineSettings,
+        query_encoder: TextEncoder | None = None,
+    ) -> None:
+        self.features = features
+        self.settings = settings
+        self.query_encoder = query_encoder
+
+    # -- steps -------------------------------------------------------------------------------
+    def fetch_user_profile(self, user_id: str) -> UserProfile | None:
+        return self.features.get_user_profile(user_id)
+
+    def recall_candidates(
+        self,
+        models: ServingModels,
+        profile: UserProfile | None,
+        query: str | None,
+        exclude: frozenset[str],
+    ) -> list[tuple[str, float]]:
+        recent = profile.recent_items if profile else ()
+        query_vec = None
+        if query and self.query_encoder is not None:
+            query_vec = self.query_encoder.encode([query])[0]
+        vec = user_vector(models.index.vectors_of(recent), query_vec)
+        if vec is None:
+            return []
+        return models.index.search(vec, self.settings.recall_candidates, exclude)
+
+    def fetch_item_features(self, item_ids: list[str]) -> dict[str, ItemFeatures]:
+        return self.features.get_items(item_ids)
+
+    @staticmethod
+    def filter_candidates(
+        candidates: list[tuple[str, float]], items: Mapping[str, ItemFeatures]
+    ) -> list[tuple[str, float]]:
+        """Keep candidates the store knows and that are in stock."""
+        return [(i, s) for i, s in candidates if i in items and items[i].in_stock]
+
+    @staticmethod
+    def rerank(models: ServingModels, user_text: str, candidates: list[ItemFeatures]) -> np.ndarray:
+        if not candidates:
+            return np.zeros(0, dtype=np.float32)
+        return models.reranker.score(user_text, [item_text(i) for i in candidates])
+
+    def apply_weights(
+        self, candidates: list[ItemFeatures], relevance: np.ndarray, stage: str
+    ) -> list[ScoredItem]:
+        """score = relevance × w_i, w_i from the per-category business weights; best first."""
+        weights = self.settings.category_weights
+        scored = [
+            ScoredItem(
+                item_id=item.item_id,
+                score=float(rel) * float(weights.get(item.category, 1.0)),
+                relevance=float(rel),
+                business_weight=float(weights.get(item.category, 1.0)),
+                stage=stage,
+                title=item.title,
+                category=item.category,
+            )
+            for item, rel in zip(candidates, relevance, strict=True)
+        ]
+        scored = [s for s in scored if s.business_weight > 0]  # weight 0 = filtered out
+        scored.sort(key=lambda s: s.score, reverse=True)
+        return scored
+
+    def add_exploration(
+        self,
+        ranked: list[ScoredItem],
+        k: int,
+        models: ServingModels,
+        exclude: frozenset[str],
+        rng: np.random.Generator,
+    ) -> list[ScoredItem]:
+        """With probability `exploration_rate`, give the last slots to random catalogue items."""
+        top = ranked[:k]
+        slots = min(self.settings.exploration_slots, k - 1) if k > 1 else 0
+        if slots <= 0 or rng.random() >= self.settings.exploration_rate:
+            return top
+        taken = {s.item_id for s in top} | exclude
+        pool = [i for i in models.index.item_ids if i not in taken]
+        if not pool:
+            return top
+        picks = rng.choice(len(pool), size=min(slots, len(pool)), replace=False)
+        chosen = [pool[int(p)] for p in picks]
+        features = self.fetch_item_features(chosen)
+        explore = [
+            ScoredItem(i, 0.0, 0.0, 1.0, STAGE_EXPLORATION, features[i].title, features[i].category)
+            for i in chosen
+            if i in features and features[i].in_stock
+        ]
+        keep = k - len(explore)
+        return top[:keep] + explore
+
+    def fallback(self, models: ServingModels, k: int, exclude: frozenset[str]) -> list[ScoredItem]:
+        """Popular items, in popularity order, for cold start or when a dependency failed."""
+        chosen = [i for i in models.index.popular if i not in exclude][: k * 2]
+        try:
+            features = self.fetch_item_features(chosen)
+        except FeatureStoreUnavailable:
+            features = {}
+        out = []
+        for rank, item_id in enumerate(chosen):
+            item = features.get(item_id)
+            if item is not None and not item.in_stock:
+                continue
+            score = 1.0 / (rank + 1)
+            out.append(
+                ScoredItem(
+                    item_id,
+                    score,
+                    score,
+                    1.0,
+                    STAGE_FALLBACK,
+                    item.title if item else "",
+                    item.category if item else "",
+                )
+            )
+        return out[:k]
+
+    # -- the whole request -------------------------------------------------------------------
+    def recommend(self, req: RecommendInput, models: ServingModels) -> Recommendation:
+        """Ranked items for one user. Unknown users get popular items (cold_start=True).
+
+        Raises:
+            InvalidArgument: a malformed request.
+        """
+        validate_input(req, self.settings.max_k)
+        timings: dict[str, float] = {}
+        clock = time.perf_counter
+        t0 = clock()
+        degraded_reason = ""
+        try:
+            profile = self.fetch_user_profile(req.user_id)
+        except FeatureStoreUnavailable as exc:
+            profile, degraded_reason = None, f"user profile unavailable: {exc}"
+        timings["fetch_user_profile"] = (clock() - t0) * 1e3
+        exclude = set(req.exclude_item_ids)
+        if profile is not None:
+            exclude.update(profile.recent_items)
+            if self.settings.exclude_purchased:
+                exclude.update(profile.purchased_items)
+        frozen_exclude = frozenset(exclude)
+        cold = profile is None and not degraded_reason
+
+        def answer(items: list[ScoredItem]) -> Recommendation:
+            timings["total"] = (clock() - t0) * 1e3
+            return Recommendation(
+                items,
+                models.model_version,
+                models.index_version,
+                bool(degraded_reason),
+                degraded_reason,
+                cold,
+                timings,
+            )
+
+        t = clock()
+        candidates = self.recall_candidates(models, profile, req.query, frozen_exclude)
+        timings["recall_candidates"] = (clock() - t) * 1e3
+        if not candidates:
+            return answer(self.fallback(models, req.k, frozen_exclude))
+        t = clock()
+        try:
+            items = self.fetch_item_features([i for i, _ in candidates])
+        except FeatureStoreUnavailable as exc:
+            degraded_reason = f"item features unavailable: {exc}"
+            ranked = [ScoredItem(i, s, s, 1.0, STAGE_RECALL) for i, s in candidates]
+            return answer(ranked[: req.k])
+        timings["fetch_item_features"] = (clock() - t) * 1e3
+        kept = self.filter_candidates(candidates, items)
+        ordered = [items[i] for i, _ in kept]
+        t = clock()
+        relevance = self.rerank(models, user_context_text(profile, req.query), ordered)
+        timings["rerank"] = (clock() - t) * 1e3
+        ranked = self.apply_weights(ordered, relevance, STAGE_RECALL)
+        rng = _request_rng(req.request_id, req.user_id)
+        final = self.add_exploration(ranked, req.k, models, frozen_exclude, rng)
+        if len(final) < req.k:  # a thin recall: top up with popular items
+            have = frozen_exclude | {s.item_id for s in final}
+            final += self.fallback(models, req.k - len(final), have)
+        return answer(final)

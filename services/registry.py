@@ -1,0 +1,253 @@
+"""The model registry: versioned artefacts on a shared filesystem and a champion pointer per kind.
+
+Layout under `root/<kind>/` (kind = "reranker" | "index"):
+    v0001/ ... manifest.json     immutable, sealed versions (model.artifacts)
+    .staging-<uuid>/             work in progress; never read by anyone
+    CHAMPION                     the served version's name, replaced atomically
+    history.jsonl                every champion change, append-only (promote, rollback)
+    decisions.jsonl              gate decisions (promoted/rejected and why)
+
+Publishing is `rename(staging, vNNNN)`: a reader sees a whole version or none. The champion
+pointer is written to a temp file, fsynced and `os.replace`d, so it never names a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from freshrec.errors import ArtifactError, FailedPrecondition, InvalidArgument, NotFound
+from model.artifacts import Manifest, read_manifest, seal, verify
+
+KINDS = ("reranker", "index")
+CHAMPION = "CHAMPION"
+HISTORY = "history.jsonl"
+DECISIONS = "decisions.jsonl"
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    manifest: Manifest
+    status: str  # champion | published | rejected | retired
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a torn last line after a crash: ignore it, earlier lines are intact
+    return out
+
+
+class ModelRegistry:
+    """Versions, champion pointers and their history on a (shared) filesystem."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _kind_dir(self, kind: str) -> Path:
+        if kind not in KINDS:
+            raise InvalidArgument(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        path = self.root / kind
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def path(self, kind: str, version: str) -> Path:
+        return self._kind_dir(kind) / version
+
+    def versions(self, kind: str) -> list[str]:
+        """Published version names, oldest first."""
+        base = self._kind_dir(kind)
+        return sorted(
+            p.name
+            for p in base.iterdir()
+            if p.is_dir() and p.name.startswith("v") and (p / "manifest.json").exists()
+        )
+
+    def staging_dir(self, kind: str) -> Path:
+        """A fresh private directory to write a version into before `publish`."""
+        path = self._kind_dir(kind) / f".staging-{uuid.uuid4().hex}"
+        path.mkdir()
+        return path
+
+    def clean_staging(self, kind: str) -> int:
+        """Remove staging directories left by a killed writer; return how many."""
+        removed = 0
+        for p in self._kind_dir(kind).glob(".staging-*"):
+            shutil.rmtree(p, ignore_errors=True)
+            removed += 1
+        return removed
+
+    def next_version(self, kind: str) -> str:
+        existing = [int(v[1:]) for v in self.versions(kind) if v[1:].isdigit()]
+        return f"v{(max(existing) + 1) if existing else 1:04d}"
+
+    def publish(self, kind: str, staging: Path, manifest: Manifest) -> Manifest:
+        """Seal `staging` (hash its files, write the manifest) and move it into place atomically.
+
+        The manifest's `version` is assigned here. Returns the sealed manifest.
+        """
+        base = self._kind_dir(kind)
+        for _ in range(100):
+            version = self.next_version(kind)
+            sealed = seal(
+                staging, Manifest(**{**manifest.__dict__, "version": version, "kind": kind})
+            )
+            for f in staging.iterdir():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+            try:
+                os.rename(staging, base / version)
+            except OSError:
+                continue  # another writer took this number; take the next
+            _fsync_dir(base)
+            return sealed
+        raise FailedPrecondition(f"could not allocate a version name under {base}")
+
+    def manifest(self, kind: str, version: str) -> Manifest:
+        path = self.path(kind, version)
+        if not path.is_dir():
+            raise NotFound(f"version {version!r} of {kind} does not exist")
+        return read_manifest(path)
+
+    def verify(self, kind: str, version: str) -> Manifest:
+        """Re-hash a version's files. Raises NotFound or ArtifactError."""
+        path = self.path(kind, version)
+        if not path.is_dir():
+            raise NotFound(f"version {version!r} of {kind} does not exist")
+        return verify(path, kind)
+
+    def champion(self, kind: str) -> str | None:
+        path = self._kind_dir(kind) / CHAMPION
+        try:
+            name = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def _set_champion(self, kind: str, version: str, action: str, reason: str) -> str | None:
+        base = self._kind_dir(kind)
+        previous = self.champion(kind)
+        tmp = base / f".{CHAMPION}.{uuid.uuid4().hex}"
+        with tmp.open("w") as fh:
+            fh.write(version + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, base / CHAMPION)
+        _fsync_dir(base)
+        _append_line(
+            base / HISTORY,
+            {
+                "at": datetime.now(UTC).isoformat(),
+                "action": action,
+                "version": version,
+                "previous": previous,
+                "reason": reason,
+            },
+        )
+        return previous
+
+    def promote(self, kind: str, version: str, reason: str = "") -> str | None:
+        """Make a verified version the champion; return the previous champion.
+
+        Raises:
+            NotFound: no such version. ArtifactError: it fails verification.
+        """
+        self.verify(kind, version)
+        return self._set_champion(kind, version, "promote", reason)
+
+    def rollback(self, kind: str, reason: str = "") -> tuple[str, str | None]:
+        """Return to the champion before the current one; (new champion, previous).
+
+        Raises:
+            FailedPrecondition: there is no earlier champion to return to.
+        """
+        current = self.champion(kind)
+        chain = self.champion_chain(kind)
+        for candidate in reversed(chain[:-1]):
+            if candidate == current:
+                continue
+            try:
+                self.verify(kind, candidate)
+            except (NotFound, ArtifactError):
+                continue
+            previous = self._set_champion(kind, candidate, "rollback", reason)
+            return candidate, previous
+        raise FailedPrecondition(f"no earlier {kind} champion to roll back to (current {current})")
+
+    def champion_chain(self, kind: str) -> list[str]:
+        """Champions in the order they were promoted, with rolled-back ones removed."""
+        chain: list[str] = []
+        for rec in _read_lines(self._kind_dir(kind) / HISTORY):
+            if rec.get("action") == "rollback":
+                while chain and chain[-1] != rec["version"]:
+                    chain.pop()
+                if not chain:
+                    chain.append(rec["version"])
+            else:
+                chain.append(rec["version"])
+        return chain
+
+    def record_decision(
+        self, kind: str, version: str, decision: str, detail: dict[str, Any]
+    ) -> None:
+        _append_line(
+            self._kind_dir(kind) / DECISIONS,
+            {
+                "at": datetime.now(UTC).isoformat(),
+                "version": version,
+                "decision": decision,
+                **detail,
+            },
+        )
+
+    def list_versions(self, kind: str) -> list[VersionEntry]:
+        """Every published version with its status, oldest first."""
+        champion = self.champion(kind)
+        ever = {rec["version"] for rec in _read_lines(self._kind_dir(kind) / HISTORY)}
+        rejected = {
+            rec["version"]
+            for rec in _read_lines(self._kind_dir(kind) / DECISIONS)
+            if rec.get("decision") == "rejected"
+        }
+        out = []
+        for version in self.versions(kind):
+            try:
+                manifest = self.manifest(kind, version)
+            except ArtifactError:
+                continue
+            if version == champion:
+                status = "champion"
+            elif version in rejected:
+                status = "rejected"
+            elif version in ever:
+                status = "retired"
+            else:
+                status = "published"
+            out.append(VersionEntry(manifest, status))
+        return out
