@@ -1,0 +1,404 @@
+"""Setting up the Feast feature store: choose the online store, render, apply, materialise.
+
+`prepare_feature_store` is the whole sequence the demo and the CLI run. The rendered Feast repo
+is `<workdir>/feature_repo/` (feature_store.yaml + a copy of the repo-root
+`feature_repo/features.py`); the offline parquet tables live in `<workdir>/offline/`, which
+`features.py` names relative to the rendered repo (`../offline/...`), so every process that
+opens `FeatureStore(repo_path=<workdir>/feature_repo)` finds them whatever its cwd.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlparse
+
+import pandas as pd
+import redis
+
+from freshrec.config import FreshRecConfig
+from freshrec.errors import FeatureStoreUnavailable
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+logger = logging.getLogger(__name__)
+
+FEATURE_DEFINITIONS = Path(__file__).resolve().parents[2] / "feature_repo" / "features.py"
+USER_PROFILE_TABLE = "user_profile.parquet"
+ITEM_FEATURES_TABLE = "item_features.parquet"
+REDIS_PID_FILE = "redis.pid"
+REDIS_PORT_FILE = "redis.port"
+_REDIS_START_TIMEOUT_S = 5.0
+# Fail fast when Redis is down instead of hanging a ranking request on a dead socket.
+_REDIS_CONNECT_TIMEOUT_S = 2
+# What the online stores raise when they cannot be reached or written.
+_STORE_ERRORS = (redis.RedisError, sqlite3.Error, OSError)
+
+
+@dataclass(frozen=True)
+class OnlineStoreChoice:
+    """Which online store Feast will use, and why."""
+
+    kind: Literal["redis", "sqlite"]
+    redis_url: str | None
+    description: str
+    process: subprocess.Popen[bytes] | None = None  # set when this process started redis-server
+
+    def stop(self) -> None:
+        """Stop the redis-server this process started (no-op otherwise)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Online store choice
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_online_store(config: FreshRecConfig) -> OnlineStoreChoice:
+    """Pick the online store for `config.online_store`.
+
+    auto: Redis at config.redis_url if it answers PING; else a redis-server this workdir started
+    earlier (`<workdir>/redis.pid` + `redis.port`) if it still answers; else start `redis-server`
+    from PATH on a free loopback port (no persistence, dir `<workdir>/redis/`); else SQLite.
+    redis: config.redis_url must answer. sqlite: `<workdir>/feature_repo/online.db`.
+
+    Raises:
+        FeatureStoreUnavailable: online_store is "redis" and Redis does not answer.
+    """
+    if config.online_store == "sqlite":
+        return OnlineStoreChoice("sqlite", None, "SQLite online store (configured)")
+    if _redis_answers(config.redis_url):
+        return OnlineStoreChoice("redis", config.redis_url, f"Redis at {config.redis_url}")
+    if config.online_store == "redis":
+        raise FeatureStoreUnavailable(
+            f"online_store is 'redis' but {config.redis_url} does not answer PING"
+        )
+    reused = _reuse_started_redis(config.workdir)
+    if reused is not None:
+        return OnlineStoreChoice(
+            "redis", reused, f"Redis at {reused} (redis-server started earlier for this workdir)"
+        )
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return OnlineStoreChoice(
+            "sqlite", None, f"SQLite online store ({config.redis_url} unreachable, no redis-server)"
+        )
+    url, process = start_redis_server(binary, config.workdir)
+    return OnlineStoreChoice(
+        "redis",
+        url,
+        f"Redis at {url} (started redis-server pid {process.pid}; {config.redis_url} unreachable)",
+        process,
+    )
+
+
+def start_redis_server(
+    binary: str, workdir: Path, port: int | None = None
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start a persistence-free redis-server on loopback and wait until it answers.
+
+    Writes `<workdir>/redis.pid` and `<workdir>/redis.port` so a later process can reuse it.
+    The server runs in its own session so it outlives this process (the demo's services share
+    it); stop it with `OnlineStoreChoice.stop()` or by the pid in the file.
+
+    Returns:
+        (redis_url, process).
+
+    Raises:
+        FeatureStoreUnavailable: it did not answer within a few seconds.
+    """
+    data_dir = workdir / "redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or _free_port()
+    # fmt: off
+    args = [
+        binary, "--port", str(port), "--bind", "127.0.0.1",
+        "--save", "", "--appendonly", "no", "--dir", str(data_dir.resolve()),
+        "--logfile", str((data_dir / "redis.log").resolve()),
+    ]
+    # fmt: on
+    process = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + _REDIS_START_TIMEOUT_S
+    while not _redis_answers(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise FeatureStoreUnavailable(
+                f"redis-server on port {port} did not answer within {_REDIS_START_TIMEOUT_S}s; "
+                f"see {data_dir / 'redis.log'}"
+            )
+        time.sleep(0.05)
+    (workdir / REDIS_PID_FILE).write_text(f"{process.pid}\n")
+    (workdir / REDIS_PORT_FILE).write_text(f"{port}\n")
+    return url, process
+
+
+def _reuse_started_redis(workdir: Path) -> str | None:
+    pid_file, port_file = workdir / REDIS_PID_FILE, workdir / REDIS_PORT_FILE
+    try:
+        pid = int(pid_file.read_text())
+        port = int(port_file.read_text())
+        os.kill(pid, 0)  # raises if no such process
+    except (OSError, ValueError):
+        return None
+    url = f"redis://127.0.0.1:{port}/0"
+    return url if _redis_answers(url) else None
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=0.5, socket_timeout=0.5, retry_on_timeout=False
+        )
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering and applying the Feast repo
+# ---------------------------------------------------------------------------------------------
+
+
+def redis_connection_string(url: str) -> str:
+    """Feast's Redis connection string (`host:port,db=N[,password=..]`) for a redis:// URL.
+
+    Raises:
+        ValueError: not a redis:// or rediss:// URL.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme not in ("redis", "rediss"):
+        raise ValueError(f"redis_url must start with redis:// or rediss://, got {url!r}")
+    db = parsed.path.lstrip("/") or "0"
+    parts = [f"{parsed.hostname or '127.0.0.1'}:{parsed.port or 6379}", f"db={int(db)}"]
+    if parsed.username:
+        parts.append(f"username={unquote(parsed.username)}")
+    if parsed.password:
+        parts.append(f"password={unquote(parsed.password)}")
+    if parsed.scheme == "rediss":
+        parts.append("ssl=true")
+    parts.append(f"socket_connect_timeout={_REDIS_CONNECT_TIMEOUT_S}")
+    return ",".join(parts)
+
+
+def render_feature_store_yaml(config: FreshRecConfig, choice: OnlineStoreChoice) -> Path:
+    """Write `<workdir>/feature_repo/feature_store.yaml` and copy `features.py` beside it.
+
+    Returns:
+        The rendered repo directory (what Feast applies and reads).
+    """
+    repo_dir = config.feature_repo_dir
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    if choice.kind == "redis":
+        assert choice.redis_url is not None
+        online = (
+            "online_store:\n"
+            "  type: redis\n"
+            f'  connection_string: "{redis_connection_string(choice.redis_url)}"\n'
+        )
+    else:
+        online = f"online_store:\n  type: sqlite\n  path: {(repo_dir / 'online.db').resolve()}\n"
+    text = (
+        f"# Rendered by services/features/store.py ({choice.description}); do not edit.\n"
+        f"project: {config.project}\n"
+        "provider: local\n"
+        f"registry: {(repo_dir / 'registry.db').resolve()}\n"
+        f"{online}"
+        "offline_store:\n"
+        "  type: file\n"
+        "entity_key_serialization_version: 3\n"
+    )
+    _atomic_write_text(repo_dir / "feature_store.yaml", text)
+    shutil.copyfile(FEATURE_DEFINITIONS, repo_dir / "features.py")
+    return repo_dir
+
+
+def feast_objects(repo_dir: Path) -> list[Any]:
+    """The Feast objects (entities, sources, feature views) defined in `<repo_dir>/features.py`."""
+    from feast import Entity, FeatureView
+    from feast.data_source import DataSource
+
+    module = _import_definitions(repo_dir / "features.py")
+    kinds = (Entity, DataSource, FeatureView)
+    return [value for value in vars(module).values() if isinstance(value, kinds)]
+
+
+def apply_feature_repo(config: FreshRecConfig, store: FeatureStore | None = None) -> None:
+    """`feast apply` through the SDK (the CLI costs ~10 s of start-up) on the rendered repo.
+
+    Raises:
+        FeatureStoreUnavailable: the online store could not be set up.
+    """
+    store = store or open_feature_store(config.feature_repo_dir)
+    try:
+        store.apply(feast_objects(config.feature_repo_dir))
+    except _STORE_ERRORS as exc:
+        raise FeatureStoreUnavailable(f"feast apply failed on the online store: {exc}") from exc
+
+
+def open_feature_store(repo_dir: Path) -> FeatureStore:
+    """`feast.FeatureStore` for a rendered repo (imports Feast lazily: ~1 s)."""
+    from feast import FeatureStore
+
+    return FeatureStore(repo_path=str(repo_dir.resolve()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline tables and materialisation
+# ---------------------------------------------------------------------------------------------
+
+
+def write_offline_tables(
+    config: FreshRecConfig, profiles: pd.DataFrame, items: pd.DataFrame
+) -> dict[str, Path]:
+    """Write the offline parquet tables (atomic replace: readers never see half a file).
+
+    Args:
+        profiles: rows of `build_user_profiles` (USER_PROFILE_COLUMNS).
+        items: rows of `build_item_features` (ITEM_FEATURE_COLUMNS).
+
+    Returns:
+        {"user_profile": path, "item_features": path}.
+    """
+    config.offline_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "user_profile": config.offline_dir / USER_PROFILE_TABLE,
+        "item_features": config.offline_dir / ITEM_FEATURES_TABLE,
+    }
+    for name, frame in (("user_profile", profiles), ("item_features", items)):
+        path = paths[name]
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        frame.to_parquet(tmp, index=False)
+        tmp.replace(path)
+    return paths
+
+
+def materialize(
+    config: FreshRecConfig, end: datetime, store: FeatureStore | None = None
+) -> dict[str, Any]:
+    """Load the offline tables into the online store, up to `end` (inclusive).
+
+    Each view's window starts where its previous materialisation ended, or at `end - ttl`
+    the first time. (Feast's `materialize_incremental` starts at *now* - ttl, which loads nothing
+    for a historical data set whose `end` is long past.)
+
+    Returns:
+        {"views": {name: {"rows": n, "seconds": s, "start": iso, "end": iso}}, "seconds": total};
+        rows = distinct entities in the window, i.e. what was written to the online store.
+
+    Raises:
+        FeatureStoreUnavailable: the online store could not be written.
+    """
+    store = store or open_feature_store(config.feature_repo_dir)
+    end = end.replace(tzinfo=UTC) if end.tzinfo is None else end.astimezone(UTC)
+    report: dict[str, Any] = {"views": {}}
+    started = time.perf_counter()
+    tables = {"user_profile": USER_PROFILE_TABLE, "item_features": ITEM_FEATURES_TABLE}
+    for view_name, table in tables.items():
+        view = store.get_feature_view(view_name)
+        start = view.most_recent_end_time
+        if start is None:
+            start = end - view.ttl if view.ttl else datetime(1970, 1, 1, tzinfo=UTC)
+        start = start.replace(tzinfo=UTC) if start.tzinfo is None else start
+        t0 = time.perf_counter()
+        try:
+            store.materialize(start_date=start, end_date=end, feature_views=[view_name])
+        except _STORE_ERRORS as exc:
+            raise FeatureStoreUnavailable(f"materialize {view_name} failed: {exc}") from exc
+        join_key = view.entity_columns[0].name
+        report["views"][view_name] = {
+            "rows": _entities_in_window(config.offline_dir / table, join_key, start, end),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "start": start.isoformat(),
+            "end": end.isoformat(),
+        }
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return report
+
+
+def prepare_feature_store(
+    config: FreshRecConfig,
+    profiles_df: pd.DataFrame,
+    items_df: pd.DataFrame,
+    end: datetime,
+) -> OnlineStoreChoice:
+    """Resolve the online store, render the repo, write the tables, apply and materialise.
+
+    Returns:
+        The online store used (its `process` is set when redis-server was started here).
+
+    Raises:
+        FeatureStoreUnavailable: online_store is "redis" and Redis is down, or a step failed.
+    """
+    choice = resolve_online_store(config)
+    logger.info("feature store: %s", choice.description)
+    render_feature_store_yaml(config, choice)
+    write_offline_tables(config, profiles_df, items_df)
+    store = open_feature_store(config.feature_repo_dir)
+    apply_feature_repo(config, store)
+    report = materialize(config, end, store)
+    logger.info("materialized: %s", report)
+    return choice
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _import_definitions(path: Path) -> ModuleType:
+    """Import a features.py by path under a unique name (two workdirs never share a module)."""
+    name = f"_freshrec_feature_repo_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"no Feast definitions at {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(name, None)
+    return module
+
+
+def _entities_in_window(path: Path, join_key: str, start: datetime, end: datetime) -> int:
+    frame = pd.read_parquet(path, columns=[join_key, "event_timestamp"])
+    stamps = pd.to_datetime(frame["event_timestamp"], utc=True)
+    in_window = (stamps >= pd.Timestamp(start)) & (stamps <= pd.Timestamp(end))
+    return int(frame.loc[in_window, join_key].nunique())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
