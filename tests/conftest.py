@@ -1,0 +1,69 @@
+"""Shared fixtures about the services the tests need (Redis for now). Keep this file small."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis for the whole run: $FRESHREC_TEST_REDIS_URL, else a redis-server started here.
+
+    Never flush it: a Redis given by URL may be shared. Tests keep their keys apart by giving
+    each Feast store its own project name (Feast's keys end with the project).
+    """
+    external = os.environ.get("FRESHREC_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail(
+            "redis-server is not on PATH: install Redis 7 (apt-get install redis-server) "
+            "or set FRESHREC_TEST_REDIS_URL; integration tests do not skip",
+            pytrace=False,
+        )
+    port = _free_port()
+    data_dir = tmp_path_factory.mktemp("redis")
+    # fmt: off
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(data_dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    # fmt: on
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"redis-server on port {port} did not start", pytrace=False)
+                time.sleep(0.05)
+        yield url
+    finally:
+        client.close()
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
