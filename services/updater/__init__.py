@@ -1,1 +1,1 @@
-"""Updater service: incremental fine-tuning, champion/challenger gate, publish, promote, rollback."""
+"""Updater service: incremental fine-tuning, champion/challenger gate, publish, rollback."""

@@ -1,0 +1,346 @@
+"""The `freshrec` command: bootstrap, serve, operate, import data, run the demo.
+
+Heavy libraries (torch, transformers, Feast) are imported inside the commands that need them,
+so `freshrec --help` and the operator commands start fast. Errors are printed as one message
+(the field and the allowed range), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from freshrec.config import FreshRecConfig, load_config
+from freshrec.errors import FreshRecError
+
+app = typer.Typer(
+    help="FreshRec: feature-store-backed recommendations with a BERT re-ranker, kept fresh.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+serve_app = typer.Typer(help="Run a service (gRPC).", no_args_is_help=True)
+updater_app = typer.Typer(
+    help="Operate the updater: status, trigger, versions, promote, rollback.", no_args_is_help=True
+)
+data_app = typer.Typer(help="Bring your own data.", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+app.add_typer(updater_app, name="updater")
+app.add_typer(data_app, name="data")
+
+console = Console()
+WorkdirOpt = Annotated[
+    Path, typer.Option("--workdir", "-w", help="State directory.", envvar="FRESHREC_WORKDIR")
+]
+RankingAddr = Annotated[str, typer.Option("--address", help="Ranking service host:port.")]
+UpdaterAddr = Annotated[str, typer.Option("--address", help="Updater service host:port.")]
+
+
+def _config(workdir: Path, **overrides: Any) -> FreshRecConfig:
+    return load_config(workdir, **overrides)
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("feast", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# -- bootstrap -------------------------------------------------------------------------------
+@app.command()
+def init(
+    workdir: WorkdirOpt = Path(".freshrec"),
+    dataset: Annotated[str, typer.Option(help="ml100k | synthetic | imported")] = "ml100k",
+    history_fraction: Annotated[float, typer.Option(help="Share loaded as history.")] = 0.9,
+) -> None:
+    """Load a dataset, apply + materialise features, build the index, train the first model."""
+    from freshrec.demo import load_named_dataset
+    from services.jobs.bootstrap import bootstrap
+
+    config = _config(workdir)
+    data = load_named_dataset(dataset, config, console.print)
+    report = bootstrap(config, data, history_fraction, announce=console.print)
+    _print_steps(report.steps)
+
+
+@app.command()
+def materialize(workdir: WorkdirOpt = Path(".freshrec")) -> None:
+    """Load the offline feature tables into the online store (for a scheduled job)."""
+    from datetime import UTC, datetime
+
+    from services.features.store import materialize as run
+
+    report = run(_config(workdir), datetime.now(UTC))
+    for view, info in report["views"].items():
+        console.print(f"{view}: {info['rows']:,} rows in {info['seconds']:.1f} s")
+
+
+# -- services --------------------------------------------------------------------------------
+@serve_app.command("ranking")
+def serve_ranking(
+    workdir: WorkdirOpt = Path(".freshrec"),
+    port: Annotated[int | None, typer.Option(help="Override ranking.port.")] = None,
+) -> None:
+    """Serve RankingService (Recommend, LogEvents) until SIGTERM."""
+    _logging()
+    from services.common.server import wait_for_termination
+    from services.ranking.server import build_ranking
+
+    rank = build_ranking(_config(workdir), port)
+    console.print(f"ranking service on port {rank.port}")
+    wait_for_termination(rank.handle, on_stop=rank.models.stop)
+
+
+@serve_app.command("updater")
+def serve_updater(
+    workdir: WorkdirOpt = Path(".freshrec"),
+    port: Annotated[int | None, typer.Option(help="Override updater.port.")] = None,
+) -> None:
+    """Serve UpdaterService until SIGTERM."""
+    _logging()
+    from services.common.server import wait_for_termination
+    from services.updater.server import build_updater
+
+    upd = build_updater(_config(workdir), port)
+    console.print(f"updater service on port {upd.port}")
+    wait_for_termination(upd.handle)
+
+
+# -- clients ---------------------------------------------------------------------------------
+@app.command()
+def recommend(
+    user_id: str,
+    k: Annotated[int, typer.Option(help="How many items (1..100).")] = 10,
+    query: Annotated[str | None, typer.Option(help="Free text.")] = None,
+    address: RankingAddr = "127.0.0.1:50051",
+) -> None:
+    """Ask the ranking service for recommendations."""
+    from freshrec.clients import channel, ranking_stub
+    from freshrec.v1 import ranking_pb2
+
+    with channel(address) as ch:
+        reply = ranking_stub(ch).Recommend(
+            ranking_pb2.RecommendRequest(user_id=user_id, k=k, query=query), timeout=30
+        )
+    print_recommendation(reply, f"user {user_id}")
+
+
+def print_recommendation(reply: Any, title: str) -> None:
+    from freshrec.v1 import ranking_pb2
+
+    flags = []
+    if reply.cold_start:
+        flags.append("cold start")
+    if reply.degraded:
+        flags.append(f"DEGRADED: {reply.degraded_reason}")
+    table = Table(
+        title=f"{title} — model {reply.model_version}, index {reply.index_version}"
+        + (f" ({'; '.join(flags)})" if flags else ""),
+        title_justify="left",
+    )
+    for col in ("#", "item", "title", "category", "score", "relevance", "w", "stage"):
+        table.add_column(col)
+    for rank, item in enumerate(reply.items, 1):
+        table.add_row(
+            str(rank),
+            item.item_id,
+            item.title[:48],
+            item.category,
+            f"{item.score:.3f}",
+            f"{item.relevance:.3f}",
+            f"{item.business_weight:.2f}",
+            ranking_pb2.Stage.Name(item.stage).removeprefix("STAGE_").lower(),
+        )
+    console.print(table)
+
+
+@updater_app.command("status")
+def updater_status(address: UpdaterAddr = "127.0.0.1:50052") -> None:
+    """Champion, running job, last result and pending events."""
+    from freshrec.clients import channel, updater_stub
+    from freshrec.v1 import updater_pb2
+
+    with channel(address) as ch:
+        s = updater_stub(ch).GetStatus(updater_pb2.GetStatusRequest(), timeout=10)
+    console.print(
+        f"champion {s.champion_version or '-'} | index {s.index_version or '-'} | {s.state} | "
+        f"device {s.device} | pending events {s.pending_events:,}"
+    )
+    if s.last.job_id:
+        console.print(f"last job {s.last.job_id}: {s.last.state} — {s.last.message}")
+
+
+@updater_app.command("trigger")
+def updater_trigger(
+    address: UpdaterAddr = "127.0.0.1:50052",
+    reason: Annotated[str, typer.Option(help="Recorded in the manifest.")] = "operator trigger",
+    wait: Annotated[bool, typer.Option(help="Wait for the result.")] = True,
+    force: Annotated[bool, typer.Option(help="Promote even if the gate says no.")] = False,
+) -> None:
+    """Start an incremental update."""
+    from freshrec.clients import channel, updater_stub
+    from freshrec.v1 import updater_pb2
+
+    with channel(address) as ch:
+        r = (
+            updater_stub(ch)
+            .TriggerUpdate(
+                updater_pb2.TriggerUpdateRequest(reason=reason, wait=wait, force_promote=force),
+                timeout=3600,
+            )
+            .result
+        )
+    console.print(f"job {r.job_id}: {r.state} — {r.message}")
+
+
+@updater_app.command("versions")
+def updater_versions(address: UpdaterAddr = "127.0.0.1:50052") -> None:
+    """Every published re-ranker version with its metrics, window and cost."""
+    from freshrec.clients import channel, updater_stub
+    from freshrec.v1 import updater_pb2
+
+    with channel(address) as ch:
+        r = updater_stub(ch).ListVersions(updater_pb2.ListVersionsRequest(), timeout=10)
+    table = Table(
+        title=f"re-ranker versions (champion {r.champion_version or '-'})", title_justify="left"
+    )
+    for col in (
+        "version",
+        "status",
+        "parent",
+        "created",
+        "ndcg@10",
+        "champion ndcg@10",
+        "examples",
+        "train s",
+        "window",
+    ):
+        table.add_column(col)
+    for v in r.versions:
+        table.add_row(
+            v.version,
+            v.status,
+            v.parent or "-",
+            v.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+            f"{v.metrics.get('ndcg@10', 0):.4f}",
+            f"{v.metrics['champion_ndcg@10']:.4f}" if "champion_ndcg@10" in v.metrics else "-",
+            f"{v.train_examples:,}",
+            f"{v.train_seconds:.0f}",
+            v.data_window,
+        )
+    console.print(table)
+
+
+@updater_app.command("promote")
+def updater_promote(version: str, address: UpdaterAddr = "127.0.0.1:50052") -> None:
+    """Make a published version the champion."""
+    from freshrec.clients import channel, updater_stub
+    from freshrec.v1 import updater_pb2
+
+    with channel(address) as ch:
+        r = updater_stub(ch).Promote(updater_pb2.PromoteRequest(version=version), timeout=30)
+    console.print(f"champion {r.champion_version} (was {r.previous_version or '-'})")
+
+
+@updater_app.command("rollback")
+def updater_rollback(address: UpdaterAddr = "127.0.0.1:50052") -> None:
+    """Return to the previous champion."""
+    from freshrec.clients import channel, updater_stub
+    from freshrec.v1 import updater_pb2
+
+    with channel(address) as ch:
+        r = updater_stub(ch).Rollback(updater_pb2.RollbackRequest(), timeout=30)
+    console.print(f"champion {r.champion_version} (was {r.previous_version or '-'})")
+
+
+# -- data ------------------------------------------------------------------------------------
+@data_app.command("import")
+def data_import(
+    items: Annotated[Path, typer.Option(help="Items CSV or Parquet.")],
+    interactions: Annotated[Path, typer.Option(help="Interactions CSV or Parquet.")],
+    workdir: WorkdirOpt = Path(".freshrec"),
+    map_: Annotated[
+        list[str] | None,
+        typer.Option("--map", help="canonical=source column, e.g. --map item_id=sku (repeatable)."),
+    ] = None,
+) -> None:
+    """Validate and import a shop's catalogue and events; then `init --dataset imported`."""
+    from freshrec.data.importer import import_tables
+    from freshrec.demo import IMPORTED_INTERACTIONS, IMPORTED_ITEMS
+
+    mapping = {}
+    for entry in map_ or []:
+        if "=" not in entry:
+            raise typer.BadParameter(f"--map must look like canonical=source, got {entry!r}")
+        key, value = entry.split("=", 1)
+        mapping[key.strip()] = value.strip()
+    result = import_tables(items, interactions, mapping or None)
+    config = _config(workdir)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    result.dataset.items.to_parquet(config.data_dir / IMPORTED_ITEMS, index=False)
+    result.dataset.interactions.to_parquet(config.data_dir / IMPORTED_INTERACTIONS, index=False)
+    for kind in ("items", "interactions"):
+        rejected = result.rejected.get(kind, {})
+        detail = ", ".join(f"{reason}: {n}" for reason, n in sorted(rejected.items())) or "none"
+        console.print(f"{kind}: accepted {result.accepted.get(kind, 0):,}; rejected {detail}")
+    console.print(
+        f"saved under {config.data_dir}; next: freshrec init --workdir {workdir} --dataset imported"
+    )
+
+
+# -- demo ------------------------------------------------------------------------------------
+@app.command()
+def demo(
+    dataset: Annotated[
+        str, typer.Option(help="ml100k (falls back to synthetic) | synthetic")
+    ] = "ml100k",
+    workdir: WorkdirOpt = Path(".freshrec/demo"),
+    replay_events: Annotated[int, typer.Option(help="Newer events sent through LogEvents.")] = 3000,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary last.")] = False,
+) -> None:
+    """The whole loop end to end: data → Feast → FAISS → BERT → gRPC → events → update → N+1."""
+    from freshrec.demo import run_demo
+
+    summary = run_demo(dataset, workdir, replay_events, console)
+    if json_out:
+        print(json.dumps(summary))
+
+
+def _print_steps(steps: dict[str, float]) -> None:
+    table = Table(title="steps", title_justify="left")
+    table.add_column("step")
+    table.add_column("seconds", justify="right")
+    for name, seconds in steps.items():
+        table.add_row(name, f"{seconds:.1f}")
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: run the app, turning expected errors into one-line messages."""
+    import grpc
+    from pydantic import ValidationError
+
+    try:
+        app()
+    except FreshRecError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    except ValidationError as exc:
+        console.print(f"[red]invalid configuration:[/red] {exc}")
+        sys.exit(2)
+    except grpc.RpcError as exc:
+        console.print(f"[red]{exc.code().name}:[/red] {exc.details()}")  # type: ignore[attr-defined]
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

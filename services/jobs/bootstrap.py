@@ -1,0 +1,201 @@
+"""`freshrec init`: from a dataset to a serving-ready workdir.
+
+Steps (each timed): seed the offline event log with history → build profiles and item features
+→ Feast apply + materialise (Redis, or SQLite when no Redis can be had) → embed items and
+publish a FAISS index version → train the first re-ranker from the pretrained BERT and publish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from freshrec.config import FreshRecConfig, save_config
+from freshrec.data.schema import Dataset
+from model.artifacts import Manifest
+from model.embeddings import TextEncoder
+from model.index import RecallIndex
+from model.text import item_text
+from services.features.profiles import build_item_features, build_user_profiles, item_from_row
+from services.features.store import OnlineStoreChoice, prepare_feature_store
+from services.ingestion.offline_log import OfflineEventLog
+from services.registry import ModelRegistry
+from services.updater.examples import Window
+from services.updater.job import JobOutcome, RerankerFactory, run_training
+
+log = logging.getLogger(__name__)
+
+ONLINE_STORE_FILE = "online_store.json"
+REPLAY_FILE = "replay.parquet"
+POPULAR_LIST = 500
+
+
+@dataclass
+class BootstrapReport:
+    dataset: str
+    online_store: str
+    steps: dict[str, float] = field(default_factory=dict)  # step -> seconds
+    counts: dict[str, int] = field(default_factory=dict)
+    index_version: str = ""
+    model: JobOutcome | None = None
+    choice: OnlineStoreChoice | None = None
+
+
+def shift_to(dataset: Dataset, end: datetime) -> Dataset:
+    """The same dataset moved in time so that its last interaction happens at `end`.
+
+    Historical data sets (MovieLens is from 1998) then behave like a live shop: TTLs, popularity
+    windows and the event API's lateness bound all see plausible times.
+    """
+    latest = dataset.interactions["timestamp"].max()
+    delta = pd.Timestamp(end) - latest
+    items = dataset.items.assign(created_at=dataset.items["created_at"] + delta)
+    inter = dataset.interactions.assign(timestamp=dataset.interactions["timestamp"] + delta)
+    return Dataset(dataset.name, items, inter, dict(dataset.notes))
+
+
+def write_online_store_choice(config: FreshRecConfig, choice: OnlineStoreChoice) -> None:
+    path = config.workdir / ONLINE_STORE_FILE
+    path.write_text(
+        json.dumps(
+            {"kind": choice.kind, "redis_url": choice.redis_url, "description": choice.description}
+        )
+    )
+
+
+def read_online_store_choice(config: FreshRecConfig) -> dict[str, str | None]:
+    """What `init` chose: {"kind": "redis"|"sqlite", "redis_url": ..., "description": ...}."""
+    path = config.workdir / ONLINE_STORE_FILE
+    if not path.exists():
+        return {"kind": "redis", "redis_url": config.redis_url, "description": "configured"}
+    data: dict[str, str | None] = json.loads(path.read_text())
+    return data
+
+
+def bootstrap(
+    config: FreshRecConfig,
+    dataset: Dataset,
+    history_fraction: float = 0.9,
+    announce: Callable[[str], None] = print,
+    load_reranker: RerankerFactory | None = None,
+    encoder: TextEncoder | None = None,
+    progress: bool = True,
+) -> BootstrapReport:
+    """Prepare `config.workdir` to serve `dataset`; the newest share is kept for replay.
+
+    Args:
+        history_fraction: share of interactions (in time order) loaded as history; the rest is
+            written to `<workdir>/data/replay.parquet` for the demo to send through LogEvents.
+        load_reranker, encoder: injected small models in tests; the pretrained ones otherwise.
+    """
+    save_config(config)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    report = BootstrapReport(dataset=dataset.name, online_store="")
+    clock = time.perf_counter
+
+    t = clock()
+    cutoff_now = datetime.now(UTC) - timedelta(minutes=1)
+    history, newer = dataset.split_by_time(history_fraction)
+    shifted = shift_to(Dataset(dataset.name, dataset.items, history, dataset.notes), cutoff_now)
+    delta = shifted.interactions["timestamp"].max() - history["timestamp"].max()
+    history = shifted.interactions
+    newer = newer.assign(timestamp=newer["timestamp"] + delta)
+    items_df = shifted.items
+    cutoff = history["timestamp"].max().to_pydatetime()
+    newer.to_parquet(config.data_dir / REPLAY_FILE, index=False)
+    event_log = OfflineEventLog(config.offline_dir)
+    if event_log.count() == 0:
+        event_log.append_frame(history)
+    report.counts.update(
+        items=len(items_df),
+        users=int(history["user_id"].nunique()),
+        history_events=len(history),
+        replay_events=len(newer),
+    )
+    report.steps["load history into the offline store"] = clock() - t
+    announce(
+        f"history: {len(history):,} events, {report.counts['users']:,} users, "
+        f"{len(items_df):,} items; {len(newer):,} newer events kept for replay"
+    )
+
+    t = clock()
+    profiles = build_user_profiles(history, items_df, cutoff)
+    item_rows = build_item_features(items_df, history, cutoff)
+    choice = prepare_feature_store(config, profiles, item_rows, cutoff)
+    write_online_store_choice(config, choice)
+    report.choice = choice
+    report.online_store = choice.description
+    report.steps["feast apply + materialize"] = clock() - t
+    announce(
+        f"online store: {choice.description}; {len(profiles):,} profiles, {len(item_rows):,} items"
+    )
+
+    t = clock()
+    registry = ModelRegistry(config.registry_dir)
+    encoder = encoder or TextEncoder.from_pretrained(config.model.base_model or None)
+    catalog = {str(r["item_id"]): item_from_row(r) for r in item_rows.to_dict("records")}
+    ids = list(catalog)
+    texts = [item_text(catalog[i]) for i in ids]
+    with tqdm(total=len(texts), desc="embed items", unit="item", disable=not progress) as bar:
+        vectors = encoder.encode(texts, progress=bar.update)
+    popular = item_rows.sort_values(["popularity_30d", "popularity_7d"], ascending=False)
+    index = RecallIndex.build(vectors, ids, [str(i) for i in popular["item_id"].head(POPULAR_LIST)])
+    staging = registry.staging_dir("index")
+    try:
+        index.save(staging)
+        sealed = registry.publish(
+            "index",
+            staging,
+            Manifest(
+                kind="index",
+                version="",
+                data_window={"end": cutoff.isoformat()},
+                metrics={"items": float(len(ids)), "dim": float(vectors.shape[1])},
+                reason=f"bootstrap from {dataset.name}",
+            ),
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    registry.promote("index", sealed.version, reason="bootstrap")
+    report.index_version = sealed.version
+    report.steps["embed items + FAISS index"] = clock() - t
+    announce(
+        f"index {sealed.version}: {len(ids):,} items × {vectors.shape[1]} dims "
+        f"({type(index.index).__name__})"
+    )
+
+    t = clock()
+    ordered = history.sort_values("timestamp", kind="stable")["timestamp"]
+    train_start = ordered.iloc[int(len(ordered) * 0.5)].to_pydatetime()
+    holdout_start = ordered.iloc[int(len(ordered) * 0.9)].to_pydatetime()
+    outcome = run_training(
+        config,
+        registry,
+        history,
+        catalog,
+        train_window=Window(train_start, holdout_start),
+        holdout_window=Window(holdout_start, None),
+        replay_window=None,
+        parent=None,
+        reason=f"first version, pretrained BERT fine-tuned on {dataset.name}",
+        load_reranker=load_reranker,
+        progress=progress,
+    )
+    report.model = outcome
+    report.steps["train first re-ranker"] = clock() - t
+    announce(outcome.message + f" ({outcome.examples:,} pairs, {outcome.seconds:.0f} s)")
+    return report
+
+
+def remove_workdir(workdir: Path) -> None:
+    """Delete a workdir (the demo starts from a clean one)."""
+    shutil.rmtree(workdir, ignore_errors=True)

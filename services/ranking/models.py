@@ -1,0 +1,130 @@
+"""Keeps the ranking service on the registry's champion versions, swapping them without a gap.
+
+A background thread polls the champion pointers; a new version is verified (sha256, config) and
+loaded off the request path, then published by replacing one reference. Requests read that
+reference once, so each is answered by exactly one (model, index) pair. A version that fails
+verification or loading is refused with a logged reason and the serving one stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from freshrec.errors import ArtifactError, FailedPrecondition, NotFound
+from model.index import RecallIndex
+from model.reranker import CrossEncoderReranker
+from services.ranking.pipeline import ServingModels
+from services.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+RerankerLoader = Callable[[str], CrossEncoderReranker]
+
+
+@dataclass
+class Refusal:
+    kind: str
+    version: str
+    reason: str
+
+
+class ModelHolder:
+    """The current ServingModels plus the watcher that replaces it."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        load_reranker: RerankerLoader,
+        poll_seconds: float = 1.0,
+        on_swap: Callable[[ServingModels], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.load_reranker = load_reranker
+        self.poll_seconds = poll_seconds
+        self.on_swap = on_swap
+        self._current: ServingModels | None = None
+        self._refused: dict[tuple[str, str], str] = {}
+        self.refusals: list[Refusal] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> ServingModels:
+        models = self._current
+        if models is None:
+            raise FailedPrecondition("no model is loaded yet")
+        return models
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    def _load(self, kind: str, version: str) -> object:
+        try:
+            self.registry.verify(kind, version)
+            path = self.registry.path(kind, version)
+            if kind == "index":
+                return RecallIndex.load(path)
+            return self.load_reranker(str(path))
+        except (ArtifactError, NotFound, OSError, ValueError, RuntimeError) as exc:
+            raise ArtifactError(f"{kind} {version} refused: {exc}") from exc
+
+    def refresh(self) -> bool:
+        """Load the champions if they changed; True if a swap happened. Never raises for a bad
+        version: it is refused, logged, and the serving one stays."""
+        with self._lock:
+            wanted = {k: self.registry.champion(k) for k in ("reranker", "index")}
+            if None in wanted.values():
+                return False
+            current = self._current
+            have = (
+                {"reranker": current.model_version, "index": current.index_version}
+                if current
+                else {"reranker": None, "index": None}
+            )
+            if wanted == have:
+                return False
+            loaded: dict[str, object] = {}
+            for kind, version in wanted.items():
+                assert version is not None
+                if have[kind] == version:
+                    continue
+                if (kind, version) in self._refused:
+                    return False
+                try:
+                    loaded[kind] = self._load(kind, version)
+                except ArtifactError as exc:
+                    self._refused[(kind, version)] = str(exc)
+                    self.refusals.append(Refusal(kind, version, str(exc)))
+                    log.error("%s; still serving %s", exc, have[kind])
+                    return False
+            reranker = loaded.get("reranker") or (current.reranker if current else None)
+            index = loaded.get("index") or (current.index if current else None)
+            assert isinstance(reranker, CrossEncoderReranker) and isinstance(index, RecallIndex)
+            models = ServingModels(reranker, wanted["reranker"] or "", index, wanted["index"] or "")
+            self._current = models  # one reference swap: requests see old or new, never a mix
+            log.info("serving model %s, index %s", models.model_version, models.index_version)
+            if self.on_swap is not None:
+                self.on_swap(models)
+            return True
+
+    def start(self) -> None:
+        self.refresh()
+        self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # the watcher must outlive any one bad poll
+                log.exception("model refresh failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

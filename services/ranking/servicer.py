@@ -1,0 +1,89 @@
+"""RankingService over gRPC: converts protos to pipeline inputs and back. No logic of its own."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from freshrec.v1 import ranking_pb2, ranking_pb2_grpc
+from services.ingestion.pipeline import EventIngestor, to_response
+from services.ranking.models import ModelHolder
+from services.ranking.pipeline import (
+    STAGE_EXPLORATION,
+    STAGE_FALLBACK,
+    STAGE_RECALL,
+    RankingPipeline,
+    RecommendInput,
+)
+
+log = logging.getLogger(__name__)
+
+_STAGES = {
+    STAGE_RECALL: ranking_pb2.STAGE_RECALL,
+    STAGE_EXPLORATION: ranking_pb2.STAGE_EXPLORATION,
+    STAGE_FALLBACK: ranking_pb2.STAGE_FALLBACK,
+}
+
+
+class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
+    """Recommend and LogEvents, wired to a pipeline, a model holder and an event ingestor."""
+
+    def __init__(
+        self, pipeline: RankingPipeline, models: ModelHolder, ingestor: EventIngestor
+    ) -> None:
+        self.pipeline = pipeline
+        self.models = models
+        self.ingestor = ingestor
+
+    def Recommend(
+        self, request: ranking_pb2.RecommendRequest, context: Any
+    ) -> ranking_pb2.RecommendResponse:
+        request_id = request.request_id or uuid.uuid4().hex
+        result = self.pipeline.recommend(
+            RecommendInput(
+                user_id=request.user_id,
+                k=request.k,
+                query=request.query if request.HasField("query") else None,
+                context=dict(request.context),
+                exclude_item_ids=tuple(request.exclude_item_ids),
+                request_id=request_id,
+            ),
+            self.models.current,
+        )
+        log.info(
+            "recommend request_id=%s user=%s k=%d model=%s degraded=%s total_ms=%.1f",
+            request_id,
+            request.user_id,
+            request.k,
+            result.model_version,
+            result.degraded,
+            result.timings_ms.get("total", 0.0),
+        )
+        return ranking_pb2.RecommendResponse(
+            items=[
+                ranking_pb2.RankedItem(
+                    item_id=s.item_id,
+                    score=s.score,
+                    relevance=s.relevance,
+                    business_weight=s.business_weight,
+                    stage=_STAGES[s.stage],
+                    title=s.title,
+                    category=s.category,
+                )
+                for s in result.items
+            ],
+            model_version=result.model_version,
+            index_version=result.index_version,
+            degraded=result.degraded,
+            degraded_reason=result.degraded_reason,
+            cold_start=result.cold_start,
+            request_id=request_id,
+        )
+
+    def LogEvents(
+        self, request: ranking_pb2.LogEventsRequest, context: Any
+    ) -> ranking_pb2.LogEventsResponse:
+        result = self.ingestor.ingest(list(request.events))
+        log.info("log_events accepted=%d rejected=%s", result.accepted, dict(result.rejected))
+        return to_response(result)

@@ -1,0 +1,208 @@
+"""One training run, start to finish: positives → pairs → fine-tune → gate → publish.
+
+Used for the first version (from the pretrained backbone) and for every incremental update
+(from the champion). The challenger and the champion are scored on the same held-out groups,
+which the challenger never trained on; the challenger is promoted only if it reaches the
+champion's NDCG@10 plus `gate_margin`. Every challenger is published (sealed, immutable) so
+the decision and its metrics stay inspectable; rejected ones are recorded as such.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from freshrec.config import FreshRecConfig
+from freshrec.records import ItemFeatures
+from model.artifacts import Manifest
+from model.reranker import CrossEncoderReranker, pretrained_path
+from model.training import TrainParams, evaluate, make_eval_groups, make_pairs, train
+from services.registry import ModelRegistry
+from services.updater.examples import Window, positives_in_windows, sample
+
+log = logging.getLogger(__name__)
+
+GATE_METRIC = "ndcg@10"
+EVAL_GROUPS = 150
+EVAL_CANDIDATES = 10
+
+RerankerFactory = Callable[[str], CrossEncoderReranker]
+
+
+@dataclass
+class JobOutcome:
+    state: str  # promoted | rejected | skipped
+    challenger_version: str = ""
+    champion_version: str = ""
+    challenger_metric: float = 0.0
+    champion_metric: float = 0.0
+    message: str = ""
+    examples: int = 0
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _iso(ts: datetime | pd.Timestamp | None) -> str:
+    return "" if ts is None else pd.Timestamp(ts).isoformat()
+
+
+def run_training(
+    config: FreshRecConfig,
+    registry: ModelRegistry,
+    events: pd.DataFrame,
+    items: Mapping[str, ItemFeatures],
+    train_window: Window,
+    holdout_window: Window,
+    replay_window: Window | None,
+    parent: str | None,
+    reason: str,
+    load_reranker: RerankerFactory | None = None,
+    force_promote: bool = False,
+    progress: bool = True,
+) -> JobOutcome:
+    """Train a challenger on `train_window` (+ replay), gate it on `holdout_window`, publish.
+
+    Args:
+        events: canonical interactions, all history up to the holdout's end (context).
+        items: every item's features; negatives are sampled from them.
+        parent: the champion version to start from; None = the pretrained backbone.
+        load_reranker: path -> re-ranker (tests pass a tiny-model factory).
+        force_promote: promote even if the gate says no (operator override; recorded).
+    """
+    started = time.perf_counter()
+    tcfg = config.training
+    load = load_reranker or (
+        lambda path: CrossEncoderReranker.from_pretrained(
+            path, config.model.max_length, config.model.device, config.model.rerank_dtype
+        )
+    )
+    rng = np.random.default_rng(tcfg.seed)
+    windows = {"train": train_window, "holdout": holdout_window}
+    if replay_window is not None:
+        windows["replay"] = replay_window
+    positives = positives_in_windows(events, items, windows)
+    n_pos_cap = max(1, tcfg.max_examples // (1 + tcfg.negatives_per_positive))
+    n_replay = int(n_pos_cap * tcfg.replay_fraction) if replay_window is not None else 0
+    train_pos = sample(positives["train"], n_pos_cap - n_replay, rng)
+    replay_pos = sample(positives.get("replay", []), n_replay, rng)
+    holdout_pos = sample(positives["holdout"], EVAL_GROUPS, rng)
+    if len(train_pos) < config.updater.min_new_events and parent is not None:
+        return JobOutcome(
+            "skipped",
+            champion_version=parent or "",
+            message=f"only {len(train_pos)} new positives (< {config.updater.min_new_events})",
+            seconds=time.perf_counter() - started,
+        )
+    if not holdout_pos:
+        return JobOutcome("skipped", champion_version=parent or "", message="empty holdout window")
+    catalog: Sequence[ItemFeatures] = list(items.values())
+    pairs = make_pairs(train_pos + replay_pos, catalog, tcfg.negatives_per_positive, rng)
+    groups = make_eval_groups(
+        holdout_pos, catalog, EVAL_CANDIDATES, np.random.default_rng(tcfg.seed + 1)
+    )
+    source = (
+        str(registry.path("reranker", parent))
+        if parent
+        else str(pretrained_path(config.model.base_model))
+    )
+    challenger = load(source)
+    champion_metrics: dict[str, float] = {}
+    if parent is not None:
+        champion = load(source)
+        champion_metrics = evaluate(champion, groups)
+        del champion
+    params = TrainParams(
+        learning_rate=tcfg.learning_rate if parent is None else tcfg.incremental_learning_rate,
+        epochs=tcfg.epochs,
+        batch_size=tcfg.batch_size,
+        freeze_layers=tcfg.freeze_layers,
+        seed=tcfg.seed,
+    )
+    with tqdm(
+        total=len(pairs) * params.epochs, desc="fine-tune", unit="pair", disable=not progress
+    ) as bar:
+        report = train(
+            challenger,
+            pairs,
+            params,
+            lambda n, loss: (bar.update(n), bar.set_postfix(loss=f"{loss:.3f}")),
+        )
+    metrics = evaluate(challenger, groups)
+    staging = registry.staging_dir("reranker")
+    try:
+        challenger.save(staging)
+        sealed = registry.publish(
+            "reranker",
+            staging,
+            Manifest(
+                kind="reranker",
+                version="",
+                parent=parent,
+                data_window={
+                    "start": _iso(train_window.start),
+                    "end": _iso(train_window.end),
+                    "holdout_end": _iso(holdout_window.end),
+                },
+                metrics={**metrics, **{f"champion_{k}": v for k, v in champion_metrics.items()}},
+                training={
+                    "examples": report.examples_processed,
+                    "positives": len(train_pos),
+                    "replay_positives": len(replay_pos),
+                    "seconds": round(report.seconds, 2),
+                    "trainable_params": report.trainable_params,
+                    "device": report.device,
+                    "final_loss": report.final_loss,
+                    "learning_rate": params.learning_rate,
+                    "freeze_layers": params.freeze_layers,
+                },
+                reason=reason,
+            ),
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    challenger_metric = metrics[GATE_METRIC]
+    champion_metric = champion_metrics.get(GATE_METRIC, float("-inf"))
+    passes = parent is None or challenger_metric >= champion_metric + tcfg.gate_margin
+    detail = {
+        "challenger_metric": challenger_metric,
+        "champion_metric": champion_metric if parent else None,
+        "margin": tcfg.gate_margin,
+        "parent": parent,
+        "forced": force_promote and not passes,
+    }
+    if passes or force_promote:
+        registry.promote("reranker", sealed.version, reason=reason)
+        registry.record_decision("reranker", sealed.version, "promoted", detail)
+        state = "promoted"
+        message = (
+            f"{sealed.version} promoted: {GATE_METRIC} {challenger_metric:.4f}"
+            + (f" vs champion {champion_metric:.4f}" if parent else " (first version)")
+            + (" (forced by operator)" if not passes else "")
+        )
+    else:
+        registry.record_decision("reranker", sealed.version, "rejected", detail)
+        state = "rejected"
+        message = (
+            f"{sealed.version} rejected: {GATE_METRIC} {challenger_metric:.4f} < champion "
+            f"{champion_metric:.4f} + margin {tcfg.gate_margin}; {parent} keeps serving"
+        )
+    log.info(message)
+    return JobOutcome(
+        state=state,
+        challenger_version=sealed.version,
+        champion_version=registry.champion("reranker") or "",
+        challenger_metric=challenger_metric,
+        champion_metric=champion_metric if parent else 0.0,
+        message=message,
+        examples=report.examples_processed,
+        seconds=time.perf_counter() - started,
+        metrics=metrics,
+    )

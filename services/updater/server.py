@@ -1,0 +1,51 @@
+"""Wires the updater service: registry + offline event log behind UpdaterService over gRPC."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from freshrec.config import FreshRecConfig
+from freshrec.v1 import updater_pb2, updater_pb2_grpc
+from services.common.server import ServerHandle, create_server
+from services.ingestion.offline_log import OfflineEventLog
+from services.registry import ModelRegistry
+from services.updater.job import RerankerFactory
+from services.updater.service import UpdaterServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = updater_pb2.DESCRIPTOR.services_by_name["UpdaterService"].full_name
+
+
+@dataclass
+class UpdaterApp:
+    handle: ServerHandle
+    servicer: UpdaterServicer
+
+    @property
+    def port(self) -> int:
+        return self.handle.port
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.handle.stop(grace)
+
+
+def build_updater(
+    config: FreshRecConfig, port: int | None = None, load_reranker: RerankerFactory | None = None
+) -> UpdaterApp:
+    """Start an updater server for `config.workdir`; cleans staging left by a killed run."""
+    registry = ModelRegistry(config.registry_dir)
+    for kind in ("reranker", "index"):
+        if removed := registry.clean_staging(kind):
+            log.warning("removed %d unfinished %s staging directories", removed, kind)
+    servicer = UpdaterServicer(config, registry, OfflineEventLog(config.offline_dir), load_reranker)
+    handle = create_server(
+        config.updater.host,
+        config.updater.port if port is None else port,
+        [(updater_pb2_grpc.add_UpdaterServiceServicer_to_server, servicer, SERVICE_NAME)],
+        workers=4,
+    )
+    handle.mark_serving()
+    log.info("updater service on port %d", handle.port)
+    return UpdaterApp(handle, servicer)

@@ -1,0 +1,240 @@
+"""UpdaterService: runs incremental updates in the background and exposes the registry to operators.
+
+An update reads the offline event log, takes the events since the champion's training window
+as new data (the newest `holdout_fraction` of them held out for the gate), mixes in a replay
+sample of older history, fine-tunes the champion, and publishes/promotes through `job.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import pandas as pd
+import torch
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from freshrec.config import FreshRecConfig
+from freshrec.errors import FailedPrecondition, InvalidArgument
+from freshrec.records import ItemFeatures
+from freshrec.v1 import updater_pb2, updater_pb2_grpc
+from services.features.profiles import item_from_row
+from services.features.store import ITEM_FEATURES_TABLE
+from services.ingestion.offline_log import OfflineEventLog
+from services.registry import ModelRegistry
+from services.updater.examples import Window
+from services.updater.job import JobOutcome, RerankerFactory, run_training
+
+log = logging.getLogger(__name__)
+
+
+def load_item_catalog(config: FreshRecConfig) -> dict[str, ItemFeatures]:
+    """Every item's features from the offline table (the source of materialisation)."""
+    frame = pd.read_parquet(config.offline_dir / ITEM_FEATURES_TABLE)
+    return {str(row["item_id"]): item_from_row(row) for row in frame.to_dict("records")}
+
+
+def _parse_time(value: str) -> datetime | None:
+    return pd.Timestamp(value).to_pydatetime() if value else None
+
+
+def incremental_update(
+    config: FreshRecConfig,
+    registry: ModelRegistry,
+    event_log: OfflineEventLog,
+    reason: str,
+    force_promote: bool = False,
+    load_reranker: RerankerFactory | None = None,
+    items: Mapping[str, ItemFeatures] | None = None,
+    progress: bool = False,
+) -> JobOutcome:
+    """Fine-tune the champion on events since its training window; gate; publish.
+
+    Raises:
+        FailedPrecondition: there is no champion to update.
+    """
+    champion = registry.champion("reranker")
+    if champion is None:
+        raise FailedPrecondition("no champion re-ranker: run `freshrec init` first")
+    manifest = registry.manifest("reranker", champion)
+    since = _parse_time(manifest.data_window.get("end", ""))
+    events = event_log.read()
+    new = events[events["timestamp"] >= pd.Timestamp(since)] if since is not None else events
+    if new.empty:
+        return JobOutcome(
+            "skipped", champion_version=champion, message="no events since the champion"
+        )
+    cut = new["timestamp"].quantile(1.0 - config.training.holdout_fraction)
+    cut_dt = pd.Timestamp(cut).to_pydatetime()
+    return run_training(
+        config,
+        registry,
+        events,
+        items if items is not None else load_item_catalog(config),
+        train_window=Window(since, cut_dt),
+        holdout_window=Window(cut_dt, None),
+        replay_window=Window(None, since) if since is not None else None,
+        parent=champion,
+        reason=reason,
+        load_reranker=load_reranker,
+        force_promote=force_promote,
+        progress=progress,
+    )
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str
+    state: str  # queued | running | promoted | rejected | skipped | failed
+    outcome: JobOutcome | None = None
+    message: str = ""
+
+
+def _result(status: JobStatus | None) -> updater_pb2.UpdateResult:
+    if status is None:
+        return updater_pb2.UpdateResult()
+    o = status.outcome
+    return updater_pb2.UpdateResult(
+        job_id=status.job_id,
+        state=status.state,
+        challenger_version=o.challenger_version if o else "",
+        champion_version=o.champion_version if o else "",
+        challenger_metric=o.challenger_metric if o else 0.0,
+        champion_metric=o.champion_metric if o else 0.0,
+        message=status.message or (o.message if o else ""),
+        examples=o.examples if o else 0,
+        seconds=o.seconds if o else 0.0,
+    )
+
+
+class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
+    """Operator commands over gRPC; one update at a time, in a background thread."""
+
+    def __init__(
+        self,
+        config: FreshRecConfig,
+        registry: ModelRegistry,
+        event_log: OfflineEventLog,
+        load_reranker: RerankerFactory | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.event_log = event_log
+        self.load_reranker = load_reranker
+        self._lock = threading.Lock()
+        self._running: JobStatus | None = None
+        self._last: JobStatus | None = None
+        self._done = threading.Event()
+
+    # -- jobs ----------------------------------------------------------------------------
+    def _run_job(self, status: JobStatus, reason: str, force: bool) -> None:
+        try:
+            outcome = incremental_update(
+                self.config, self.registry, self.event_log, reason, force, self.load_reranker
+            )
+            final = replace(status, state=outcome.state, outcome=outcome)
+        except Exception as exc:  # a failed job is reported in status, the service stays up
+            log.exception("update %s failed", status.job_id)
+            final = replace(status, state="failed", message=f"{type(exc).__name__}: {exc}")
+        with self._lock:
+            self._last, self._running = final, None
+        self._done.set()
+
+    def TriggerUpdate(
+        self, request: updater_pb2.TriggerUpdateRequest, context: Any
+    ) -> updater_pb2.TriggerUpdateResponse:
+        with self._lock:
+            if self._running is not None:
+                raise FailedPrecondition(f"update {self._running.job_id} is already running")
+            status = JobStatus(uuid.uuid4().hex[:12], "running")
+            self._running = status
+            self._done.clear()
+        thread = threading.Thread(
+            target=self._run_job,
+            args=(status, request.reason or "operator trigger", request.force_promote),
+            name=f"update-{status.job_id}",
+            daemon=True,
+        )
+        thread.start()
+        if request.wait:
+            thread.join()
+            return updater_pb2.TriggerUpdateResponse(result=_result(self._last))
+        return updater_pb2.TriggerUpdateResponse(result=_result(status))
+
+    # -- status and versions ---------------------------------------------------------------
+    def GetStatus(
+        self, request: updater_pb2.GetStatusRequest, context: Any
+    ) -> updater_pb2.GetStatusResponse:
+        champion = self.registry.champion("reranker") or ""
+        pending = 0
+        if champion:
+            end = _parse_time(
+                self.registry.manifest("reranker", champion).data_window.get("end", "")
+            )
+            pending = self.event_log.count(since=end)
+        with self._lock:
+            running, last = self._running, self._last
+        return updater_pb2.GetStatusResponse(
+            champion_version=champion,
+            state="running" if running else "idle",
+            last=_result(running or last),
+            pending_events=pending,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+            index_version=self.registry.champion("index") or "",
+        )
+
+    def ListVersions(
+        self, request: updater_pb2.ListVersionsRequest, context: Any
+    ) -> updater_pb2.ListVersionsResponse:
+        out = []
+        for entry in self.registry.list_versions("reranker"):
+            m = entry.manifest
+            created = Timestamp()
+            created.FromDatetime(pd.Timestamp(m.created_at).tz_convert(UTC).to_pydatetime())
+            window = m.data_window
+            out.append(
+                updater_pb2.VersionInfo(
+                    version=m.version,
+                    parent=m.parent or "",
+                    created_at=created,
+                    status=entry.status,
+                    metrics={k: float(v) for k, v in m.metrics.items()},
+                    data_window=f"{window.get('start', '') or '-'} .. {window.get('end', '') or '-'}",
+                    reason=m.reason,
+                    train_examples=int(m.training.get("examples", 0)),
+                    train_seconds=float(m.training.get("seconds", 0.0)),
+                )
+            )
+        return updater_pb2.ListVersionsResponse(
+            versions=out, champion_version=self.registry.champion("reranker") or ""
+        )
+
+    def Promote(
+        self, request: updater_pb2.PromoteRequest, context: Any
+    ) -> updater_pb2.PromoteResponse:
+        if not request.version:
+            raise InvalidArgument("version must be a published version name, e.g. v0002")
+        previous = self.registry.promote("reranker", request.version, reason="operator promote")
+        return updater_pb2.PromoteResponse(
+            champion_version=request.version, previous_version=previous or ""
+        )
+
+    def Rollback(
+        self, request: updater_pb2.RollbackRequest, context: Any
+    ) -> updater_pb2.RollbackResponse:
+        champion, previous = self.registry.rollback("reranker", reason="operator rollback")
+        return updater_pb2.RollbackResponse(
+            champion_version=champion, previous_version=previous or ""
+        )
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no job runs (tests, shutdown)."""
+        with self._lock:
+            if self._running is None:
+                return True
+        return self._done.wait(timeout)
