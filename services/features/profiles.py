@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -131,14 +131,16 @@ def build_user_profiles(
         .sum()
     )
     category_masses: dict[str, dict[str, float]] = {}
-    for (user_id, category), value in mass.items():
-        category_masses.setdefault(str(user_id), {})[str(category)] = float(value)
+    for key, value in mass.items():
+        user_key, category = cast(tuple[Any, Any], key)  # (user_id, category) MultiIndex
+        category_masses.setdefault(str(user_key), {})[str(category)] = float(value)
+    total_by_user = {str(k): float(v) for k, v in total_mass.items()}
 
     rows = []
     for user_id, row in frame.iterrows():
         uid = str(user_id)
         recent_items = recent.get(uid, [])
-        top, scores = _top_categories(category_masses.get(uid, {}), float(total_mass[user_id]))
+        top, scores = _top_categories(category_masses.get(uid, {}), total_by_user[uid])
         last_seen = row["last_seen"]
         rows.append(
             {

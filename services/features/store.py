@@ -27,6 +27,8 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
 
 from freshrec.config import FreshRecConfig
 from freshrec.errors import FeatureStoreUnavailable
@@ -44,6 +46,7 @@ REDIS_PORT_FILE = "redis.port"
 _REDIS_START_TIMEOUT_S = 5.0
 # Fail fast when Redis is down instead of hanging a ranking request on a dead socket.
 _REDIS_CONNECT_TIMEOUT_S = 2
+_FAIL_FAST_RETRY = Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1)
 # What the online stores raise when they cannot be reached or written.
 _STORE_ERRORS = (redis.RedisError, sqlite3.Error, OSError)
 
@@ -169,7 +172,7 @@ def _reuse_started_redis(workdir: Path) -> str | None:
 def _redis_answers(url: str) -> bool:
     try:
         client = redis.Redis.from_url(
-            url, socket_connect_timeout=0.5, socket_timeout=0.5, retry_on_timeout=False
+            url, socket_connect_timeout=0.5, socket_timeout=0.5, retry=Retry(NoBackoff(), 0)
         )
         try:
             return bool(client.ping())
@@ -267,10 +270,29 @@ def apply_feature_repo(config: FreshRecConfig, store: FeatureStore | None = None
 
 
 def open_feature_store(repo_dir: Path) -> FeatureStore:
-    """`feast.FeatureStore` for a rendered repo (imports Feast lazily: ~1 s)."""
+    """`feast.FeatureStore` for a rendered repo (imports Feast lazily: ~1 s), failing fast.
+
+    redis-py's default policy retries a failed command 3 times with up to 10 s of backoff, so a
+    read against a Redis that is down would hang for seconds; we allow one quick retry instead.
+    """
     from feast import FeatureStore
 
-    return FeatureStore(repo_path=str(repo_dir.resolve()))
+    store = FeatureStore(repo_path=str(repo_dir.resolve()))
+    _limit_redis_retries(store)
+    return store
+
+
+def _limit_redis_retries(store: FeatureStore) -> None:
+    online_config = store.config.online_store
+    if getattr(online_config, "type", None) != "redis":
+        return
+    try:
+        # Feast exposes no retry setting; its client is created lazily without connecting.
+        client = store._get_provider().online_store._get_client(online_config)  # type: ignore[attr-defined]
+    except AttributeError:  # a Feast upgrade moved the internals: keep redis-py's default
+        logger.warning("cannot bound Feast's Redis retries; reads may block while Redis is down")
+        return
+    client.set_retry(_FAIL_FAST_RETRY)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,290 @@
+"""The Feast feature store end to end: render, apply, materialise, read, push (Redis and SQLite)."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import redis
+
+from freshrec.config import FreshRecConfig
+from freshrec.errors import FeatureStoreUnavailable
+from freshrec.records import ItemFeatures, UserProfile
+from services.features.feast_store import FeastFeatureStore
+from services.features.profiles import (
+    build_item_features,
+    build_user_profiles,
+    item_from_row,
+    profile_from_row,
+    update_profile,
+)
+from services.features.store import (
+    OnlineStoreChoice,
+    apply_feature_repo,
+    materialize,
+    prepare_feature_store,
+    render_feature_store_yaml,
+    resolve_online_store,
+    start_redis_server,
+    write_offline_tables,
+)
+
+pytestmark = pytest.mark.integration
+
+AS_OF = datetime(2024, 3, 10, tzinfo=UTC)
+CLOSED_PORT_URL = "redis://127.0.0.1:1/0"  # port 1: nothing listens, connect is refused
+
+
+def _hours(n: float) -> datetime:
+    return datetime(2024, 3, 1, tzinfo=UTC) + timedelta(hours=n)
+
+
+ITEMS = pd.DataFrame(
+    {
+        "item_id": ["i1", "i2", "i3", "i4"],
+        "title": ["Red shoe", "Blue hat", "Green sock", "Lamp"],
+        "description": ["A red shoe.", "A blue hat.", "A green sock.", "A lamp."],
+        "category": ["shoes", "hats", "shoes", "home"],
+        "brand": ["acme", "acme", "sox", "lumo"],
+        "price": [49.5, 20.25, 5.0, 80.0],  # exact in float32: Feast stores Float32
+        "created_at": pd.to_datetime(
+            ["2023-01-01", "2023-06-01", "2024-01-01", "2024-02-01"], utc=True
+        ),
+        "in_stock": [True, True, False, True],
+    }
+)
+EVENTS = [
+    ("u1", "i1", "click", _hours(1)),
+    ("u1", "i2", "click", _hours(2)),
+    ("u1", "i1", "purchase", _hours(3)),
+    ("u2", "i4", "add_to_cart", _hours(4)),
+    ("u2", "i3", "impression", _hours(5)),
+    ("u3", "i2", "impression", _hours(6)),
+]
+INTERACTIONS = pd.DataFrame(
+    {
+        "event_id": [f"e{n}" for n in range(len(EVENTS))],
+        "user_id": [e[0] for e in EVENTS],
+        "item_id": [e[1] for e in EVENTS],
+        "event_type": [e[2] for e in EVENTS],
+        "timestamp": pd.to_datetime([e[3] for e in EVENTS], utc=True),
+    }
+)
+
+
+def _float32(value: float) -> float:
+    return float(np.float32(value))
+
+
+def _as_stored(profile: UserProfile) -> UserProfile:
+    """The profile as Feast returns it: category scores rounded to Float32."""
+    return replace(profile, category_scores=tuple(_float32(s) for s in profile.category_scores))
+
+
+@dataclass
+class Prepared:
+    config: FreshRecConfig
+    choice: OnlineStoreChoice
+    reader: FeastFeatureStore
+    profiles: pd.DataFrame
+    items: pd.DataFrame
+    report: dict
+
+
+def _prepare(config: FreshRecConfig, elsewhere: Path) -> Prepared:
+    profiles = build_user_profiles(INTERACTIONS, ITEMS, AS_OF)
+    items = build_item_features(ITEMS, INTERACTIONS, AS_OF)
+    # Run from another cwd: FileSource paths must not depend on it.
+    with contextlib.chdir(elsewhere):
+        choice = resolve_online_store(config)
+        render_feature_store_yaml(config, choice)
+        write_offline_tables(config, profiles, items)
+        apply_feature_repo(config)
+        report = materialize(config, AS_OF)
+    reader = FeastFeatureStore(config.feature_repo_dir)
+    reader.start()
+    return Prepared(config, choice, reader, profiles, items, report)
+
+
+def _config(tmp: Path, **overrides: object) -> FreshRecConfig:
+    project = f"t_{uuid.uuid4().hex[:10]}"  # own key space in a shared Redis
+    return FreshRecConfig(workdir=tmp / "work", project=project, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def on_redis(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    tmp = tmp_path_factory.mktemp("feast_redis")
+    return _prepare(_config(tmp, redis_url=redis_url, online_store="redis"), tmp)
+
+
+@pytest.fixture(scope="module")
+def on_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    tmp = tmp_path_factory.mktemp("feast_sqlite")
+    return _prepare(_config(tmp, redis_url=CLOSED_PORT_URL, online_store="sqlite"), tmp)
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def prepared(request: pytest.FixtureRequest) -> Prepared:
+    return request.getfixturevalue(f"on_{request.param}")
+
+
+def test_rendered_repo_names_the_store(on_redis: Prepared, on_sqlite: Prepared) -> None:
+    redis_yaml = (on_redis.config.feature_repo_dir / "feature_store.yaml").read_text()
+    assert "type: redis" in redis_yaml
+    assert f"project: {on_redis.config.project}" in redis_yaml
+    assert "entity_key_serialization_version: 3" in redis_yaml
+    sqlite_yaml = (on_sqlite.config.feature_repo_dir / "feature_store.yaml").read_text()
+    assert "type: sqlite" in sqlite_yaml
+    assert (on_sqlite.config.feature_repo_dir / "online.db").exists()
+    assert (on_sqlite.config.feature_repo_dir / "features.py").exists()
+
+
+def test_materialize_reports_rows(prepared: Prepared) -> None:
+    views = prepared.report["views"]
+    assert views["user_profile"]["rows"] == 3
+    assert views["item_features"]["rows"] == 4
+    assert prepared.report["seconds"] >= 0
+
+
+def test_profiles_read_back_exactly(prepared: Prepared) -> None:
+    for _, row in prepared.profiles.iterrows():
+        expected = _as_stored(profile_from_row(row))
+        assert prepared.reader.get_user_profile(row["user_id"]) == expected
+    u1 = prepared.reader.get_user_profile("u1")
+    assert u1 is not None
+    assert u1.recent_items == ("i1", "i2")
+    assert u1.purchased_items == ("i1",)
+    assert u1.top_categories == ("shoes", "hats")
+    assert u1.category_scores == (_float32(4 / 5), _float32(1 / 5))
+    assert u1.last_seen == _hours(3)
+
+
+def test_items_read_back_exactly(prepared: Prepared) -> None:
+    got = prepared.reader.get_items(["i3", "i1", "nope", "i1"])
+    assert list(got) == ["i3", "i1"]
+    expected = {
+        row["item_id"]: item_from_row(row)
+        for _, row in prepared.items.iterrows()
+        if row["item_id"] in ("i1", "i3")
+    }
+    assert got == expected
+    assert got["i1"] == ItemFeatures(
+        item_id="i1",
+        title="Red shoe",
+        text="A red shoe.",
+        category="shoes",
+        brand="acme",
+        price=49.5,
+        popularity_7d=0.0,  # its events are 9 days before as_of
+        popularity_30d=4.0,  # click 1 + purchase 3
+        created_at=datetime(2023, 1, 1, tzinfo=UTC),
+        in_stock=True,
+    )
+    assert prepared.reader.get_items([]) == {}
+
+
+def test_unknown_user_is_none(prepared: Prepared) -> None:
+    assert prepared.reader.get_user_profile("nobody") is None
+
+
+def test_pushed_profile_is_read_back(prepared: Prepared) -> None:
+    reader = prepared.reader
+    before = reader.get_user_profile("u2")
+    records = {r["item_id"]: item_from_row(r) for _, r in prepared.items.iterrows()}
+    updated = update_profile(
+        before, "u2", [("i3", "purchase", _hours(30)), ("i1", "click", _hours(31))], records
+    )
+    reader.push_profiles([updated])
+    assert reader.get_user_profile("u2") == _as_stored(updated)
+
+    newcomer = update_profile(None, "u9", [("i2", "click", _hours(40))], records)
+    reader.push_profiles([newcomer])
+    assert reader.get_user_profile("u9") == _as_stored(newcomer)
+
+
+def test_pushed_item_is_read_back(prepared: Prepared) -> None:
+    reader = prepared.reader
+    current = reader.get_items(["i4"])["i4"]
+    changed = replace(current, price=75.5, in_stock=False, title="Desk lamp")
+    fresh = ItemFeatures(item_id="i99", title="New thing", category="home", price=1.25)
+    reader.push_items([changed, fresh])
+    assert reader.get_items(["i4", "i99"]) == {"i4": changed, "i99": fresh}
+
+
+def test_resolve_redis_mode_requires_a_reachable_redis(tmp_path: Path) -> None:
+    config = _config(tmp_path, redis_url=CLOSED_PORT_URL, online_store="redis")
+    with pytest.raises(FeatureStoreUnavailable, match="does not answer"):
+        resolve_online_store(config)
+
+
+def test_auto_mode_prefers_a_reachable_redis(redis_url: str, tmp_path: Path) -> None:
+    choice = resolve_online_store(_config(tmp_path, redis_url=redis_url))
+    assert (choice.kind, choice.redis_url, choice.process) == ("redis", redis_url, None)
+
+
+def test_auto_mode_starts_redis_server_and_reuses_it(tmp_path: Path) -> None:
+    config = _config(tmp_path, redis_url=CLOSED_PORT_URL, online_store="auto")
+    first = resolve_online_store(config)
+    try:
+        assert first.kind == "redis" and first.process is not None
+        assert (config.workdir / "redis.pid").read_text().strip() == str(first.process.pid)
+        second = resolve_online_store(config)  # e.g. a service started later
+        assert (second.redis_url, second.process) == (first.redis_url, None)
+    finally:
+        first.stop()
+    assert first.process.poll() is not None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[str, OnlineStoreChoice]]:
+    """A redis-server this test alone uses, so stopping it disturbs nobody."""
+    url, process = start_redis_server("redis-server", tmp_path / "private")
+    choice = OnlineStoreChoice("redis", url, "private", process)
+    try:
+        yield url, choice
+    finally:
+        choice.stop()
+
+
+def test_reads_and_pushes_fail_with_feature_store_unavailable_when_redis_stops(
+    private_redis: tuple[str, OnlineStoreChoice], tmp_path: Path
+) -> None:
+    url, choice = private_redis
+    config = _config(tmp_path, redis_url=url, online_store="redis")
+    profiles = build_user_profiles(INTERACTIONS, ITEMS, AS_OF)
+    items = build_item_features(ITEMS, INTERACTIONS, AS_OF)
+    prepare_feature_store(config, profiles, items, AS_OF)
+    reader = FeastFeatureStore(config.feature_repo_dir)
+    reader.start()
+    assert reader.get_user_profile("u1") is not None
+
+    choice.stop()
+    with pytest.raises(FeatureStoreUnavailable) as info:
+        reader.get_user_profile("u1")
+    assert isinstance(info.value.__cause__, redis.RedisError)
+    with pytest.raises(FeatureStoreUnavailable):
+        reader.get_items(["i1"])
+    with pytest.raises(FeatureStoreUnavailable):
+        reader.push_profiles([UserProfile(user_id="u1", last_seen=_hours(50))])
+
+
+def test_reads_fail_with_feature_store_unavailable_on_a_closed_port(
+    on_redis: Prepared, tmp_path: Path
+) -> None:
+    config = _config(tmp_path, redis_url=CLOSED_PORT_URL, online_store="redis")
+    render_feature_store_yaml(config, OnlineStoreChoice("redis", CLOSED_PORT_URL, "closed"))
+    write_offline_tables(config, on_redis.profiles, on_redis.items)
+    apply_feature_repo(config)  # the registry is a local file: no Redis needed
+    reader = FeastFeatureStore(config.feature_repo_dir)
+    reader.start()
+    with pytest.raises(FeatureStoreUnavailable, match="online feature read failed"):
+        reader.get_user_profile("u1")
+    with pytest.raises(FeatureStoreUnavailable):
+        materialize(config, AS_OF)
