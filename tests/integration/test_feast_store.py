@@ -29,6 +29,7 @@ from services.features.store import (
     OnlineStoreChoice,
     apply_feature_repo,
     materialize,
+    open_feature_store,
     prepare_feature_store,
     render_feature_store_yaml,
     resolve_online_store,
@@ -119,9 +120,12 @@ def _config(tmp: Path, **overrides: object) -> FreshRecConfig:
 
 
 @pytest.fixture(scope="module")
-def on_redis(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+def on_redis(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prepared]:
     tmp = tmp_path_factory.mktemp("feast_redis")
-    return _prepare(_config(tmp, redis_url=redis_url, online_store="redis"), tmp)
+    prepared = _prepare(_config(tmp, redis_url=redis_url, online_store="redis"), tmp)
+    yield prepared
+    # The Redis may be shared ($FRESHREC_TEST_REDIS_URL): remove this project's keys only.
+    open_feature_store(prepared.config.feature_repo_dir).teardown()
 
 
 @pytest.fixture(scope="module")
