@@ -34,7 +34,7 @@ app.add_typer(serve_app, name="serve")
 app.add_typer(updater_app, name="updater")
 app.add_typer(data_app, name="data")
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)
 WorkdirOpt = Annotated[
     Path, typer.Option("--workdir", "-w", help="State directory.", envvar="FRESHREC_WORKDIR")
 ]
@@ -153,7 +153,7 @@ def print_recommendation(reply: Any, title: str) -> None:
         table.add_row(
             str(rank),
             item.item_id,
-            item.title[:48],
+            item.title[:40],
             item.category,
             f"{item.score:.3f}",
             f"{item.relevance:.3f}",

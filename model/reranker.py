@@ -108,14 +108,23 @@ class CrossEncoderReranker:
         )
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Raw relevance logits, shape (pairs,). Runs with grad if the caller enabled it."""
-        dtype = autocast_dtype(self.device, self.cpu_dtype)
+    def logits(
+        self, batch: dict[str, torch.Tensor], cpu_dtype: Literal["fp32", "bf16"] | None = None
+    ) -> torch.Tensor:
+        """Raw relevance logits, shape (pairs,). Runs with grad if the caller enabled it.
+
+        Args:
+            cpu_dtype: overrides the serving precision on CPU (training passes its own).
+        """
+        dtype = autocast_dtype(self.device, cpu_dtype or self.cpu_dtype)
         with torch.autocast(
             self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
         ):
-            out = self.model(**batch).logits
-        return out.squeeze(-1).float()
+            pooled = self.model.bert(**batch).pooler_output
+        # The one-logit head runs in fp32: bf16 keeps ~3 significant digits, which would turn
+        # close relevance scores into ties.
+        head = self.model.classifier(self.model.dropout(pooled.float()))
+        return head.squeeze(-1)
 
     @torch.inference_mode()
     def score_pairs(

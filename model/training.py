@@ -176,7 +176,7 @@ def train(
         optimiser, int(total_steps * params.warmup_ratio), total_steps
     )
     dtype = autocast_dtype(device, params.cpu_dtype)
-    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     started = time.perf_counter()
     processed, steps, last_loss, stopped = 0, 0, float("nan"), False
@@ -190,11 +190,8 @@ def train(
                     [p.user_text for p in chunk], [p.item_text for p in chunk]
                 )
                 labels = torch.tensor([p.label for p in chunk], device=device)
-                with torch.autocast(
-                    device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-                ):
-                    logits = model(**batch).logits.squeeze(-1)
-                loss = loss_fn(logits.float(), labels)
+                logits = reranker.logits(batch, params.cpu_dtype)
+                loss = loss_fn(logits, labels)
                 optimiser.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimiser)

@@ -73,9 +73,7 @@ def positives_in_windows(
             for name, flags in in_window.items():
                 if flags[pos]:
                     out[name].append((before, items[item_id]))
-        profiles[user] = update_profile(
-            before, user, [(item_id, kind, stamps[pos])], items
-        )
+        profiles[user] = update_profile(before, user, [(item_id, kind, stamps[pos])], items)
     return out
 
 
