@@ -32,7 +32,9 @@ updater_app = typer.Typer(
 data_app = typer.Typer(help="Bring your own data.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 app.add_typer(updater_app, name="updater")
+bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
 
 console = Console(width=None if sys.stdout.isatty() else 140)
 WorkdirOpt = Annotated[
@@ -313,6 +315,29 @@ def demo(
     summary = run_demo(dataset, workdir, replay_events, console)
     if json_out:
         print(json.dumps(summary))
+
+
+@bench_app.command("serving")
+def bench_serving_cmd(
+    workdir: WorkdirOpt = Path(".freshrec/bench"),
+    candidates: Annotated[int, typer.Option(help="Candidates re-ranked per request.")] = 50,
+    concurrency: Annotated[int, typer.Option(help="Concurrent gRPC clients.")] = 1,
+    duration: Annotated[float, typer.Option(help="Seconds of load.")] = 30.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Last line: one JSON object.")] = False,
+) -> None:
+    """Recommend latency and throughput against a real ranking service (JSON)."""
+    _logging()
+    logging.getLogger().setLevel(logging.WARNING)
+    from freshrec.bench import bench_serving
+
+    result = bench_serving(workdir, candidates, concurrency, duration, say=console.print)
+    console.print(
+        f"p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, p99 {result['p99_ms']} ms, "
+        f"{result['qps']} req/s, errors {result['errors']} ({result['items']:,} items, "
+        f"{result['candidates']} candidates, concurrency {result['concurrency']})"
+    )
+    if json_out:
+        print(json.dumps(result))
 
 
 def _print_steps(steps: dict[str, float]) -> None:

@@ -16,6 +16,7 @@ from freshrec.config import FreshRecConfig
 from freshrec.v1 import ranking_pb2, ranking_pb2_grpc
 from model.embeddings import TextEncoder
 from model.reranker import CrossEncoderReranker
+from services.common import metrics
 from services.common.server import ServerHandle, create_server
 from services.features.feast_store import FeastFeatureStore
 from services.ingestion.dedup import RedisDeduplicator, SqliteDeduplicator
@@ -75,6 +76,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
             path, config.model.max_length, config.model.device, config.model.rerank_dtype
         ),
         config.ranking.registry_poll_seconds,
+        on_swap=lambda m: metrics.observe_swap(m.model_version, m.index_version),
     )
     holder.start()
     if not holder.ready:
@@ -100,6 +102,8 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         [(ranking_pb2_grpc.add_RankingServiceServicer_to_server, servicer, SERVICE_NAME)],
         workers=config.ranking.workers,
     )
+    if config.ranking.metrics_port:
+        metrics.serve_metrics(config.ranking.metrics_port)
     handle.mark_serving()
     log.info("ranking service on port %d", handle.port)
     return RankingApp(handle, holder, [dedup.close])

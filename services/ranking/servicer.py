@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 from freshrec.v1 import ranking_pb2, ranking_pb2_grpc
+from services.common import metrics
 from services.ingestion.pipeline import EventIngestor, to_response
 from services.ranking.models import ModelHolder
 from services.ranking.pipeline import (
@@ -51,6 +52,11 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             ),
             self.models.current,
         )
+        for stage, ms in result.timings_ms.items():
+            metrics.STAGE_SECONDS.labels(stage=stage).observe(ms / 1e3)
+        metrics.REQUESTS.labels(method="Recommend", outcome="ok").inc()
+        if result.degraded:
+            metrics.DEGRADED.labels(reason=result.degraded_reason.split(":")[0]).inc()
         log.info(
             "recommend request_id=%s user=%s k=%d model=%s degraded=%s total_ms=%.1f",
             request_id,
@@ -85,5 +91,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self, request: ranking_pb2.LogEventsRequest, context: Any
     ) -> ranking_pb2.LogEventsResponse:
         result = self.ingestor.ingest(list(request.events))
+        metrics.EVENTS.labels(outcome="accepted").inc(result.accepted)
+        for reason, n in result.rejected.items():
+            metrics.EVENTS.labels(outcome=reason).inc(n)
         log.info("log_events accepted=%d rejected=%s", result.accepted, dict(result.rejected))
         return to_response(result)
