@@ -67,3 +67,30 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker_session() -> Iterator[object]:
+    """One tiny random BERT re-ranker (real tokenizer) for the run; tests take copies.
+
+    torch runs single-threaded while it lives: a 32-wide model gains nothing from intra-op
+    threads, and on a busy 2-core box oversubscribed threads spin (measured ~100x slower).
+    """
+    import torch
+
+    from model.reranker import CrossEncoderReranker
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield CrossEncoderReranker.tiny(seed=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_reranker(tiny_reranker_session: object) -> object:
+    """A private deep copy of the session's tiny re-ranker (safe to train or mutate)."""
+    import copy
+
+    return copy.deepcopy(tiny_reranker_session)
