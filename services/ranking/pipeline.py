@@ -204,6 +204,10 @@ class RankingPipeline:
         scored.sort(key=lambda s: s.score, reverse=True)
         return scored
 
+    def _blocked(self, item: ItemFeatures) -> bool:
+        """A category weighted 0 is removed from every stage, not only the re-ranked one."""
+        return self.settings.category_weights.get(item.category, 1.0) <= 0
+
     def add_exploration(
         self,
         ranked: list[ScoredItem],
@@ -227,7 +231,7 @@ class RankingPipeline:
         explore = [
             ScoredItem(i, 0.0, 0.0, 1.0, STAGE_EXPLORATION, features[i].title, features[i].category)
             for i in chosen
-            if i in features and features[i].in_stock
+            if i in features and features[i].in_stock and not self._blocked(features[i])
         ]
         keep = k - len(explore)
         return top[:keep] + explore
@@ -242,7 +246,7 @@ class RankingPipeline:
         out = []
         for rank, item_id in enumerate(chosen):
             item = features.get(item_id)
-            if item is not None and not item.in_stock:
+            if item is not None and (not item.in_stock or self._blocked(item)):
                 continue
             score = 1.0 / (rank + 1)
             out.append(
