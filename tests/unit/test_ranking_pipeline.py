@@ -1,0 +1,446 @@
+"""Unit tests of the ranking pipeline (in-memory features, tiny re-ranker, small FAISS index)
+and of the ModelHolder against a real registry in tmp_path."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable, InvalidArgument
+from freshrec.records import ItemFeatures, UserProfile
+from model.artifacts import Manifest
+from model.index import RecallIndex
+from model.reranker import CrossEncoderReranker
+from services.features.reader import InMemoryFeatureStore
+from services.ranking.models import ModelHolder
+from services.ranking.pipeline import (
+    MAX_EXCLUDE,
+    STAGE_EXPLORATION,
+    STAGE_FALLBACK,
+    STAGE_RECALL,
+    PipelineSettings,
+    RankingPipeline,
+    RecommendInput,
+    ServingModels,
+)
+from services.registry import ModelRegistry
+
+CATEGORIES = ("shoes", "coffee", "books")
+N_ITEMS = 30
+ITEMS = [
+    ItemFeatures(
+        f"i{n:02d}",
+        title=f"Product {n}",
+        text=f"A fine {CATEGORIES[n % 3]} product number {n}.",
+        category=CATEGORIES[n % 3],
+        brand="Acme",
+        in_stock=n != 5,
+    )
+    for n in range(N_ITEMS)
+]
+OUT_OF_STOCK = "i05"
+POPULAR = [f"i{n:02d}" for n in (7, 5, 3, 1, 0, 2, 4, 6, 8, 9, 10, 11)]
+USER = UserProfile(
+    "u1",
+    recent_items=("i00", "i03"),
+    recent_text="Product 0 | Product 3",
+    top_categories=("shoes",),
+    category_scores=(1.0,),
+    purchased_items=("i06", "i09"),
+    events_total=4,
+)
+
+
+def _index(seed: int = 0) -> RecallIndex:
+    rows = np.random.default_rng(seed).normal(size=(N_ITEMS, 16)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    return RecallIndex.build(rows, [i.item_id for i in ITEMS], POPULAR)
+
+
+@pytest.fixture(scope="module")
+def recall_index() -> RecallIndex:
+    return _index()
+
+
+@pytest.fixture
+def models(tiny_reranker: CrossEncoderReranker, recall_index: RecallIndex) -> ServingModels:
+    return ServingModels(tiny_reranker, "v0001", recall_index, "v0001")
+
+
+def _pipeline(store: object | None = None, **settings: object) -> RankingPipeline:
+    base = {"exploration_rate": 0.0}
+    return RankingPipeline(
+        store or InMemoryFeatureStore([USER], ITEMS),  # type: ignore[arg-type]
+        PipelineSettings(**{**base, **settings}),  # type: ignore[arg-type]
+    )
+
+
+# -- validation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"k": 0}, "k"),
+        ({"k": 101}, "k"),
+        ({"k": -3}, "k"),
+        ({"user_id": ""}, "user_id"),
+        ({"user_id": "   "}, "user_id"),
+        ({"user_id": "u" * 129}, "user_id"),
+        ({"exclude_item_ids": tuple(f"x{n}" for n in range(MAX_EXCLUDE + 1))}, "exclude_item_ids"),
+        ({"exclude_item_ids": ("",)}, "exclude_item_ids"),
+        ({"query": "q" * 513}, "query"),
+        ({"context": {f"k{n}": "v" for n in range(33)}}, "context"),
+        ({"context": {"page": "p" * 257}}, "context"),
+        ({"request_id": "r" * 129}, "request_id"),
+    ],
+)
+def test_invalid_requests_name_the_field(
+    models: ServingModels, request_fields: dict[str, object], field: str
+) -> None:
+    req = RecommendInput(**{"user_id": "u1", "k": 5, **request_fields})  # type: ignore[arg-type]
+
+    with pytest.raises(InvalidArgument) as info:
+        _pipeline().recommend(req, models)
+
+    assert str(info.value).startswith(field)
+
+
+def test_limits_themselves_are_accepted(models: ServingModels) -> None:
+    req = RecommendInput(
+        "u" * 128, 100, query="q" * 512, exclude_item_ids=tuple(f"x{n}" for n in range(1000))
+    )
+    result = _pipeline().recommend(req, models)
+    assert result.cold_start  # an unknown (long) user id: answered, not refused
+
+
+# -- cold start and known users -------------------------------------------------------------
+
+
+def test_unknown_user_gets_popular_items_flagged_cold_start(models: ServingModels) -> None:
+    result = _pipeline().recommend(RecommendInput("stranger", 4), models)
+
+    assert result.cold_start and not result.degraded
+    assert all(s.stage == STAGE_FALLBACK for s in result.items)
+    # Popularity order, the out-of-stock item skipped.
+    assert [s.item_id for s in result.items] == ["i07", "i03", "i01", "i00"]
+    assert [s.score for s in result.items] == sorted((s.score for s in result.items), reverse=True)
+    assert (result.model_version, result.index_version) == ("v0001", "v0001")
+    assert result.items[0].title == "Product 7"
+
+
+def test_known_user_excludes_recent_purchased_requested_and_out_of_stock(
+    models: ServingModels,
+) -> None:
+    req = RecommendInput("u1", 20, exclude_item_ids=("i01", "i02"))
+
+    result = _pipeline().recommend(req, models)
+
+    ids = [s.item_id for s in result.items]
+    assert not result.cold_start and not result.degraded
+    assert len(ids) == 20 == len(set(ids))
+    forbidden = {"i00", "i03", "i06", "i09", "i01", "i02", OUT_OF_STOCK}
+    assert not forbidden & set(ids)
+    assert all(s.stage == STAGE_RECALL for s in result.items)
+    assert all(0.0 <= s.relevance <= 1.0 for s in result.items)
+    assert [s.score for s in result.items] == sorted((s.score for s in result.items), reverse=True)
+    assert "rerank" in result.timings_ms and "total" in result.timings_ms
+
+
+def test_scores_come_from_the_reranker(models: ServingModels) -> None:
+    from model.text import item_text, user_context_text
+
+    result = _pipeline().recommend(RecommendInput("u1", 5), models)
+
+    by_id = {i.item_id: i for i in ITEMS}
+    expected = models.reranker.score(
+        user_context_text(USER), [item_text(by_id[s.item_id]) for s in result.items]
+    )
+    np.testing.assert_allclose([s.relevance for s in result.items], expected, rtol=1e-6)
+
+
+def test_purchased_items_are_allowed_when_the_setting_is_off(models: ServingModels) -> None:
+    result = _pipeline(exclude_purchased=False).recommend(RecommendInput("u1", 26), models)
+
+    ids = {s.item_id for s in result.items}
+    assert {"i06", "i09"} <= ids
+    assert not {"i00", "i03", OUT_OF_STOCK} & ids
+
+
+def test_category_weights_filter_and_multiply(models: ServingModels) -> None:
+    pipeline = _pipeline(category_weights={"books": 0.0, "coffee": 2.0})
+
+    result = pipeline.recommend(RecommendInput("u1", 10), models)
+
+    assert result.items
+    assert all(s.category != "books" for s in result.items)
+    for s in result.items:
+        expected_w = 2.0 if s.category == "coffee" else 1.0
+        assert s.business_weight == expected_w
+        assert s.score == pytest.approx(s.relevance * expected_w)
+    assert any(s.category == "coffee" for s in result.items)
+    # Doubling puts every coffee item (relevance ~0.5, score ~1) ahead of the shoes.
+    cats = [s.category for s in result.items]
+    assert cats == sorted(cats, key=lambda c: c != "coffee")
+
+
+def test_a_zero_weight_category_never_appears_in_any_stage(models: ServingModels) -> None:
+    pipeline = _pipeline(category_weights={"coffee": 0.0}, exploration_rate=1.0)
+
+    for n in range(20):
+        known = pipeline.recommend(RecommendInput("u1", 15, request_id=f"r{n}"), models)
+        cold = pipeline.recommend(RecommendInput("nobody", 5, request_id=f"r{n}"), models)
+        assert all(s.category != "coffee" for s in known.items + cold.items), n
+
+
+def test_exploration_slot_appears_at_rate_one(models: ServingModels) -> None:
+    pipeline = _pipeline(exploration_rate=1.0, exploration_slots=1)
+
+    for n in range(10):
+        result = pipeline.recommend(RecommendInput("u1", 5, request_id=f"req-{n}"), models)
+        stages = [s.stage for s in result.items]
+        assert len(result.items) == 5
+        assert stages[:-1] == [STAGE_RECALL] * 4 and stages[-1] == STAGE_EXPLORATION
+        explored = result.items[-1]
+        assert explored.item_id not in {"i00", "i03", "i06", "i09", OUT_OF_STOCK}
+        assert explored.item_id not in {s.item_id for s in result.items[:-1]}
+        assert explored.score == 0.0
+
+
+def test_exploration_never_happens_at_rate_zero_or_with_k_one(models: ServingModels) -> None:
+    never = _pipeline(exploration_rate=0.0)
+    single = _pipeline(exploration_rate=1.0)
+
+    for n in range(30):
+        a = never.recommend(RecommendInput("u1", 5, request_id=f"req-{n}"), models)
+        b = single.recommend(RecommendInput("u1", 1, request_id=f"req-{n}"), models)
+        assert all(s.stage != STAGE_EXPLORATION for s in a.items + b.items)
+
+
+def test_the_same_request_id_gives_the_same_answer(models: ServingModels) -> None:
+    pipeline = _pipeline(exploration_rate=0.5, exploration_slots=2)
+    req = RecommendInput("u1", 6, request_id="replay-me")
+
+    first = pipeline.recommend(req, models)
+    again = pipeline.recommend(req, models)
+
+    assert [s.item_id for s in first.items] == [s.item_id for s in again.items]
+
+
+def test_thin_recall_is_topped_up_with_popular_items(models: ServingModels) -> None:
+    store = InMemoryFeatureStore([USER], ITEMS[:12])  # the store knows only 12 items
+    result = _pipeline(store).recommend(RecommendInput("u1", 10), models)
+
+    ids = [s.item_id for s in result.items]
+    assert len(ids) == len(set(ids))
+    assert {s.stage for s in result.items} <= {STAGE_RECALL, STAGE_FALLBACK}
+    recalled = [s for s in result.items if s.stage == STAGE_RECALL]
+    assert all(int(s.item_id[1:]) < 12 for s in recalled)
+    assert not {"i00", "i03", "i06", "i09", OUT_OF_STOCK} & set(ids)
+
+
+# -- a failing feature store ----------------------------------------------------------------
+
+
+class _Failing(InMemoryFeatureStore):
+    def __init__(self, fail_profiles: bool, fail_items: bool) -> None:
+        super().__init__([USER], ITEMS)
+        self.fail_profiles, self.fail_items = fail_profiles, fail_items
+
+    def get_user_profile(self, user_id: str) -> UserProfile | None:
+        if self.fail_profiles:
+            raise FeatureStoreUnavailable("redis: connection refused")
+        return super().get_user_profile(user_id)
+
+    def get_items(self, item_ids: Sequence[str]) -> dict[str, ItemFeatures]:
+        if self.fail_items:
+            raise FeatureStoreUnavailable("redis: connection refused")
+        return super().get_items(item_ids)
+
+
+@pytest.mark.parametrize("items_fail_too", [False, True])
+def test_profile_store_down_degrades_to_popular_items(
+    models: ServingModels, items_fail_too: bool
+) -> None:
+    pipeline = _pipeline(_Failing(fail_profiles=True, fail_items=items_fail_too))
+
+    result = pipeline.recommend(RecommendInput("u1", 3), models)
+
+    assert result.degraded
+    assert result.degraded_reason.startswith("user profile unavailable")
+    assert "connection refused" in result.degraded_reason
+    assert not result.cold_start
+    assert len(result.items) == 3
+    assert all(s.stage == STAGE_FALLBACK for s in result.items)
+
+
+def test_item_store_down_degrades_to_recall_order(models: ServingModels) -> None:
+    pipeline = _pipeline(_Failing(fail_profiles=False, fail_items=True))
+
+    result = pipeline.recommend(RecommendInput("u1", 4), models)
+
+    assert result.degraded
+    assert result.degraded_reason.startswith("item features unavailable")
+    assert len(result.items) == 4
+    assert all(s.stage == STAGE_RECALL for s in result.items)
+    assert not {"i00", "i03", "i06", "i09"} & {s.item_id for s in result.items}
+
+
+# -- ModelHolder against a real registry ----------------------------------------------------
+
+
+def _publish_reranker(registry: ModelRegistry, reranker: CrossEncoderReranker) -> str:
+    staging = registry.staging_dir("reranker")
+    reranker.save(staging)
+    return registry.publish("reranker", staging, Manifest(kind="reranker", version="")).version
+
+
+def _publish_index(registry: ModelRegistry, index: RecallIndex) -> str:
+    staging = registry.staging_dir("index")
+    index.save(staging)
+    return registry.publish("index", staging, Manifest(kind="index", version="")).version
+
+
+def _loader(path: str) -> CrossEncoderReranker:
+    return CrossEncoderReranker.from_pretrained(path, max_length=32, device="cpu")
+
+
+@pytest.fixture
+def registry(
+    tmp_path: Path, tiny_reranker: CrossEncoderReranker, recall_index: RecallIndex
+) -> ModelRegistry:
+    registry = ModelRegistry(tmp_path / "registry")
+    registry.promote("reranker", _publish_reranker(registry, tiny_reranker))
+    registry.promote("index", _publish_index(registry, recall_index))
+    return registry
+
+
+def _different_reranker(base: CrossEncoderReranker) -> CrossEncoderReranker:
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.model.classifier.bias += 1.0  # a visibly different model
+    return other
+
+
+def test_holder_without_a_champion_is_not_ready(tmp_path: Path) -> None:
+    holder = ModelHolder(ModelRegistry(tmp_path / "empty"), _loader)
+
+    assert holder.refresh() is False
+    assert not holder.ready
+    with pytest.raises(FailedPrecondition):
+        _ = holder.current
+
+
+def test_holder_loads_the_champions(
+    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
+) -> None:
+    swaps: list[ServingModels] = []
+    holder = ModelHolder(registry, _loader, on_swap=swaps.append)
+
+    assert holder.refresh() is True
+
+    current = holder.current
+    assert (current.model_version, current.index_version) == ("v0001", "v0001")
+    assert swaps == [current]
+    np.testing.assert_array_equal(
+        current.reranker.score("likes: shoes.", ["Product 1", "Product 2"]),
+        tiny_reranker.score("likes: shoes.", ["Product 1", "Product 2"]),
+    )
+    assert holder.refresh() is False  # nothing changed
+    assert holder.current is current
+
+
+def test_holder_swaps_on_promote(
+    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
+) -> None:
+    holder = ModelHolder(registry, _loader)
+    holder.refresh()
+    old = holder.current
+    new_model = _different_reranker(tiny_reranker)
+    registry.promote("reranker", _publish_reranker(registry, new_model))
+
+    assert holder.refresh() is True
+
+    assert holder.current.model_version == "v0002"
+    assert holder.current.index is old.index  # the unchanged index is reused, not reloaded
+    np.testing.assert_allclose(
+        holder.current.reranker.score("u", ["a", "b"]), new_model.score("u", ["a", "b"]), rtol=1e-6
+    )
+    # The old snapshot is untouched: a request holding it finishes on v0001.
+    assert old.model_version == "v0001"
+    registry.rollback("reranker")
+    assert holder.refresh() is True
+    assert holder.current.model_version == "v0001"
+
+
+def test_holder_swaps_a_new_index(registry: ModelRegistry) -> None:
+    holder = ModelHolder(registry, _loader)
+    holder.refresh()
+    registry.promote("index", _publish_index(registry, _index(seed=1)))
+
+    assert holder.refresh() is True
+    assert (holder.current.model_version, holder.current.index_version) == ("v0001", "v0002")
+
+
+def test_holder_refuses_a_corrupt_version_and_keeps_serving(
+    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
+) -> None:
+    holder = ModelHolder(registry, _loader)
+    holder.refresh()
+    serving = holder.current
+    bad = _publish_reranker(registry, _different_reranker(tiny_reranker))
+    weights = registry.path("reranker", bad) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    registry._set_champion("reranker", bad, "promote", "bypass verification")
+
+    assert holder.refresh() is False
+    assert holder.refresh() is False  # refused once, not re-hashed on every poll
+
+    assert holder.current is serving
+    assert len(holder.refusals) == 1
+    refusal = holder.refusals[0]
+    assert (refusal.kind, refusal.version) == ("reranker", bad)
+    assert "model.safetensors" in refusal.reason
+    # Recovery: a good version promoted afterwards is picked up.
+    registry.promote("reranker", _publish_reranker(registry, tiny_reranker))
+    assert holder.refresh() is True
+    assert holder.current.model_version == "v0003"
+
+
+def test_holder_refuses_a_version_that_does_not_load(
+    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
+) -> None:
+    holder = ModelHolder(registry, _loader)
+    holder.refresh()
+    staging = registry.staging_dir("reranker")
+    (staging / "config.json").write_text("{}")  # sealed, verifiable, but not a model
+    version = registry.publish("reranker", staging, Manifest(kind="reranker", version="")).version
+    registry.promote("reranker", version)
+
+    assert holder.refresh() is False
+    assert holder.current.model_version == "v0001"
+    assert [r.version for r in holder.refusals] == [version]
+
+
+def test_pipeline_answers_from_the_snapshot_it_was_given(
+    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
+) -> None:
+    holder = ModelHolder(registry, _loader)
+    holder.refresh()
+    snapshot = holder.current
+    registry.promote("reranker", _publish_reranker(registry, _different_reranker(tiny_reranker)))
+    holder.refresh()
+
+    old = _pipeline().recommend(RecommendInput("u1", 3), snapshot)
+    new = _pipeline().recommend(RecommendInput("u1", 3), holder.current)
+
+    assert (old.model_version, new.model_version) == ("v0001", "v0002")
+    # v0002's head adds 1 to every logit: each of its relevances is higher.
+    assert min(s.relevance for s in new.items) > max(s.relevance for s in old.items)
