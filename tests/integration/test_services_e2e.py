@@ -1,0 +1,413 @@
+"""Both services for real: bootstrap into Redis + Feast, in-process gRPC servers on free ports.
+
+One module-scoped stack (tiny synthetic shop, tiny re-ranker, the real MiniLM recall encoder:
+the ranking server embeds queries with it, so the index must live in the same space). Tests
+run in file order; the lifecycle test at the end changes champions.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from freshrec.clients import channel, ranking_stub, updater_stub
+from freshrec.config import FreshRecConfig, load_config
+from freshrec.data.synthetic import generate_shop
+from freshrec.records import UserProfile
+from freshrec.v1 import ranking_pb2, ranking_pb2_grpc, updater_pb2, updater_pb2_grpc
+from model.reranker import CrossEncoderReranker, pretrained_path
+from services.features.feast_store import FeastFeatureStore
+from services.features.store import open_feature_store
+from services.jobs.bootstrap import bootstrap
+from services.ranking.server import SERVICE_NAME as RANKING_SERVICE
+from services.ranking.server import RankingApp, build_ranking
+from services.registry import ModelRegistry
+from services.updater.server import SERVICE_NAME as UPDATER_SERVICE
+from services.updater.server import UpdaterApp, build_updater
+
+pytestmark = pytest.mark.integration
+
+MAX_LENGTH = 32
+SWAP_DEADLINE_S = 60.0  # the holder polls every 0.2 s; a swap normally lands within a second
+
+
+def _load_reranker(path: str) -> CrossEncoderReranker:
+    """The pretrained backbone becomes a tiny random BERT; registry versions load as saved."""
+    if Path(path) == pretrained_path():
+        return CrossEncoderReranker.tiny(seed=0, max_length=MAX_LENGTH)
+    return CrossEncoderReranker.from_pretrained(path, MAX_LENGTH, "cpu", "fp32")
+
+
+@dataclass
+class Stack:
+    config: FreshRecConfig
+    ranking: RankingApp
+    updater: UpdaterApp
+    rank: ranking_pb2_grpc.RankingServiceStub
+    upd: updater_pb2_grpc.UpdaterServiceStub
+    rank_channel: grpc.Channel
+    upd_channel: grpc.Channel
+    features: FeastFeatureStore
+    user: UserProfile  # a known user with purchases
+    catalog: list[str]
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    import torch
+
+    threads = torch.get_num_threads()
+    workdir = tmp_path_factory.mktemp("e2e") / "work"
+    config = load_config(
+        workdir,
+        project=f"e2e_{uuid.uuid4().hex[:10]}",
+        redis_url=redis_url,
+        online_store="redis",
+        model={
+            "max_length": MAX_LENGTH,
+            "device": "cpu",
+            "rerank_dtype": "fp32",
+            "torch_threads": 1,
+        },
+        training={
+            "max_examples": 120,
+            "batch_size": 16,
+            "negatives_per_positive": 3,
+            "freeze_layers": 0,
+            "learning_rate": 1e-3,
+            "incremental_learning_rate": 1e-3,
+        },
+        updater={"min_new_events": 5},
+        ranking={"registry_poll_seconds": 0.2, "exploration_rate": 0.0, "workers": 4},
+    )
+    dataset = generate_shop(seed=5, n_items=150, n_users=40, days=30, events_per_user=40)
+    report = bootstrap(
+        config, dataset, announce=lambda _msg: None, load_reranker=_load_reranker, progress=False
+    )
+    assert report.index_version == "v0001"
+    assert report.model is not None and report.model.state == "promoted"
+
+    ranking = build_ranking(config, port=0)
+    updater = build_updater(config, port=0, load_reranker=_load_reranker)
+    rank_channel = channel(f"127.0.0.1:{ranking.port}")
+    upd_channel = channel(f"127.0.0.1:{updater.port}")
+    features = FeastFeatureStore(config.feature_repo_dir)
+    features.start()
+    user = None
+    for user_id in dataset.interactions["user_id"].unique():
+        profile = features.get_user_profile(str(user_id))
+        if profile is not None and profile.purchased_items and profile.recent_items:
+            user = profile
+            break
+    assert user is not None, "the synthetic shop has no user with purchases"
+    try:
+        yield Stack(
+            config,
+            ranking,
+            updater,
+            ranking_stub(rank_channel),
+            updater_stub(upd_channel),
+            rank_channel,
+            upd_channel,
+            features,
+            user,
+            [str(i) for i in dataset.items["item_id"]],
+        )
+    finally:
+        rank_channel.close()
+        upd_channel.close()
+        updater.servicer.wait_idle(120)
+        updater.stop(grace=1)
+        ranking.stop(grace=1)
+        torch.set_num_threads(threads)
+        # The Redis may be shared: remove only this project's keys (Feast's and the dedup set).
+        open_feature_store(config.feature_repo_dir).teardown()
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(f"freshrec:{config.project}:*"):
+            client.delete(key)
+        client.close()
+
+
+def _event(
+    event_id: str, user_id: str, item_id: str, type_: int, at: datetime
+) -> ranking_pb2.Event:
+    ts = Timestamp()
+    ts.FromDatetime(at)
+    return ranking_pb2.Event(
+        event_id=event_id, user_id=user_id, item_id=item_id, type=type_, timestamp=ts
+    )
+
+
+def _wait_for(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + SWAP_DEADLINE_S
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {SWAP_DEADLINE_S:.0f} s")
+        time.sleep(0.1)
+
+
+def _recommend(
+    stack: Stack, user_id: str, k: int = 10, **kw: object
+) -> ranking_pb2.RecommendResponse:
+    return stack.rank.Recommend(
+        ranking_pb2.RecommendRequest(user_id=user_id, k=k, **kw),
+        timeout=30,  # type: ignore[arg-type]
+    )
+
+
+# -- health, reflection ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("server", "service"), [("ranking", RANKING_SERVICE), ("updater", UPDATER_SERVICE)]
+)
+def test_both_services_report_serving(stack: Stack, server: str, service: str) -> None:
+    ch = stack.rank_channel if server == "ranking" else stack.upd_channel
+    health = health_pb2_grpc.HealthStub(ch)
+
+    for name in (service, ""):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("server", "service"), [("ranking", RANKING_SERVICE), ("updater", UPDATER_SERVICE)]
+)
+def test_reflection_lists_the_services(stack: Stack, server: str, service: str) -> None:
+    ch = stack.rank_channel if server == "ranking" else stack.upd_channel
+    stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+
+    replies = list(
+        stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+    )
+
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert service in names
+    assert "grpc.health.v1.Health" in names
+
+
+# -- Recommend ------------------------------------------------------------------------------
+
+
+def test_recommend_for_a_known_user(stack: Stack) -> None:
+    reply = _recommend(stack, stack.user.user_id, 10, request_id="known-1")
+
+    ids = [i.item_id for i in reply.items]
+    assert len(ids) == 10 == len(set(ids))
+    assert (reply.model_version, reply.index_version) == ("v0001", "v0001")
+    assert not reply.cold_start and not reply.degraded
+    assert reply.request_id == "known-1"
+    assert not set(stack.user.purchased_items) & set(ids)
+    assert not set(stack.user.recent_items) & set(ids)
+    assert set(ids) <= set(stack.catalog)
+    assert all(0.0 <= i.relevance <= 1.0 for i in reply.items)
+    assert reply.items[0].stage == ranking_pb2.STAGE_RECALL
+
+
+def test_recommend_with_a_query_and_exclusions(stack: Stack) -> None:
+    first = _recommend(stack, stack.user.user_id, 5)
+    excluded = [i.item_id for i in first.items[:3]]
+
+    reply = _recommend(
+        stack, stack.user.user_id, 5, query="coffee beans", exclude_item_ids=excluded
+    )
+
+    assert len(reply.items) == 5
+    assert not set(excluded) & {i.item_id for i in reply.items}
+    assert reply.request_id  # generated when the caller sent none
+
+
+def test_recommend_for_an_unknown_user_is_a_cold_start(stack: Stack) -> None:
+    reply = _recommend(stack, f"never-seen-{uuid.uuid4().hex}", 5)
+
+    assert reply.cold_start and not reply.degraded
+    assert len(reply.items) == 5
+    assert all(i.stage == ranking_pb2.STAGE_FALLBACK for i in reply.items)
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"user_id": "u1", "k": 0}, "k must"),
+        ({"user_id": "", "k": 5}, "user_id"),
+        ({"user_id": "u1", "k": 101}, "k must"),
+    ],
+)
+def test_recommend_rejects_bad_requests(
+    stack: Stack, fields: dict[str, object], needle: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stack.rank.Recommend(ranking_pb2.RecommendRequest(**fields), timeout=10)  # type: ignore[arg-type]
+
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in info.value.details()
+
+
+# -- LogEvents ------------------------------------------------------------------------------
+
+
+def test_log_events_accepts_dedups_rejects_and_updates_the_profile(stack: Stack) -> None:
+    user = stack.user.user_id
+    fresh = next(i for i in stack.catalog if i not in stack.user.recent_items)
+    now = datetime.now(UTC)
+    run = uuid.uuid4().hex[:8]
+    good = [
+        _event(
+            f"{run}-a", user, fresh, ranking_pb2.EVENT_TYPE_IMPRESSION, now - timedelta(seconds=2)
+        ),
+        _event(f"{run}-b", user, fresh, ranking_pb2.EVENT_TYPE_CLICK, now - timedelta(seconds=1)),
+    ]
+
+    first = stack.rank.LogEvents(ranking_pb2.LogEventsRequest(events=good), timeout=30)
+    again = stack.rank.LogEvents(ranking_pb2.LogEventsRequest(events=good), timeout=30)
+    bad = stack.rank.LogEvents(
+        ranking_pb2.LogEventsRequest(
+            events=[_event(f"{run}-c", "", fresh, ranking_pb2.EVENT_TYPE_CLICK, now)]
+        ),
+        timeout=30,
+    )
+
+    assert (first.accepted, first.rejected) == (2, 0)
+    assert (again.accepted, again.rejected) == (0, 2)
+    assert dict(again.rejected_by_reason) == {"duplicate": 2}
+    assert (bad.accepted, bad.rejected) == (0, 1)
+    assert dict(bad.rejected_by_reason) == {"missing_user_id": 1}
+    profile = stack.features.get_user_profile(user)
+    assert profile is not None
+    assert profile.recent_items[0] == fresh
+    assert profile.clicks == stack.user.clicks + 1
+    # The next answer for that user no longer offers what they just looked at.
+    reply = _recommend(stack, user, 10)
+    assert fresh not in {i.item_id for i in reply.items}
+
+
+def test_log_events_rejects_an_empty_batch(stack: Stack) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stack.rank.LogEvents(ranking_pb2.LogEventsRequest(events=[]), timeout=10)
+
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "events" in info.value.details()
+
+
+# -- the updater lifecycle ------------------------------------------------------------------
+
+
+def _log_fresh_positives(stack: Stack, n: int) -> None:
+    """`n` clicks/purchases by several users over the last few minutes, distinct timestamps."""
+    users = [stack.user.user_id, *(f"shopper-{k}" for k in range(4))]
+    now = datetime.now(UTC)
+    run = uuid.uuid4().hex[:8]
+    events = [
+        _event(
+            f"{run}-{k}",
+            users[k % len(users)],
+            stack.catalog[(7 * k) % len(stack.catalog)],
+            ranking_pb2.EVENT_TYPE_PURCHASE if k % 5 == 0 else ranking_pb2.EVENT_TYPE_CLICK,
+            now - timedelta(seconds=4 * (n - k)),
+        )
+        for k in range(n)
+    ]
+    reply = stack.rank.LogEvents(ranking_pb2.LogEventsRequest(events=events), timeout=60)
+    assert reply.accepted == n, dict(reply.rejected_by_reason)
+
+
+def _served_version(stack: Stack) -> str:
+    return _recommend(stack, stack.user.user_id, 3).model_version
+
+
+def test_updater_lifecycle(stack: Stack) -> None:
+    upd = stack.upd
+    status = upd.GetStatus(updater_pb2.GetStatusRequest(), timeout=10)
+    assert (status.champion_version, status.index_version, status.state) == (
+        "v0001",
+        "v0001",
+        "idle",
+    )
+    assert status.pending_events > 0
+
+    # 1. An incremental update publishes v0002; promoted or rejected, every view agrees.
+    _log_fresh_positives(stack, 40)
+    result = upd.TriggerUpdate(
+        updater_pb2.TriggerUpdateRequest(reason="e2e", wait=True), timeout=600
+    ).result
+    assert result.state in {"promoted", "rejected"}, result.message
+    assert result.challenger_version == "v0002"
+    assert result.examples > 0
+    versions = upd.ListVersions(updater_pb2.ListVersionsRequest(), timeout=10)
+    statuses = {v.version: v.status for v in versions.versions}
+    after = "v0002" if result.state == "promoted" else "v0001"
+    assert statuses["v0002"] == ("champion" if result.state == "promoted" else "rejected")
+    assert statuses["v0001"] == ("retired" if result.state == "promoted" else "champion")
+    assert versions.champion_version == result.champion_version == after
+    v2 = next(v for v in versions.versions if v.version == "v0002")
+    assert v2.parent == "v0001" and v2.reason == "e2e" and "ndcg@10" in v2.metrics
+    status = upd.GetStatus(updater_pb2.GetStatusRequest(), timeout=10)
+    assert status.champion_version == after
+    assert (status.last.job_id, status.last.state) == (result.job_id, result.state)
+    _wait_for(lambda: _served_version(stack) == after, f"serving {after}")
+
+    # 2. A forced promotion is served without a restart (the holder polls the registry).
+    _log_fresh_positives(stack, 40)
+    forced = upd.TriggerUpdate(
+        updater_pb2.TriggerUpdateRequest(reason="forced", wait=True, force_promote=True),
+        timeout=600,
+    ).result
+    assert (forced.state, forced.challenger_version, forced.champion_version) == (
+        "promoted",
+        "v0003",
+        "v0003",
+    )
+    _wait_for(lambda: _served_version(stack) == "v0003", "serving v0003")
+    reply = _recommend(stack, stack.user.user_id, 10)
+    assert (reply.model_version, reply.index_version) == ("v0003", "v0001")
+    assert len(reply.items) == 10
+
+    # 3. Operator commands: unknown version, rollback to the previous champion.
+    with pytest.raises(grpc.RpcError) as info:
+        upd.Promote(updater_pb2.PromoteRequest(version="v0999"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        upd.Promote(updater_pb2.PromoteRequest(version=""), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    rolled = upd.Rollback(updater_pb2.RollbackRequest(), timeout=10)
+    assert (rolled.champion_version, rolled.previous_version) == (after, "v0003")
+    _wait_for(lambda: _served_version(stack) == after, f"serving {after} again")
+    promoted = upd.Promote(updater_pb2.PromoteRequest(version="v0003"), timeout=30)
+    assert (promoted.champion_version, promoted.previous_version) == ("v0003", after)
+    _wait_for(lambda: _served_version(stack) == "v0003", "serving v0003 again")
+
+    # 4. A corrupt champion (pointer set behind verification's back) is refused; v0003 stays.
+    registry = ModelRegistry(stack.config.registry_dir)
+    bad = registry.next_version("reranker")
+    shutil.copytree(registry.path("reranker", "v0003"), registry.path("reranker", bad))
+    weights = registry.path("reranker", bad) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    registry._set_champion("reranker", bad, "promote", "e2e: corrupt on purpose")
+    holder = stack.ranking.models
+    _wait_for(lambda: any(r.version == bad for r in holder.refusals), f"refusing {bad}")
+    for n in range(5):
+        reply = _recommend(stack, stack.user.user_id, 5, request_id=f"after-corrupt-{n}")
+        assert reply.model_version == "v0003"
+        assert len(reply.items) == 5
+    refusal = next(r for r in holder.refusals if r.version == bad)
+    assert "model.safetensors" in refusal.reason
+    assert upd.GetStatus(updater_pb2.GetStatusRequest(), timeout=10).champion_version == bad
