@@ -8,11 +8,14 @@ written by `freshrec init`/`demo`, then the defaults below. Unknown keys are rej
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from freshrec.errors import InvalidArgument
 
 CONFIG_FILE_NAME = "freshrec.json"
 
@@ -57,6 +60,10 @@ class TrainingConfig(_Section):
     )
     gate_margin: float = Field(
         0.0, ge=-1, le=1, description="Challenger must reach champion metric + margin to promote."
+    )
+    cpu_dtype: Literal["fp32", "bf16"] = Field(
+        "bf16",
+        description="Training autocast on CPU; bf16 (AMX) measured 82 vs 48 pairs/s for fp32 here.",
     )
     seed: int = Field(13, description="Seed for sampling and initialisation.")
 
@@ -154,6 +161,7 @@ def load_config(workdir: Path | None = None, **overrides: Any) -> FreshRecConfig
     Raises:
         pydantic.ValidationError: unknown keys or values out of range.
     """
+    _reject_unknown_env()
     file_values: dict[str, Any] = {}
     if workdir is not None:
         path = Path(workdir) / CONFIG_FILE_NAME
@@ -164,6 +172,34 @@ def load_config(workdir: Path | None = None, **overrides: Any) -> FreshRecConfig
     explicit = env_view.model_dump(exclude_unset=True)
     merged = _deep_merge(file_values, explicit)
     return FreshRecConfig(**merged)
+
+
+# Variables with the prefix that are not settings (used by tools and tests, not by the config).
+_OTHER_ENV = {
+    "FRESHREC_WORKDIR",
+    "FRESHREC_CACHE_DIR",
+    "FRESHREC_RECBOLE_WHEEL",
+    "FRESHREC_TEST_REDIS_URL",
+}
+
+
+def _reject_unknown_env() -> None:
+    """A misspelt FRESHREC_* variable is an error, not a silently ignored setting."""
+    sections = {
+        name: field.annotation
+        for name, field in FreshRecConfig.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    }
+    for key in os.environ:
+        if not key.startswith("FRESHREC_") or key in _OTHER_ENV:
+            continue
+        name = key.removeprefix("FRESHREC_").lower()
+        top, _, sub = name.partition("__")
+        if top not in FreshRecConfig.model_fields:
+            raise InvalidArgument(f"unknown setting {key}: no field {top!r} in the configuration")
+        section = sections.get(top)
+        if sub and (section is None or sub not in section.model_fields):
+            raise InvalidArgument(f"unknown setting {key}: no field {sub!r} in section {top!r}")
 
 
 def save_config(config: FreshRecConfig) -> Path:

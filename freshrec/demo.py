@@ -188,7 +188,15 @@ def run_demo(dataset: str, workdir: Path, n_replay: int, console: Console) -> di
 
         newer = pd.read_parquet(workdir / "data" / REPLAY_FILE)
         replay = newer.head(n_replay)
-        active = replay["user_id"].value_counts().index.tolist()[:DEMO_USERS]
+        known = set(
+            pd.read_parquet(config.offline_dir / "user_profile.parquet", columns=["user_id"])[
+                "user_id"
+            ].astype(str)
+        )
+        counts = replay["user_id"].astype(str).value_counts()
+        active = [u for u in counts.index if u in known][:DEMO_USERS] or counts.index.tolist()[
+            :DEMO_USERS
+        ]
         with channel(ranking.address) as rch, channel(updater.address) as uch:
             rank, upd = ranking_stub(rch), updater_stub(uch)
             say("[bold]4. recommendations[/bold]")

@@ -124,6 +124,7 @@ def run_training(
         epochs=tcfg.epochs,
         batch_size=tcfg.batch_size,
         freeze_layers=tcfg.freeze_layers,
+        cpu_dtype=tcfg.cpu_dtype,
         seed=tcfg.seed,
     )
     with tqdm(
