@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from freshrec.config import FreshRecConfig
+from freshrec.errors import FailedPrecondition
 from freshrec.v1 import ranking_pb2, ranking_pb2_grpc
 from model.embeddings import TextEncoder
 from model.reranker import CrossEncoderReranker
@@ -80,8 +81,8 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     )
     holder.start()
     if not holder.ready:
-        raise RuntimeError(
-            f"no champion model/index under {config.registry_dir}: run `freshrec init`"
+        raise FailedPrecondition(
+            f"no champion model/index under {config.registry_dir}: run `freshrec init` first"
         )
     settings = PipelineSettings(
         recall_candidates=config.ranking.recall_candidates,
