@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from freshrec.errors import FeatureStoreUnavailable
+from freshrec.errors import FeatureStoreUnavailable, InvalidArgument
 from freshrec.records import UserProfile
 from freshrec.v1 import ranking_pb2
 from services.features.profiles import update_profile
@@ -76,13 +76,17 @@ class EventIngestor:
             plus "duplicate" for ids already ingested by an earlier batch).
 
         Raises:
-            InvalidArgument: the batch is empty or too large.
+            InvalidArgument: the batch is empty or too large, or not one event in it is valid
+                (a client bug; nothing was stored). A batch with some valid events is accepted
+                in part, with the others counted by reason.
             FeatureStoreUnavailable: the deduplicator, feature read or profile push failed;
                 see the class docstring for what was stored by then.
             OSError: the offline log could not be written; nothing of the batch was kept.
         """
         now = self._clock()
         validated = validate_events(events, now=now)
+        if not validated.accepted:
+            raise InvalidArgument(_no_valid_event_message(validated.rejected))
         rejected = Counter(validated.rejected)
         rows = self._drop_seen(validated.accepted, rejected)
         if rows:
@@ -138,3 +142,26 @@ def to_response(result: IngestResult) -> ranking_pb2.LogEventsResponse:
         rejected=sum(result.rejected.values()),
         rejected_by_reason=dict(result.rejected),
     )
+
+
+# What each validation reason says about the offending field, for INVALID_ARGUMENT messages.
+_REASON_MESSAGES = {
+    "missing_event_id": "event_id must be a non-empty string",
+    "missing_user_id": "user_id must be a non-empty string",
+    "missing_item_id": "item_id must be a non-empty string",
+    "id_too_long": "event_id, user_id, item_id and request_id must be at most 128 characters",
+    "bad_event_type": "type must be IMPRESSION, CLICK, ADD_TO_CART or PURCHASE",
+    "missing_timestamp": "timestamp is required",
+    "bad_timestamp": "timestamp nanos must be in 0..999999999",
+    "future_timestamp": "timestamp must not be more than 5 minutes in the future",
+    "too_old": "timestamp must be within the last 30 days",
+    "duplicate_in_batch": "event_id must be unique within a batch",
+}
+
+
+def _no_valid_event_message(rejected: Counter[str]) -> str:
+    reasons = "; ".join(
+        f"{n} x {_REASON_MESSAGES.get(reason, reason)} ({reason})"
+        for reason, n in rejected.most_common()
+    )
+    return f"events: no valid event in the batch: {reasons}"

@@ -277,18 +277,32 @@ def test_log_events_accepts_dedups_rejects_and_updates_the_profile(stack: Stack)
 
     first = stack.rank.LogEvents(ranking_pb2.LogEventsRequest(events=good), timeout=30)
     again = stack.rank.LogEvents(ranking_pb2.LogEventsRequest(events=good), timeout=30)
-    bad = stack.rank.LogEvents(
+    # A batch with some valid events is accepted in part, the rest counted by reason.
+    mixed = stack.rank.LogEvents(
         ranking_pb2.LogEventsRequest(
-            events=[_event(f"{run}-c", "", fresh, ranking_pb2.EVENT_TYPE_CLICK, now)]
+            events=[
+                _event(f"{run}-c", "", fresh, ranking_pb2.EVENT_TYPE_CLICK, now),
+                _event(f"{run}-d", user, fresh, ranking_pb2.EVENT_TYPE_IMPRESSION, now),
+            ]
         ),
         timeout=30,
     )
+    # A batch with nothing valid is a client bug: INVALID_ARGUMENT naming the field.
+    with pytest.raises(grpc.RpcError) as bad:
+        stack.rank.LogEvents(
+            ranking_pb2.LogEventsRequest(
+                events=[_event(f"{run}-e", "", fresh, ranking_pb2.EVENT_TYPE_CLICK, now)]
+            ),
+            timeout=30,
+        )
 
     assert (first.accepted, first.rejected) == (2, 0)
     assert (again.accepted, again.rejected) == (0, 2)
     assert dict(again.rejected_by_reason) == {"duplicate": 2}
-    assert (bad.accepted, bad.rejected) == (0, 1)
-    assert dict(bad.rejected_by_reason) == {"missing_user_id": 1}
+    assert (mixed.accepted, mixed.rejected) == (1, 1)
+    assert dict(mixed.rejected_by_reason) == {"missing_user_id": 1}
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "user_id" in bad.value.details()
     profile = stack.features.get_user_profile(user)
     assert profile is not None
     assert profile.recent_items[0] == fresh

@@ -259,8 +259,10 @@ def test_offline_append_failure_unmarks_the_ids_so_a_retry_is_ingested(
 def test_a_batch_with_nothing_valid_touches_no_store(
     ingestor: EventIngestor, store: CountingStore, log: OfflineEventLog
 ) -> None:
-    result = ingestor.ingest([event("", item_id="i1")])
-    assert result == IngestResult(accepted=0, rejected=Counter({"missing_event_id": 1}))
+    with pytest.raises(
+        InvalidArgument, match=r"events: no valid event.*event_id must be a non-empty"
+    ):
+        ingestor.ingest([event("", item_id="i1")])
     assert store.pushes == 0 and store.item_reads == []
     assert log.count() == 0
     assert not log.events_dir.exists()
