@@ -106,7 +106,8 @@ def replay_events(stub: Any, newer: pd.DataFrame, batch: int = 500) -> tuple[int
         "add_to_cart": ranking_pb2.EVENT_TYPE_ADD_TO_CART,
         "purchase": ranking_pb2.EVENT_TYPE_PURCHASE,
     }
-    accepted, rejected = 0, {}
+    accepted = 0
+    rejected: dict[str, int] = {}
     rows = newer.to_dict("records")
     for start in range(0, len(rows), batch):
         events = []

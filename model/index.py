@@ -63,7 +63,11 @@ class RecallIndex:
 
     def vectors_of(self, item_ids: Iterable[str]) -> list[np.ndarray]:
         """Stored vectors of the known ids, in the given order (unknown ids skipped)."""
-        return [self.index.reconstruct(self._position[i]) for i in item_ids if i in self._position]
+        return [
+            np.asarray(self.index.reconstruct(self._position[i]))
+            for i in item_ids
+            if i in self._position
+        ]
 
     def search(
         self, query: np.ndarray, k: int, exclude: frozenset[str] | set[str] = frozenset()

@@ -54,7 +54,7 @@ class CrossEncoderReranker:
         cpu_dtype: Literal["fp32", "bf16"] = "fp32",
     ) -> None:
         self.device = device or torch.device("cpu")
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.cpu_dtype = cpu_dtype
@@ -78,7 +78,7 @@ class CrossEncoderReranker:
     def tiny(cls, seed: int = 0, max_length: int = 32) -> CrossEncoderReranker:
         """A small randomly initialised BERT with the real tokenizer, for fast tests."""
         torch.manual_seed(seed)
-        config = BertConfig(
+        config = BertConfig(  # type: ignore[call-arg]
             vocab_size=30522,
             hidden_size=32,
             num_hidden_layers=2,

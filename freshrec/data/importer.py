@@ -269,10 +269,10 @@ def _first_failure(checks: dict[str, pd.Series], n: int) -> tuple[pd.Series, dic
     failed = pd.Series(np.zeros(n, dtype=bool))
     reasons: dict[str, int] = {}
     for reason, mask in checks.items():
-        hit = mask.to_numpy(dtype=bool) & ~failed.to_numpy()
+        hit = np.logical_and(mask.to_numpy(dtype=bool), np.logical_not(failed.to_numpy(dtype=bool)))
         reasons[reason] = int(hit.sum())
         failed |= hit
-    valid = pd.Series(~failed.to_numpy())
+    valid = pd.Series(np.logical_not(failed.to_numpy(dtype=bool)))
     return valid, reasons
 
 

@@ -604,7 +604,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def _to_utc(seconds_from_start: np.ndarray) -> pd.DatetimeIndex:
     nanos = np.round(np.asarray(seconds_from_start, dtype=np.float64) * 1e9).astype(np.int64)
-    return pd.to_datetime(START.value + nanos, utc=True).astype("datetime64[ns, UTC]")
+    return pd.DatetimeIndex(
+        pd.to_datetime(START.value + nanos, utc=True), dtype="datetime64[ns, UTC]"
+    )
 
 
 def _empty_interactions() -> pd.DataFrame:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tqdm import tqdm
@@ -142,7 +143,8 @@ def bootstrap(
     t = clock()
     registry = ModelRegistry(config.registry_dir)
     encoder = encoder or TextEncoder.from_pretrained(config.model.base_model or None)
-    catalog = {str(r["item_id"]): item_from_row(r) for r in item_rows.to_dict("records")}
+    rows: list[dict[str, Any]] = item_rows.to_dict("records")  # type: ignore[assignment]
+    catalog = {str(r["item_id"]): item_from_row(r) for r in rows}
     ids = list(catalog)
     texts = [item_text(catalog[i]) for i in ids]
     with tqdm(total=len(texts), desc="embed items", unit="item", disable=not progress) as bar:

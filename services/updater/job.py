@@ -130,12 +130,12 @@ def run_training(
     with tqdm(
         total=len(pairs) * params.epochs, desc="fine-tune", unit="pair", disable=not progress
     ) as bar:
-        report = train(
-            challenger,
-            pairs,
-            params,
-            lambda n, loss: (bar.update(n), bar.set_postfix(loss=f"{loss:.3f}")),
-        )
+
+        def on_step(n: int, loss: float) -> None:
+            bar.update(n)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        report = train(challenger, pairs, params, on_step)
     metrics = evaluate(challenger, groups)
     staging = registry.staging_dir("reranker")
     try:

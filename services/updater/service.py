@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 def load_item_catalog(config: FreshRecConfig) -> dict[str, ItemFeatures]:
     """Every item's features from the offline table (the source of materialisation)."""
     frame = pd.read_parquet(config.offline_dir / ITEM_FEATURES_TABLE)
-    return {str(row["item_id"]): item_from_row(row) for row in frame.to_dict("records")}
+    rows: list[dict[str, Any]] = frame.to_dict("records")  # type: ignore[assignment]
+    return {str(row["item_id"]): item_from_row(row) for row in rows}
 
 
 def _parse_time(value: str) -> datetime | None:
@@ -70,7 +71,7 @@ def incremental_update(
             "skipped", champion_version=champion, message="no events since the champion"
         )
     cut = new["timestamp"].quantile(1.0 - config.training.holdout_fraction)
-    cut_dt = pd.Timestamp(cut).to_pydatetime()
+    cut_dt = pd.Timestamp(cut).to_pydatetime()  # type: ignore[arg-type]
     return run_training(
         config,
         registry,
