@@ -168,8 +168,8 @@ def _rename(frame: pd.DataFrame, table: str, mapping: dict[str, str], path: Path
                 hint = f"mapping[{canonical!r}] names {source!r}, which is not a column"
             else:
                 hint = (
-                    f"name the column holding it with mapping={{{canonical!r}: '<your column>'}} "
-                    f"(or {table + '.' + canonical!r})"
+                    f"name the column holding it with `--map {canonical}=<your column>` "
+                    f"(mapping key {canonical!r} or {table + '.' + canonical!r})"
                 )
             raise InvalidArgument(
                 f"{table} file {path.name} lacks required column {canonical!r}: {hint}; "
