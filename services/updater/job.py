@@ -101,8 +101,15 @@ def run_training(
             message=f"only {len(train_pos)} new positives (< {config.updater.min_new_events})",
             seconds=time.perf_counter() - started,
         )
-    if not holdout_pos:
-        return JobOutcome("skipped", champion_version=parent or "", message="empty holdout window")
+    if not holdout_pos or not train_pos:
+        return JobOutcome(
+            "skipped",
+            champion_version=parent or "",
+            message=(
+                f"not enough positive events to train and evaluate: {len(train_pos)} in the "
+                f"training window, {len(holdout_pos)} held out; no version published"
+            ),
+        )
     catalog: Sequence[ItemFeatures] = list(items.values())
     pairs = make_pairs(train_pos + replay_pos, catalog, tcfg.negatives_per_positive, rng)
     groups = make_eval_groups(
