@@ -292,3 +292,50 @@ def test_reads_fail_with_feature_store_unavailable_on_a_closed_port(
         reader.get_user_profile("u1")
     with pytest.raises(FeatureStoreUnavailable):
         materialize(config, AS_OF)
+
+
+# -- RedisFeatureReader: the one-round-trip reader must return exactly what the SDK returns ----
+
+
+def test_raw_redis_reader_matches_the_feast_sdk(on_redis: Prepared) -> None:
+    from services.features.redis_reader import RedisFeatureReader
+
+    raw = RedisFeatureReader(on_redis.config.feature_repo_dir)
+    raw.start()
+    try:
+        for user in ("u1", "u2", "u3", "nobody"):
+            assert raw.get_user_profile(user) == on_redis.reader.get_user_profile(user)
+        ids = ["i1", "i2", "i3", "i4", "missing", "i1"]
+        assert raw.get_items(ids) == on_redis.reader.get_items(ids)
+        assert set(raw.get_items(ids)) == {"i1", "i2", "i3", "i4"}
+        # A pushed update is seen by both readers alike.
+        before = on_redis.reader.get_user_profile("u3")
+        assert before is not None
+        pushed = replace(
+            before,
+            recent_items=("i4", *before.recent_items),
+            clicks=before.clicks + 1,
+            last_seen=datetime(2024, 3, 11, tzinfo=UTC),
+        )
+        on_redis.reader.push_profiles([pushed])
+        assert raw.get_user_profile("u3") == on_redis.reader.get_user_profile("u3")
+        assert raw.get_user_profile("u3").clicks == before.clicks + 1  # type: ignore[union-attr]
+    finally:
+        raw.close()
+
+
+def test_raw_redis_reader_refuses_a_sqlite_repo_and_a_dead_redis(
+    on_sqlite: Prepared, on_redis: Prepared, tmp_path: Path
+) -> None:
+    from freshrec.errors import FailedPrecondition
+    from services.features.redis_reader import RedisFeatureReader
+
+    with pytest.raises(FailedPrecondition, match="Redis online store"):
+        RedisFeatureReader(on_sqlite.config.feature_repo_dir).start()
+    dead = tmp_path / "repo"
+    dead.mkdir()
+    text = (on_redis.config.feature_repo_dir / "feature_store.yaml").read_text()
+    port = on_redis.choice.redis_url.rsplit(":", 1)[1].split("/")[0]  # type: ignore[union-attr]
+    (dead / "feature_store.yaml").write_text(text.replace(f":{port},", ":1,"))
+    with pytest.raises(FeatureStoreUnavailable):
+        RedisFeatureReader(dead).start()
