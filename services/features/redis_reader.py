@@ -105,7 +105,7 @@ class RedisFeatureReader:
         try:
             pipe = self._client.pipeline(transaction=False)
             for key, fields in commands:
-                pipe.hmget(key, fields)
+                pipe.hmget(key, fields)  # type: ignore[arg-type]  # bytes keys are fine
             return list(pipe.execute())
         except redis.RedisError as exc:
             raise FeatureStoreUnavailable(f"online feature read failed: {exc}") from exc
