@@ -500,3 +500,28 @@ def test_item_text_variants() -> None:
     assert item_text(full) == "Aurora [shoes] by Kairo. Light."
     assert item_text(ItemFeatures("i", title="Aurora")) == "Aurora"
     assert item_text(ItemFeatures("i", title="Aurora", brand="Kairo")) == "Aurora by Kairo"
+
+
+def test_cached_token_encoding_equals_the_tokenizer_including_truncation() -> None:
+    """The serving path builds pairs from cached token ids; it must give the exact tensors the
+    HF tokenizer gives (longest_first truncation, token types, padding), else scores drift."""
+    import random
+
+    reranker = CrossEncoderReranker.tiny(max_length=32)
+    words = "star wars jedi titanic action drama sci-fi comedy love night city the of a".split()
+    rng = random.Random(0)
+    for _ in range(200):
+        user = " ".join(rng.choice(words) for _ in range(rng.randint(0, 40)))
+        items = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))) for _ in range(4)]
+        expected = reranker.encode_pairs([user] * len(items), items)
+        actual = reranker.encode_one_user(user, items)
+        for key, tensor in expected.items():
+            assert torch.equal(actual[key], tensor), key
+    # And the scores of both paths agree.
+    items = ["espresso beans dark roast", "trail running shoe", "a lamp"]
+    np.testing.assert_allclose(
+        reranker.score("likes coffee", items),
+        reranker.score_pairs(["likes coffee"] * 3, items),
+        rtol=1e-5,
+        atol=1e-6,
+    )
