@@ -2,8 +2,15 @@
 
 It uses an initialised workdir (or bootstraps the synthetic shop into one), starts the ranking
 service in this process on a free port, and calls Recommend from K concurrent clients for S
-seconds. Issue #3's stage-floor ratios (re-rank vs a reference cross-encoder, feature fetch vs
-the Feast SDK, overhead vs floors) are not measured yet and are reported as null.
+seconds. Then, in the same run, it measures the stage floors on sampled requests of that load:
+
+- rerank_speedup_vs_reference: plain transformers fp32 with the HF tokenizer per call (the
+  reference cross-encoder) vs the serving path (serving precision + cached token ids), same
+  model and candidates; ratio of medians.
+- feature_fetch_speedup_vs_feast_sdk: `FeatureStore.get_online_features` (FeastFeatureStore) vs
+  the one-round-trip RedisFeatureReader for 1 user + its candidates, values checked identical.
+- overhead_ratio: end-to-end p50 / (raw FAISS search + raw Redis read + raw model forward on
+  the same tensors), medians.
 """
 
 from __future__ import annotations
@@ -88,6 +95,7 @@ def bench_serving(
     for th in threads:
         th.join()
     elapsed = time.perf_counter() - started
+    floors = _stage_floors(config, app.models.current, users, candidates)
     app.stop()
     arr = np.asarray(latencies) if latencies else np.asarray([float("nan")])
     return {
@@ -103,9 +111,15 @@ def bench_serving(
         "concurrency": concurrency,
         "duration_s": round(elapsed, 1),
         "rss_mb": round(max(rss_before, psutil.Process().memory_info().rss) / 2**20, 1),
-        "rerank_speedup_vs_reference": None,
-        "feature_fetch_speedup_vs_feast_sdk": None,
-        "overhead_ratio": None,
+        "rerank_speedup_vs_reference": floors.get("rerank_speedup_vs_reference"),
+        "feature_fetch_speedup_vs_feast_sdk": floors.get("feature_fetch_speedup_vs_feast_sdk"),
+        "overhead_ratio": (
+            round(float(np.percentile(arr, 50)) / floors["floor_sum_ms"], 2)
+            if floors.get("floor_sum_ms")
+            else None
+        ),
+        "stages_ms": floors.get("stages_ms", {}),
+        "feature_values_identical": floors.get("identical"),
         "machine": {
             "cores": os.cpu_count(),
             "torch_threads": _torch_threads(),
@@ -120,3 +134,81 @@ def _torch_threads() -> int:
     import torch
 
     return int(torch.get_num_threads())
+
+
+def _median_ms(fn: Any, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
+def _read_both(reader: Any, user: str, ids: list[str]) -> tuple[Any, Any]:
+    return reader.get_user_profile(user), reader.get_items(ids)
+
+
+def _stage_floors(
+    config: Any, models: Any, users: list[str], candidates: int, samples: int = 20
+) -> dict[str, Any]:
+    """Per-stage medians on `samples` users (see the module docstring)."""
+    import copy
+    from functools import partial
+
+    import torch
+
+    from model.embeddings import user_vector
+    from model.text import item_text, user_context_text
+    from services.features.feast_store import FeastFeatureStore
+    from services.features.redis_reader import RedisFeatureReader
+    from services.jobs.bootstrap import read_online_store_choice
+
+    if read_online_store_choice(config)["kind"] != "redis":
+        return {}
+    sdk = FeastFeatureStore(config.feature_repo_dir)
+    sdk.start()
+    raw = RedisFeatureReader(config.feature_repo_dir)
+    raw.start()
+    reference = copy.deepcopy(models.reranker)
+    reference.cpu_dtype = "fp32"
+    rng = np.random.default_rng(0)
+    names = ("faiss", "redis_raw", "feast_sdk", "forward", "rerank_serving", "rerank_reference")
+    stages: dict[str, list[float]] = {k: [] for k in names}
+    identical = True
+    picked = rng.choice(len(users), size=min(samples, len(users)), replace=False)
+    for user in (users[int(i)] for i in picked):
+        profile = raw.get_user_profile(user)
+        query = user_vector(models.index.vectors_of(profile.recent_items)) if profile else None
+        if profile is None or query is None:
+            continue
+        exclude = frozenset(profile.recent_items) | frozenset(profile.purchased_items)
+        search = partial(models.index.search, query, candidates, exclude)
+        stages["faiss"].append(_median_ms(search, 3))
+        ids = [i for i, _ in search()]
+        stages["redis_raw"].append(_median_ms(partial(_read_both, raw, user, ids), 3))
+        stages["feast_sdk"].append(_median_ms(partial(_read_both, sdk, user, ids), 3))
+        identical &= _read_both(raw, user, ids) == _read_both(sdk, user, ids)
+        items = raw.get_items(ids)
+        texts = [item_text(items[i]) for i in ids if i in items]
+        context = user_context_text(profile)
+        batch = models.reranker.encode_one_user(context, texts)
+        with torch.inference_mode():
+            stages["forward"].append(_median_ms(partial(models.reranker.logits, batch), 2))
+        stages["rerank_serving"].append(
+            _median_ms(partial(models.reranker.score, context, texts), 2)
+        )
+        stages["rerank_reference"].append(
+            _median_ms(partial(reference.score_pairs, [context] * len(texts), texts), 2)
+        )
+    raw.close()
+    med = {k: round(float(np.median(v)), 2) for k, v in stages.items() if v}
+    if not {"faiss", "redis_raw", "forward"} <= med.keys():
+        return {}
+    return {
+        "stages_ms": med,
+        "floor_sum_ms": med["faiss"] + med["redis_raw"] + med["forward"],
+        "rerank_speedup_vs_reference": round(med["rerank_reference"] / med["rerank_serving"], 2),
+        "feature_fetch_speedup_vs_feast_sdk": round(med["feast_sdk"] / med["redis_raw"], 2),
+        "identical": bool(identical),
+    }
