@@ -42,10 +42,51 @@ WorkdirOpt = Annotated[
 ]
 RankingAddr = Annotated[str, typer.Option("--address", help="Ranking service host:port.")]
 UpdaterAddr = Annotated[str, typer.Option("--address", help="Updater service host:port.")]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="FRESHREC_TOKEN",
+        help="Updater bearer token (needed by trigger, promote, rollback when the updater has one).",
+        show_default=False,
+    ),
+]
+TlsCaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca",
+        help="CA (PEM) of the server's certificate: use TLS.",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+TlsCertOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-cert", help="Client certificate (PEM), for mTLS.", exists=True, dir_okay=False
+    ),
+]
+TlsKeyOpt = Annotated[
+    Path | None,
+    typer.Option("--tls-key", help="Client private key (PEM).", exists=True, dir_okay=False),
+]
 
 
 def _config(workdir: Path, **overrides: Any) -> FreshRecConfig:
     return load_config(workdir, **overrides)
+
+
+def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> Any:
+    """ClientTLS for the --tls-* options; None (plaintext) without --tls-ca."""
+    from freshrec.clients import ClientTLS
+
+    if ca is None:
+        if cert is not None or key is not None:
+            raise typer.BadParameter("--tls-cert and --tls-key need --tls-ca")
+        return None
+    if (cert is None) != (key is None):
+        raise typer.BadParameter("--tls-cert and --tls-key go together")
+    return ClientTLS(ca, cert, key)
 
 
 def _logging(verbose: bool = False) -> None:
@@ -124,12 +165,15 @@ def recommend(
     k: Annotated[int, typer.Option(help="How many items (1..100).")] = 10,
     query: Annotated[str | None, typer.Option(help="Free text.")] = None,
     address: RankingAddr = "127.0.0.1:50051",
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
 ) -> None:
     """Ask the ranking service for recommendations."""
     from freshrec.clients import channel, ranking_stub
     from freshrec.v1 import ranking_pb2
 
-    with channel(address) as ch:
+    with channel(address, _tls(tls_ca, tls_cert, tls_key)) as ch:
         reply = ranking_stub(ch).Recommend(
             ranking_pb2.RecommendRequest(user_id=user_id, k=k, query=query), timeout=30
         )
@@ -166,12 +210,18 @@ def print_recommendation(reply: Any, title: str) -> None:
 
 
 @updater_app.command("status")
-def updater_status(address: UpdaterAddr = "127.0.0.1:50052") -> None:
+def updater_status(
+    address: UpdaterAddr = "127.0.0.1:50052",
+    token: TokenOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+) -> None:
     """Champion, running job, last result and pending events."""
     from freshrec.clients import channel, updater_stub
     from freshrec.v1 import updater_pb2
 
-    with channel(address) as ch:
+    with channel(address, _tls(tls_ca, tls_cert, tls_key), token) as ch:
         s = updater_stub(ch).GetStatus(updater_pb2.GetStatusRequest(), timeout=10)
     console.print(
         f"champion {s.champion_version or '-'} | index {s.index_version or '-'} | {s.state} | "
@@ -187,12 +237,16 @@ def updater_trigger(
     reason: Annotated[str, typer.Option(help="Recorded in the manifest.")] = "operator trigger",
     wait: Annotated[bool, typer.Option(help="Wait for the result.")] = True,
     force: Annotated[bool, typer.Option(help="Promote even if the gate says no.")] = False,
+    token: TokenOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
 ) -> None:
     """Start an incremental update."""
     from freshrec.clients import channel, updater_stub
     from freshrec.v1 import updater_pb2
 
-    with channel(address) as ch:
+    with channel(address, _tls(tls_ca, tls_cert, tls_key), token) as ch:
         r = (
             updater_stub(ch)
             .TriggerUpdate(
@@ -205,12 +259,18 @@ def updater_trigger(
 
 
 @updater_app.command("versions")
-def updater_versions(address: UpdaterAddr = "127.0.0.1:50052") -> None:
+def updater_versions(
+    address: UpdaterAddr = "127.0.0.1:50052",
+    token: TokenOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+) -> None:
     """Every published re-ranker version with its metrics, window and cost."""
     from freshrec.clients import channel, updater_stub
     from freshrec.v1 import updater_pb2
 
-    with channel(address) as ch:
+    with channel(address, _tls(tls_ca, tls_cert, tls_key), token) as ch:
         r = updater_stub(ch).ListVersions(updater_pb2.ListVersionsRequest(), timeout=10)
     table = Table(
         title=f"re-ranker versions (champion {r.champion_version or '-'})", title_justify="left"
@@ -243,23 +303,36 @@ def updater_versions(address: UpdaterAddr = "127.0.0.1:50052") -> None:
 
 
 @updater_app.command("promote")
-def updater_promote(version: str, address: UpdaterAddr = "127.0.0.1:50052") -> None:
+def updater_promote(
+    version: str,
+    address: UpdaterAddr = "127.0.0.1:50052",
+    token: TokenOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+) -> None:
     """Make a published version the champion."""
     from freshrec.clients import channel, updater_stub
     from freshrec.v1 import updater_pb2
 
-    with channel(address) as ch:
+    with channel(address, _tls(tls_ca, tls_cert, tls_key), token) as ch:
         r = updater_stub(ch).Promote(updater_pb2.PromoteRequest(version=version), timeout=30)
     console.print(f"champion {r.champion_version} (was {r.previous_version or '-'})")
 
 
 @updater_app.command("rollback")
-def updater_rollback(address: UpdaterAddr = "127.0.0.1:50052") -> None:
+def updater_rollback(
+    address: UpdaterAddr = "127.0.0.1:50052",
+    token: TokenOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+) -> None:
     """Return to the previous champion."""
     from freshrec.clients import channel, updater_stub
     from freshrec.v1 import updater_pb2
 
-    with channel(address) as ch:
+    with channel(address, _tls(tls_ca, tls_cert, tls_key), token) as ch:
         r = updater_stub(ch).Rollback(updater_pb2.RollbackRequest(), timeout=30)
     console.print(f"champion {r.champion_version} (was {r.previous_version or '-'})")
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from freshrec.errors import InvalidArgument
@@ -32,7 +32,8 @@ class ModelConfig(_Section):
     )
     max_length: int = Field(64, ge=8, le=512, description="Tokens per (user, item) pair.")
     rerank_dtype: Literal["fp32", "bf16"] = Field(
-        "bf16", description="Inference precision on CPU; bf16 uses AVX512-BF16/AMX where the CPU has them."
+        "bf16",
+        description="Inference precision on CPU; bf16 uses AVX512-BF16/AMX where the CPU has them.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = cuda when torch sees a GPU, else cpu."
@@ -96,6 +97,62 @@ class UpdaterConfig(_Section):
     min_new_events: int = Field(50, ge=1, description="Fewer positives than this: skip update.")
 
 
+class SecurityConfig(_Section):
+    """Access control (updater token, TLS/mTLS) and user-id pseudonymisation.
+
+    Secrets are taken from the environment or from files, never from `freshrec.json`:
+    `save_config` leaves `updater_token` and `user_id_key` out of what it writes.
+    """
+
+    updater_token: SecretStr | None = Field(
+        None,
+        description="Bearer token the updater's TriggerUpdate/Promote/Rollback require; "
+        "from the environment (FRESHREC_SECURITY__UPDATER_TOKEN); never saved.",
+    )
+    updater_token_file: Path | None = Field(
+        None, description="File holding the updater token (one line); instead of updater_token."
+    )
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM server certificate (chain); with tls_key_file both services serve TLS.",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS).",
+    )
+    pseudonymize_user_ids: bool = Field(
+        False,
+        description="Replace user ids (and event ids) by pseudonyms, u_ + HMAC-SHA256(key, id)[:32], at the gRPC edge and in init.",
+    )
+    user_id_key: SecretStr | None = Field(
+        None,
+        description="HMAC key for pseudonymize_user_ids; from the environment (FRESHREC_SECURITY__USER_ID_KEY); never saved.",
+    )
+    user_id_key_file: Path | None = Field(
+        None,
+        description="File holding the HMAC key for pseudonymize_user_ids; instead of user_id_key.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SecurityConfig:
+        if self.updater_token is not None and self.updater_token_file is not None:
+            raise ValueError("set one of security.updater_token and security.updater_token_file")
+        if self.user_id_key is not None and self.user_id_key_file is not None:
+            raise ValueError("set one of security.user_id_key and security.user_id_key_file")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("security.tls_cert_file and security.tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                "security.tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file"
+            )
+        return self
+
+
+# Secret fields `save_config` never writes to disk.
+SECRET_FIELDS = {"security": {"updater_token", "user_id_key"}}
+
+
 class FreshRecConfig(BaseSettings):
     """Everything a FreshRec process needs to know."""
 
@@ -114,6 +171,7 @@ class FreshRecConfig(BaseSettings):
     training: TrainingConfig = Field(default_factory=TrainingConfig)  # type: ignore[arg-type]
     ranking: RankingConfig = Field(default_factory=RankingConfig)  # type: ignore[arg-type]
     updater: UpdaterConfig = Field(default_factory=UpdaterConfig)  # type: ignore[arg-type]
+    security: SecurityConfig = Field(default_factory=SecurityConfig)  # type: ignore[arg-type]
 
     @field_validator("project")
     @classmethod
@@ -180,6 +238,7 @@ _OTHER_ENV = {
     "FRESHREC_CACHE_DIR",
     "FRESHREC_RECBOLE_WHEEL",
     "FRESHREC_TEST_REDIS_URL",
+    "FRESHREC_TOKEN",  # the CLI's --token for the updater's mutating commands
 }
 
 
@@ -203,11 +262,15 @@ def _reject_unknown_env() -> None:
 
 
 def save_config(config: FreshRecConfig) -> Path:
-    """Write the config to `<workdir>/freshrec.json` so services started later share it."""
+    """Write the config to `<workdir>/freshrec.json` so services started later share it.
+
+    Secrets (`SECRET_FIELDS`) are left out: each process takes them from its environment or
+    from the files named in the `security` section.
+    """
     config.workdir.mkdir(parents=True, exist_ok=True)
     path = config.workdir / CONFIG_FILE_NAME
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(config.model_dump_json(indent=2))
+    tmp.write_text(config.model_dump_json(indent=2, exclude=SECRET_FIELDS))
     tmp.replace(path)
     return path
 

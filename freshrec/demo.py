@@ -177,6 +177,7 @@ def run_demo(dataset: str, workdir: Path, n_replay: int, console: Console) -> di
     """Run the loop; print each step with its time; return a summary (for --json)."""
     from freshrec.clients import channel, ranking_stub, updater_stub, wait_serving
     from freshrec.v1 import ranking_pb2, updater_pb2
+    from services.common.auth import updater_token
     from services.jobs.bootstrap import REPLAY_FILE, bootstrap, remove_workdir
 
     steps: dict[str, float] = {}
@@ -224,7 +225,9 @@ def run_demo(dataset: str, workdir: Path, n_replay: int, console: Console) -> di
         active = [u for u in counts.index if u in known][:DEMO_USERS] or counts.index.tolist()[
             :DEMO_USERS
         ]
-        with channel(ranking.address) as rch, channel(updater.address) as uch:
+        # The services inherit this environment: with an updater token set, the demo uses it.
+        token = updater_token(config.security)
+        with channel(ranking.address) as rch, channel(updater.address, token=token) as uch:
             rank, upd = ranking_stub(rch), updater_stub(uch)
             say("[bold]4. recommendations[/bold]")
             t = time.perf_counter()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -80,14 +80,20 @@ def create_server(
     port: int,
     register: Iterable[tuple[Callable[[Any, grpc.Server], None], Any, str]],
     workers: int = 8,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> ServerHandle:
     """Build and start a server; `register` holds (add_XServicer_to_server, servicer, full name).
 
     Binds `host:port` (port 0 picks a free one) and returns the handle with the bound port.
+
+    Args:
+        credentials: TLS server credentials (services/common/auth.py); None serves plaintext.
+        interceptors: run before the error-mapping one (e.g. the updater's token check).
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-        interceptors=[ErrorMappingInterceptor()],
+        interceptors=[*interceptors, ErrorMappingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -107,7 +113,12 @@ def create_server(
         ),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = (
+        server.add_insecure_port(address)
+        if credentials is None
+        else server.add_secure_port(address, credentials)
+    )
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     handle = ServerHandle(server, bound, health_servicer, tuple(names))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from freshrec.config import FreshRecConfig
 from freshrec.v1 import updater_pb2, updater_pb2_grpc
+from services.common.auth import TokenAuthInterceptor, server_credentials, updater_token
 from services.common.server import ServerHandle, create_server
 from services.ingestion.offline_log import OfflineEventLog
 from services.registry import ModelRegistry
@@ -16,6 +17,8 @@ from services.updater.service import UpdaterServicer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = updater_pb2.DESCRIPTOR.services_by_name["UpdaterService"].full_name
+# Methods that change the registry; GetStatus, ListVersions, health and reflection stay open.
+MUTATING_METHODS = tuple(f"/{SERVICE_NAME}/{m}" for m in ("TriggerUpdate", "Promote", "Rollback"))
 
 
 @dataclass
@@ -40,12 +43,22 @@ def build_updater(
         if removed := registry.clean_staging(kind):
             log.warning("removed %d unfinished %s staging directories", removed, kind)
     servicer = UpdaterServicer(config, registry, OfflineEventLog(config.offline_dir), load_reranker)
+    token = updater_token(config.security)
     handle = create_server(
         config.updater.host,
         config.updater.port if port is None else port,
         [(updater_pb2_grpc.add_UpdaterServiceServicer_to_server, servicer, SERVICE_NAME)],
         workers=4,
+        credentials=server_credentials(config.security),
+        interceptors=[TokenAuthInterceptor(token, MUTATING_METHODS)] if token else [],
     )
+    if token is None and config.security.tls_client_ca_file is None:
+        log.warning(
+            "SECURITY: no updater token (FRESHREC_SECURITY__UPDATER_TOKEN or "
+            "security.updater_token_file) and no mTLS (security.tls_client_ca_file): "
+            "TriggerUpdate, Promote and Rollback on port %d are open to anyone who can reach it",
+            handle.port,
+        )
     handle.mark_serving()
     log.info("updater service on port %d", handle.port)
     return UpdaterApp(handle, servicer)
