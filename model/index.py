@@ -2,6 +2,11 @@
 
 Exact inner product (IndexFlatIP) for catalogues up to `EXACT_LIMIT` items, where one query
 costs well under a few milliseconds; HNSW beyond that (see docs/performance for the floors).
+
+Catalogue changes between index builds live in an overlay: new or changed items are searched
+exactly (a small matrix), removed or replaced base items are skipped. `with_changes` returns a
+new index sharing the base (read-only), so a change never rebuilds the whole index and a
+request keeps the snapshot it started with.
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ class RecallIndex:
     """Item vectors in FAISS, their ids, and the most popular items (for cold start/fallback)."""
 
     index: faiss.Index
-    item_ids: list[str]
+    item_ids: list[str]  # the base index's ids, by position
     popular: list[str]
+    overlay_ids: tuple[str, ...] = ()  # items added or changed since the base was built
+    overlay_vectors: np.ndarray | None = None  # (len(overlay_ids), dim), unit rows
+    removed: frozenset[str] = frozenset()  # base ids hidden (removed, or replaced by overlay)
 
     def __post_init__(self) -> None:
         self._position = {item_id: pos for pos, item_id in enumerate(self.item_ids)}
+        self._overlay_position = {item_id: pos for pos, item_id in enumerate(self.overlay_ids)}
 
     @classmethod
     def build(
@@ -56,41 +65,92 @@ class RecallIndex:
         return cls(index, list(item_ids), list(popular))
 
     def __len__(self) -> int:
-        return len(self.item_ids)
+        return len(self.item_ids) - len(self.removed) + len(self.overlay_ids)
 
     def __contains__(self, item_id: object) -> bool:
-        return item_id in self._position
+        if item_id in self._overlay_position:
+            return True
+        return item_id in self._position and item_id not in self.removed
+
+    def live_ids(self) -> list[str]:
+        """Every recallable id: base ids not removed, then the overlay's."""
+        if not self.removed and not self.overlay_ids:
+            return self.item_ids
+        return [i for i in self.item_ids if i not in self.removed] + list(self.overlay_ids)
 
     def vectors_of(self, item_ids: Iterable[str]) -> list[np.ndarray]:
         """Stored vectors of the known ids, in the given order (unknown ids skipped)."""
-        return [
-            np.asarray(self.index.reconstruct(self._position[i]))
-            for i in item_ids
-            if i in self._position
-        ]
+        out = []
+        for i in item_ids:
+            if i in self._overlay_position:
+                assert self.overlay_vectors is not None
+                out.append(self.overlay_vectors[self._overlay_position[i]])
+            elif i in self._position and i not in self.removed:
+                out.append(np.asarray(self.index.reconstruct(self._position[i])))
+        return out
 
     def search(
         self, query: np.ndarray, k: int, exclude: frozenset[str] | set[str] = frozenset()
     ) -> list[tuple[str, float]]:
         """Top-k (item_id, inner product) for one query vector, skipping excluded ids."""
-        fetch = min(len(self.item_ids), k + len(exclude))
-        if fetch <= 0:
-            return []
-        scores, positions = self.index.search(query.reshape(1, -1).astype(np.float32), fetch)
+        q = query.reshape(1, -1).astype(np.float32)
+        fetch = min(len(self.item_ids), k + len(exclude) + len(self.removed))
         out: list[tuple[str, float]] = []
-        for score, pos in zip(scores[0], positions[0], strict=True):
-            if pos < 0:
-                continue
-            item_id = self.item_ids[pos]
-            if item_id in exclude:
-                continue
-            out.append((item_id, float(score)))
-            if len(out) == k:
-                break
-        return out
+        if fetch > 0:
+            scores, positions = self.index.search(q, fetch)
+            for score, pos in zip(scores[0], positions[0], strict=True):
+                if pos < 0:
+                    continue
+                item_id = self.item_ids[pos]
+                if item_id in exclude or item_id in self.removed:
+                    continue
+                out.append((item_id, float(score)))
+                if len(out) == k:
+                    break
+        if self.overlay_ids:
+            assert self.overlay_vectors is not None
+            overlay_scores = self.overlay_vectors @ q[0]
+            out += [
+                (item_id, float(score))
+                for item_id, score in zip(self.overlay_ids, overlay_scores, strict=True)
+                if item_id not in exclude
+            ]
+            out.sort(key=lambda pair: pair[1], reverse=True)
+        return out[:k]
+
+    def with_changes(
+        self,
+        upserts: dict[str, np.ndarray] | None = None,
+        removals: Iterable[str] = (),
+    ) -> RecallIndex:
+        """A new index with items added/changed (unit vectors) and removed; self is unchanged.
+
+        An id both upserted and removed in one call ends removed.
+        """
+        gone = set(removals)
+        vectors = {
+            i: self.overlay_vectors[p]  # type: ignore[index]
+            for i, p in self._overlay_position.items()
+        }
+        for item_id, vector in (upserts or {}).items():
+            vectors[item_id] = np.asarray(vector, dtype=np.float32)
+        for item_id in gone:
+            vectors.pop(item_id, None)
+        hidden = set(self.removed) | {i for i in gone if i in self._position}
+        hidden |= {i for i in vectors if i in self._position}
+        ids = tuple(vectors)
+        matrix = np.stack([vectors[i] for i in ids]) if ids else None
+        popular = [i for i in self.popular if i not in gone]
+        return RecallIndex(self.index, self.item_ids, popular, ids, matrix, frozenset(hidden))
 
     def save(self, directory: Path) -> list[Path]:
-        """Write the index, ids and popularity list into `directory`; return the files."""
+        """Write the index, ids and popularity list into `directory`; return the files.
+
+        Raises:
+            ValueError: the index has unfolded catalogue changes (rebuild it instead).
+        """
+        if self.overlay_ids or self.removed:
+            raise ValueError("save() needs an index without catalogue changes: rebuild it")
         directory.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(directory / INDEX_FILE))
         (directory / IDS_FILE).write_text(json.dumps(self.item_ids))

@@ -1,0 +1,67 @@
+"""Catalogue changes on a live index: the overlay must search exactly like a rebuilt index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.index import RecallIndex
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int = 16) -> np.ndarray:
+    v = rng.normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _exact(vectors: dict[str, np.ndarray], query: np.ndarray, k: int, exclude: set[str]):
+    scored = [(i, float(v @ query)) for i, v in vectors.items() if i not in exclude]
+    return sorted(scored, key=lambda p: p[1], reverse=True)[:k]
+
+
+def test_overlay_search_equals_a_rebuilt_index() -> None:
+    rng = np.random.default_rng(3)
+    base_vectors = _unit(rng, 200)
+    ids = [f"i{n}" for n in range(200)]
+    index = RecallIndex.build(base_vectors, ids, popular=ids[:20])
+    truth = dict(zip(ids, base_vectors, strict=True))
+
+    new = {f"new{n}": v for n, v in enumerate(_unit(rng, 15))}
+    changed = {"i5": _unit(rng, 1)[0], "i77": _unit(rng, 1)[0]}
+    live = index.with_changes({**new, **changed}, removals=["i9", "i10", "new3"])
+    truth.update(new)
+    truth.update(changed)
+    for gone in ("i9", "i10", "new3"):
+        truth.pop(gone)
+
+    for _ in range(50):
+        query = _unit(rng, 1)[0]
+        exclude = {f"i{int(x)}" for x in rng.integers(0, 200, size=5)}
+        got = live.search(query, 10, exclude)
+        want = _exact(truth, query, 10, exclude)
+        assert [i for i, _ in got] == [i for i, _ in want]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-5)
+    assert len(live) == len(truth)
+    assert set(live.live_ids()) == set(truth)
+    assert "i9" not in live and "new3" not in live and "new4" in live
+    np.testing.assert_allclose(live.vectors_of(["i5"])[0], changed["i5"])
+    assert live.vectors_of(["i9", "new4"])[0] is not None and len(live.vectors_of(["i9"])) == 0
+    assert "i9" not in live.popular and "i10" not in live.popular
+
+
+def test_changes_leave_the_original_untouched_and_compose() -> None:
+    rng = np.random.default_rng(4)
+    vectors = _unit(rng, 30)
+    ids = [f"i{n}" for n in range(30)]
+    index = RecallIndex.build(vectors, ids)
+    first = index.with_changes({"a": _unit(rng, 1)[0]})
+    second = first.with_changes({"b": _unit(rng, 1)[0]}, removals=["a", "i0"])
+    assert "a" not in index and len(index) == 30
+    assert "a" in first and "b" not in first
+    assert "a" not in second and "b" in second and "i0" not in second and len(second) == 30
+
+
+def test_an_index_with_changes_refuses_to_be_saved(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    index = RecallIndex.build(_unit(rng, 5), ["a", "b", "c", "d", "e"])
+    with pytest.raises(ValueError, match="rebuild"):
+        index.with_changes(removals=["a"]).save(tmp_path)
