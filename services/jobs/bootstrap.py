@@ -26,6 +26,7 @@ from model.artifacts import Manifest
 from model.embeddings import TextEncoder
 from model.index import RecallIndex
 from model.text import item_text
+from services.common.privacy import Pseudonymizer, pseudonymizer
 from services.features.profiles import build_item_features, build_user_profiles, item_from_row
 from services.features.store import OnlineStoreChoice, prepare_feature_store
 from services.ingestion.offline_log import OfflineEventLog
@@ -64,6 +65,16 @@ def shift_to(dataset: Dataset, end: datetime) -> Dataset:
     return Dataset(dataset.name, items, inter, dict(dataset.notes))
 
 
+def pseudonymize_interactions(
+    interactions: pd.DataFrame, pseudonyms: Pseudonymizer
+) -> pd.DataFrame:
+    """A copy of `interactions` with pseudonymous `user_id` and `event_id` columns."""
+    users = interactions["user_id"].astype(str)
+    mapping = {user_id: pseudonyms.user_id(user_id) for user_id in users.unique()}
+    events = interactions["event_id"].astype(str)
+    return interactions.assign(user_id=users.map(mapping), event_id=events.map(pseudonyms.event_id))
+
+
 def write_online_store_choice(config: FreshRecConfig, choice: OnlineStoreChoice) -> None:
     path = config.workdir / ONLINE_STORE_FILE
     path.write_text(
@@ -97,7 +108,15 @@ def bootstrap(
         history_fraction: share of interactions (in time order) loaded as history; the rest is
             written to `<workdir>/data/replay.parquet` for the demo to send through LogEvents.
         load_reranker, encoder: injected small models in tests; the pretrained ones otherwise.
+
+    With `security.pseudonymize_user_ids`, the history's user and event ids are replaced by
+    the same pseudonyms the ranking service uses before anything is stored; the replay file
+    keeps the raw ids, since it stands for live traffic that is pseudonymised when it arrives.
+
+    Raises:
+        InvalidArgument: pseudonymisation is on but no key is configured.
     """
+    pseudonyms = pseudonymizer(config)
     save_config(config)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     report = BootstrapReport(dataset=dataset.name, online_store="")
@@ -106,6 +125,8 @@ def bootstrap(
     t = clock()
     cutoff_now = datetime.now(UTC) - timedelta(minutes=1)
     history, newer = dataset.split_by_time(history_fraction)
+    if pseudonyms is not None:
+        history = pseudonymize_interactions(history, pseudonyms)
     shifted = shift_to(Dataset(dataset.name, dataset.items, history, dataset.notes), cutoff_now)
     delta = shifted.interactions["timestamp"].max() - history["timestamp"].max()
     history = shifted.interactions

@@ -18,6 +18,8 @@ from freshrec.v1 import ranking_pb2, ranking_pb2_grpc
 from model.embeddings import TextEncoder
 from model.reranker import CrossEncoderReranker
 from services.common import metrics
+from services.common.auth import server_credentials
+from services.common.privacy import pseudonymizer
 from services.common.server import ServerHandle, create_server
 from services.features.feast_store import FeastFeatureStore
 from services.ingestion.dedup import RedisDeduplicator, SqliteDeduplicator
@@ -63,6 +65,9 @@ def _dedup(config: FreshRecConfig) -> Any:
 
 def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp:
     """Start a ranking server for `config.workdir`; returns once it reports SERVING."""
+    # Security settings first: a missing key or certificate fails before any model loads.
+    pseudonyms = pseudonymizer(config)
+    credentials = server_credentials(config.security)
     if config.model.torch_threads:
         torch.set_num_threads(config.model.torch_threads)
     features = FeastFeatureStore(config.feature_repo_dir)
@@ -96,12 +101,13 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     pipeline = RankingPipeline(features, settings, encoder)
     # Warm every model and client with one real request before reporting SERVING.
     pipeline.recommend(RecommendInput(user_id="__warmup__", k=1, query="warm up"), holder.current)
-    servicer = RankingServicer(pipeline, holder, ingestor)
+    servicer = RankingServicer(pipeline, holder, ingestor, pseudonyms)
     handle = create_server(
         config.ranking.host,
         config.ranking.port if port is None else port,
         [(ranking_pb2_grpc.add_RankingServiceServicer_to_server, servicer, SERVICE_NAME)],
         workers=config.ranking.workers,
+        credentials=credentials,
     )
     if config.ranking.metrics_port:
         metrics.serve_metrics(config.ranking.metrics_port)

@@ -8,6 +8,7 @@ from typing import Any
 
 from freshrec.v1 import ranking_pb2, ranking_pb2_grpc
 from services.common import metrics
+from services.common.privacy import Pseudonymizer
 from services.ingestion.pipeline import EventIngestor, to_response
 from services.ranking.models import ModelHolder
 from services.ranking.pipeline import (
@@ -28,22 +29,32 @@ _STAGES = {
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
-    """Recommend and LogEvents, wired to a pipeline, a model holder and an event ingestor."""
+    """Recommend and LogEvents, wired to a pipeline, a model holder and an event ingestor.
+
+    With `pseudonyms` (services/common/privacy.py) every user id (and event id) is mapped here,
+    at the edge, before features, logs, the offline log or training see it.
+    """
 
     def __init__(
-        self, pipeline: RankingPipeline, models: ModelHolder, ingestor: EventIngestor
+        self,
+        pipeline: RankingPipeline,
+        models: ModelHolder,
+        ingestor: EventIngestor,
+        pseudonyms: Pseudonymizer | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.models = models
         self.ingestor = ingestor
+        self.pseudonyms = pseudonyms
 
     def Recommend(
         self, request: ranking_pb2.RecommendRequest, context: Any
     ) -> ranking_pb2.RecommendResponse:
         request_id = request.request_id or uuid.uuid4().hex
+        user_id = self.pseudonyms.user_id(request.user_id) if self.pseudonyms else request.user_id
         result = self.pipeline.recommend(
             RecommendInput(
-                user_id=request.user_id,
+                user_id=user_id,
                 k=request.k,
                 query=request.query if request.HasField("query") else None,
                 context=dict(request.context),
@@ -60,7 +71,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         log.info(
             "recommend request_id=%s user=%s k=%d model=%s degraded=%s total_ms=%.1f",
             request_id,
-            request.user_id,
+            user_id,
             request.k,
             result.model_version,
             result.degraded,
@@ -90,9 +101,21 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def LogEvents(
         self, request: ranking_pb2.LogEventsRequest, context: Any
     ) -> ranking_pb2.LogEventsResponse:
-        result = self.ingestor.ingest(list(request.events))
+        events = list(request.events)
+        if self.pseudonyms is not None:
+            events = [_pseudonymized(e, self.pseudonyms) for e in events]
+        result = self.ingestor.ingest(events)
         metrics.EVENTS.labels(outcome="accepted").inc(result.accepted)
         for reason, n in result.rejected.items():
             metrics.EVENTS.labels(outcome=reason).inc(n)
         log.info("log_events accepted=%d rejected=%s", result.accepted, dict(result.rejected))
         return to_response(result)
+
+
+def _pseudonymized(event: ranking_pb2.Event, pseudonyms: Pseudonymizer) -> ranking_pb2.Event:
+    """A copy of `event` with pseudonymous user and event ids (the request stays as received)."""
+    copy = ranking_pb2.Event()
+    copy.CopyFrom(event)
+    copy.user_id = pseudonyms.user_id(event.user_id)
+    copy.event_id = pseudonyms.event_id(event.event_id)
+    return copy
