@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.freshrec-installed
 PROTO_SRC := $(wildcard protos/freshrec/v1/*.proto)
-PROTO_OUT := freshrec/v1/ranking_pb2.py freshrec/v1/updater_pb2.py
+PROTO_OUT := freshrec/v1/ranking_pb2.py freshrec/v1/updater_pb2.py freshrec/v1/catalog_pb2.py
 
 .DEFAULT_GOAL := help
 .PHONY: help setup proto demo test unit integration lint bench clean

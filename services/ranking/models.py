@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from freshrec.errors import ArtifactError, FailedPrecondition, NotFound
 from model.index import RecallIndex
@@ -51,6 +53,9 @@ class ModelHolder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # Catalogue changes since the base index was built; re-applied to every new base.
+        self._catalog_upserts: dict[str, np.ndarray] = {}
+        self._catalog_removals: set[str] = set()
 
     @property
     def current(self) -> ServingModels:
@@ -103,7 +108,11 @@ class ModelHolder:
                     log.error("%s; still serving %s", exc, have[kind])
                     return False
             reranker = loaded.get("reranker") or (current.reranker if current else None)
-            index = loaded.get("index") or (current.index if current else None)
+            index = loaded.get("index")
+            if isinstance(index, RecallIndex):
+                index = self._with_catalog(index)
+            elif current is not None:
+                index = current.index
             assert isinstance(reranker, CrossEncoderReranker) and isinstance(index, RecallIndex)
             models = ServingModels(reranker, wanted["reranker"] or "", index, wanted["index"] or "")
             self._current = models  # one reference swap: requests see old or new, never a mix
@@ -111,6 +120,26 @@ class ModelHolder:
             if self.on_swap is not None:
                 self.on_swap(models)
             return True
+
+    def _with_catalog(self, base: RecallIndex) -> RecallIndex:
+        if not self._catalog_upserts and not self._catalog_removals:
+            return base
+        return base.with_changes(self._catalog_upserts, self._catalog_removals)
+
+    def apply_catalog(self, upserts: dict[str, np.ndarray], removals: set[str]) -> None:
+        """Add/replace items (unit vectors) and remove items in the serving index, without a
+        rebuild: one new ServingModels with the same versions and an updated overlay."""
+        with self._lock:
+            for item_id in upserts:
+                self._catalog_removals.discard(item_id)
+            self._catalog_upserts.update(upserts)
+            for item_id in removals:
+                self._catalog_upserts.pop(item_id, None)
+            self._catalog_removals |= removals
+            current = self._current
+            if current is None:
+                return
+            self._current = replace(current, index=current.index.with_changes(upserts, removals))
 
     def start(self) -> None:
         self.refresh()

@@ -1,0 +1,1 @@
+"""Catalogue changes: validate, write to online features and the offline log, fan out to replicas."""

@@ -1,0 +1,196 @@
+"""The catalogue change stream every ranking replica follows, and the offline change log.
+
+A change accepted by any replica is appended to the offline log (durable, for index rebuilds
+and re-materialisation) and published to a Redis Stream; each replica tails the stream and
+applies the change to its in-memory index overlay, so a new item is recallable everywhere
+within a poll interval. Without Redis (the embedded SQLite mode, one process) an in-process
+stream plays the same role.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal, Protocol
+
+import pandas as pd
+import redis
+
+from freshrec.errors import FeatureStoreUnavailable
+from freshrec.records import ItemFeatures
+
+log = logging.getLogger(__name__)
+
+STREAM_MAXLEN = 1_000_000  # approximate trim; an index rebuild folds older changes in
+
+
+@dataclass(frozen=True)
+class CatalogChange:
+    op: Literal["upsert", "remove"]
+    item_id: str
+    item: ItemFeatures | None = None  # set for upserts
+
+    def to_fields(self) -> dict[str, str]:
+        payload = asdict(self.item) if self.item is not None else None
+        if payload is not None and payload.get("created_at") is not None:
+            payload["created_at"] = payload["created_at"].isoformat()
+        return {"op": self.op, "item_id": self.item_id, "item": json.dumps(payload)}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> CatalogChange:
+        payload = json.loads(fields["item"])
+        item = None
+        if payload is not None:
+            created = payload.get("created_at")
+            payload["created_at"] = datetime.fromisoformat(created) if created else None
+            item = ItemFeatures(**payload)
+        op: Literal["upsert", "remove"] = "upsert" if fields["op"] == "upsert" else "remove"
+        return cls(op, fields["item_id"], item)
+
+
+class ChangeStream(Protocol):
+    def publish(self, changes: Sequence[CatalogChange]) -> str:
+        """Append changes; returns the id of the last one."""
+        ...
+
+    def read(self, after: str, block_ms: int) -> list[tuple[str, CatalogChange]]:
+        """Changes after `after` ("0" = from the start), waiting up to block_ms for one."""
+        ...
+
+
+class RedisChangeStream:
+    """A Redis Stream `freshrec:<project>:catalog`."""
+
+    def __init__(self, redis_url: str, project: str) -> None:
+        self.key = f"freshrec:{project}:catalog"
+        self._client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=5)
+
+    def publish(self, changes: Sequence[CatalogChange]) -> str:
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for change in changes:
+                pipe.xadd(self.key, change.to_fields(), maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            ids = pipe.execute()
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"catalogue change stream unavailable: {exc}") from exc
+        return str(ids[-1]) if ids else ""
+
+    def read(self, after: str, block_ms: int) -> list[tuple[str, CatalogChange]]:
+        try:
+            reply = self._client.xread({self.key: after}, count=1000, block=block_ms)
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"catalogue change stream unavailable: {exc}") from exc
+        out = []
+        for _key, entries in reply or []:  # type: ignore[union-attr]
+            for entry_id, fields in entries:
+                out.append((str(entry_id), CatalogChange.from_fields(fields)))
+        return out
+
+
+class InMemoryChangeStream:
+    """The same contract in one process (embedded mode and unit tests)."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[str, CatalogChange]] = []
+        self._cond = threading.Condition()
+
+    def publish(self, changes: Sequence[CatalogChange]) -> str:
+        with self._cond:
+            for change in changes:
+                self._entries.append((f"{len(self._entries) + 1}-0", change))
+            self._cond.notify_all()
+            return self._entries[-1][0] if self._entries else ""
+
+    def read(self, after: str, block_ms: int) -> list[tuple[str, CatalogChange]]:
+        seen = 0 if after == "0" else int(after.split("-")[0])
+        with self._cond:
+            if len(self._entries) <= seen:
+                self._cond.wait(block_ms / 1000)
+            return list(self._entries[seen:])
+
+
+class ChangeFollower:
+    """Tails a ChangeStream in a thread and hands each batch of changes to `apply`."""
+
+    def __init__(
+        self,
+        stream: ChangeStream,
+        apply: Callable[[list[CatalogChange]], None],
+        start_after: str = "0",
+        block_ms: int = 200,
+    ) -> None:
+        self.stream = stream
+        self.apply = apply
+        self.last_id = start_after
+        self.block_ms = block_ms
+        self.applied = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll_once(self) -> int:
+        """Read and apply one batch; returns how many changes were applied."""
+        batch = self.stream.read(self.last_id, self.block_ms)
+        if batch:
+            self.apply([change for _, change in batch])
+            self.last_id = batch[-1][0]
+            self.applied += len(batch)
+        return len(batch)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="catalog-follower", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except FeatureStoreUnavailable as exc:
+                log.warning("catalogue stream: %s; retrying in 1 s", exc)
+                self._stop.wait(1.0)
+            except Exception:  # the follower must outlive one bad batch
+                log.exception("applying catalogue changes failed; retrying in 1 s")
+                self._stop.wait(1.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def append_offline(root: Path, changes: Sequence[CatalogChange]) -> Path:
+    """Append changes to `<root>/catalog/` as one parquet file (atomic rename; never rewritten)."""
+    directory = root / "catalog"
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    rows = []
+    for change in changes:
+        item = change.item
+        rows.append(
+            {
+                "changed_at": now,
+                "op": change.op,
+                "item_id": change.item_id,
+                "title": item.title if item else None,
+                "description": item.text if item else None,
+                "category": item.category if item else None,
+                "brand": item.brand if item else None,
+                "price": item.price if item else None,
+                "created_at": item.created_at if item else None,
+                "in_stock": item.in_stock if item else None,
+            }
+        )
+    path = directory / f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+    tmp = directory / f".{path.name}.tmp"
+    pd.DataFrame(rows).to_parquet(tmp, index=False)
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    return path

@@ -1,0 +1,104 @@
+"""Catalogue changes: validation, the change stream contract, net effect, offline log."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pandas as pd
+import pytest
+
+from freshrec.errors import InvalidArgument
+from freshrec.records import ItemFeatures
+from freshrec.v1 import catalog_pb2
+from services.catalog.apply import net_changes
+from services.catalog.changes import (
+    CatalogChange,
+    ChangeFollower,
+    InMemoryChangeStream,
+    append_offline,
+)
+from services.catalog.validate import validate_removals, validate_upserts
+
+
+def _item(item_id: str, **kw: object) -> catalog_pb2.CatalogItem:
+    fields = {"title": f"Title {item_id}", "price": 10.0, "in_stock": True, **kw}
+    return catalog_pb2.CatalogItem(item_id=item_id, **fields)  # type: ignore[arg-type]
+
+
+def test_upserts_are_validated_and_counted_by_reason() -> None:
+    result = validate_upserts(
+        [
+            _item("a", description="nice", category="shoes"),
+            _item("", title="x"),
+            _item("b", title=""),
+            _item("c", price=-1.0),
+            _item("d", price=float("nan")),
+            _item("a"),
+            _item("x" * 129),
+        ],
+        now=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    assert [i.item_id for i in result.accepted] == ["a"]
+    assert result.accepted[0].text == "nice" and result.accepted[0].category == "shoes"
+    assert result.accepted[0].created_at == datetime(2026, 1, 1, tzinfo=UTC)
+    assert dict(result.rejected) == {
+        "missing_item_id": 1,
+        "missing_title": 1,
+        "bad_price": 2,
+        "duplicate_in_batch": 1,
+        "item_id_too_long": 1,
+    }
+
+
+def test_empty_oversized_or_all_invalid_batches_are_invalid_argument() -> None:
+    with pytest.raises(InvalidArgument, match=r"items must hold 1\.\.1000"):
+        validate_upserts([])
+    with pytest.raises(InvalidArgument, match=r"items must hold 1\.\.1000"):
+        validate_upserts([_item(str(n)) for n in range(1001)])
+    with pytest.raises(InvalidArgument, match="no valid item"):
+        validate_upserts([_item("a", title="")])
+    with pytest.raises(InvalidArgument, match="item_ids"):
+        validate_removals([])
+    ids, rejected = validate_removals(["a", "a", "", "b"])
+    assert ids == ["a", "b"] and dict(rejected) == {"duplicate_in_batch": 1, "missing_item_id": 1}
+
+
+def test_change_fields_round_trip() -> None:
+    item = ItemFeatures("a", "T", "text", "c", "b", 1.5, 0, 0, datetime(2026, 1, 1, tzinfo=UTC))
+    for change in (CatalogChange("upsert", "a", item), CatalogChange("remove", "a")):
+        assert CatalogChange.from_fields(change.to_fields()) == change
+
+
+def test_net_changes_follow_order() -> None:
+    item = ItemFeatures("a", "T")
+    upserts, removals = net_changes(
+        [
+            CatalogChange("upsert", "a", item),
+            CatalogChange("remove", "a"),
+            CatalogChange("remove", "b"),
+            CatalogChange("upsert", "b", ItemFeatures("b", "B")),
+        ]
+    )
+    assert set(upserts) == {"b"} and removals == {"a"}
+
+
+def test_follower_applies_each_change_once_in_order() -> None:
+    stream = InMemoryChangeStream()
+    seen: list[str] = []
+    follower = ChangeFollower(
+        stream, lambda batch: seen.extend(c.item_id for c in batch), block_ms=1
+    )
+    stream.publish([CatalogChange("remove", "a"), CatalogChange("remove", "b")])
+    assert follower.poll_once() == 2
+    assert follower.poll_once() == 0
+    stream.publish([CatalogChange("remove", "c")])
+    follower.poll_once()
+    assert seen == ["a", "b", "c"] and follower.applied == 3
+
+
+def test_offline_log_appends(tmp_path) -> None:
+    append_offline(tmp_path, [CatalogChange("upsert", "a", ItemFeatures("a", "T", price=2.0))])
+    append_offline(tmp_path, [CatalogChange("remove", "a")])
+    frame = pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / "catalog").glob("*.parquet")))
+    assert frame["op"].tolist() == ["upsert", "remove"]
+    assert frame["title"].tolist()[0] == "T"
