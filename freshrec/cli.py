@@ -413,6 +413,26 @@ def bench_serving_cmd(
         print(json.dumps(result))
 
 
+@bench_app.command("freshness")
+def bench_freshness_cmd(
+    workdir: WorkdirOpt = Path(".freshrec/bench"),
+    events: Annotated[int, typer.Option(help="Clicks timed from LogEvents to the profile.")] = 500,
+    new_items: Annotated[int, typer.Option(help="Items timed from UpsertItems to recall.")] = 30,
+    update_events: Annotated[
+        int, typer.Option(help="Events in the batch before the update.")
+    ] = 10_000,
+    json_out: Annotated[bool, typer.Option("--json", help="Last line: one JSON object.")] = False,
+) -> None:
+    """Event → profile, new item → recallable, events → new model serving, materialise rows/s."""
+    _logging()
+    logging.getLogger().setLevel(logging.WARNING)
+    from freshrec.bench_freshness import bench_freshness
+
+    result = bench_freshness(workdir, events, new_items, update_events, say=console.print)
+    if json_out:
+        print(json.dumps(result, default=str))
+
+
 def _print_steps(steps: dict[str, float]) -> None:
     table = Table(title="steps", title_justify="left")
     table.add_column("step")

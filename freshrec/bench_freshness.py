@@ -1,0 +1,233 @@
+"""`freshrec bench freshness`: how fast what happens in the shop shapes the next answer.
+
+Against real servers (ranking + updater in this process, real gRPC, Redis through Feast):
+1. event → profile: a click sent through LogEvents, until the online profile read through the
+   Feast SDK shows it first in recent_items; and the next Recommend no longer offers that item.
+2. new item → recallable: UpsertItems of an item whose text matches a user's latest item,
+   until Recommend (k = 100, so every recall candidate shows) returns it from recall; then
+   RemoveItems, until it is gone; it must not come back.
+3. events → new model serving: a batch of events, one update, until Recommend names the new
+   champion (the gate may reject: then that is reported, not hidden).
+4. materialisation throughput: stock Feast SDK vs FreshRec's pipelined writer, same data.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from freshrec.config import load_config
+
+
+def _p(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values else None
+
+
+def bench_freshness(
+    workdir: Path,
+    events: int = 500,
+    new_items: int = 30,
+    update_events: int = 10_000,
+    say: Any = print,
+) -> dict[str, Any]:
+    import pandas as pd
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from freshrec.clients import channel, ranking_stub, updater_stub
+    from freshrec.data import load_dataset
+    from freshrec.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, updater_pb2
+    from services.features.feast_store import FeastFeatureStore
+    from services.jobs.bootstrap import bootstrap, read_online_store_choice
+    from services.ranking.server import build_ranking
+    from services.registry import ModelRegistry
+    from services.updater.server import build_updater
+
+    config = load_config(workdir, ranking={"exploration_rate": 0.0})
+    if ModelRegistry(config.registry_dir).champion("reranker") is None:
+        say(f"no models in {workdir}: bootstrapping the synthetic shop first")
+        bootstrap(config, load_dataset("synthetic", workdir / "cache"), announce=say)
+    if read_online_store_choice(config)["kind"] != "redis":
+        raise RuntimeError("the freshness benchmark needs the Redis online store")
+    rank_app = build_ranking(config, port=0)
+    upd_app = build_updater(config, port=0)
+    feast = FeastFeatureStore(config.feature_repo_dir)
+    feast.start()
+    profiles = pd.read_parquet(config.offline_dir / "user_profile.parquet")
+    users = profiles["user_id"].astype(str).tolist()
+    catalog = rank_app.models.current.index.item_ids
+    rng = np.random.default_rng(1)
+    result: dict[str, Any] = {"items": len(catalog), "users": len(users)}
+
+    def stamp() -> Timestamp:
+        ts = Timestamp()
+        ts.FromDatetime(datetime.now(UTC))
+        return ts
+
+    try:
+        with (
+            channel(f"127.0.0.1:{rank_app.port}") as rch,
+            channel(f"127.0.0.1:{upd_app.port}") as uch,
+        ):
+            rank, upd = ranking_stub(rch), updater_stub(uch)
+            cat = catalog_pb2_grpc.CatalogServiceStub(rch)
+
+            # 1. event -> profile
+            lat, still_offered = [], 0
+            for _ in range(events):
+                user = users[int(rng.integers(len(users)))]
+                item = catalog[int(rng.integers(len(catalog)))]
+                event = ranking_pb2.Event(
+                    event_id=f"bench-{uuid.uuid4().hex}",
+                    user_id=user,
+                    item_id=item,
+                    type=ranking_pb2.EVENT_TYPE_CLICK,
+                    timestamp=stamp(),
+                )
+                t0 = time.perf_counter()
+                rank.LogEvents(ranking_pb2.LogEventsRequest(events=[event]), timeout=30)
+                while True:
+                    profile = feast.get_user_profile(user)
+                    if profile is not None and profile.recent_items[:1] == (item,):
+                        break
+                    if time.perf_counter() - t0 > 10:
+                        break
+                lat.append((time.perf_counter() - t0) * 1e3)
+                reply = rank.Recommend(ranking_pb2.RecommendRequest(user_id=user, k=10), timeout=30)
+                still_offered += item in {i.item_id for i in reply.items}
+            result.update(
+                event_to_profile_p50_ms=_p(lat, 50),
+                event_to_profile_p99_ms=_p(lat, 99),
+                event_to_profile_events=len(lat),
+                clicked_item_offered_again=still_offered,
+            )
+            say(f"event → profile: p50 {_p(lat, 50)} ms, p99 {_p(lat, 99)} ms over {len(lat)}")
+
+            # 2. new item -> recallable, removed -> gone
+            add_lat, gone_lat, came_back = [], [], 0
+            for n in range(new_items):
+                user = users[int(rng.integers(len(users)))]
+                profile = feast.get_user_profile(user)
+                if profile is None or not profile.recent_items:
+                    continue
+                model = feast.get_items([profile.recent_items[0]]).get(profile.recent_items[0])
+                if model is None:
+                    continue
+                new_id = f"bench-new-{uuid.uuid4().hex[:10]}"
+                item = catalog_pb2.CatalogItem(
+                    item_id=new_id,
+                    title=model.title,
+                    description=model.text,
+                    category=model.category,
+                    brand=model.brand,
+                    price=model.price,
+                    in_stock=True,
+                )
+                t0 = time.perf_counter()
+                cat.UpsertItems(catalog_pb2.UpsertItemsRequest(items=[item]), timeout=30)
+                found = False
+                while time.perf_counter() - t0 < 10:
+                    reply = rank.Recommend(
+                        ranking_pb2.RecommendRequest(user_id=user, k=100), timeout=30
+                    )
+                    if any(
+                        i.item_id == new_id and i.stage == ranking_pb2.STAGE_RECALL
+                        for i in reply.items
+                    ):
+                        found = True
+                        break
+                if found:
+                    add_lat.append((time.perf_counter() - t0) * 1e3)
+                t0 = time.perf_counter()
+                cat.RemoveItems(catalog_pb2.RemoveItemsRequest(item_ids=[new_id]), timeout=30)
+                while time.perf_counter() - t0 < 10:
+                    reply = rank.Recommend(
+                        ranking_pb2.RecommendRequest(user_id=user, k=100), timeout=30
+                    )
+                    if new_id not in {i.item_id for i in reply.items}:
+                        break
+                gone_lat.append((time.perf_counter() - t0) * 1e3)
+                for _ in range(3):
+                    reply = rank.Recommend(
+                        ranking_pb2.RecommendRequest(user_id=user, k=100), timeout=30
+                    )
+                    came_back += new_id in {i.item_id for i in reply.items}
+                say(f"  item {n + 1}/{new_items}: recallable {'yes' if found else 'NO'}")
+            result.update(
+                item_to_recallable_p50_ms=_p(add_lat, 50),
+                item_to_recallable_p99_ms=_p(add_lat, 99),
+                items_recallable=len(add_lat),
+                items_tried=new_items,
+                removed_item_gone_p99_ms=_p(gone_lat, 99),
+                removed_item_came_back=came_back,
+            )
+            say(f"new item → recallable: p99 {_p(add_lat, 99)} ms ({len(add_lat)}/{new_items})")
+
+            # 3. events -> new model serving
+            batch_events = []
+            for n in range(update_events):
+                user = users[int(rng.integers(len(users)))]
+                item = catalog[int(rng.integers(len(catalog)))]
+                kind = ranking_pb2.EVENT_TYPE_CLICK if n % 4 else ranking_pb2.EVENT_TYPE_PURCHASE
+                batch_events.append(
+                    ranking_pb2.Event(
+                        event_id=f"bench-u-{uuid.uuid4().hex}",
+                        user_id=user,
+                        item_id=item,
+                        type=kind,
+                        timestamp=stamp(),
+                    )
+                )
+            for start in range(0, len(batch_events), 1000):
+                rank.LogEvents(
+                    ranking_pb2.LogEventsRequest(events=batch_events[start : start + 1000]),
+                    timeout=120,
+                )
+            t_last = time.perf_counter()
+            before = rank.Recommend(
+                ranking_pb2.RecommendRequest(user_id=users[0], k=5)
+            ).model_version
+            outcome = upd.TriggerUpdate(
+                updater_pb2.TriggerUpdateRequest(reason="bench freshness", wait=True), timeout=3600
+            ).result
+            serving_s = None
+            if outcome.state == "promoted":
+                while time.perf_counter() - t_last < 600:
+                    reply = rank.Recommend(ranking_pb2.RecommendRequest(user_id=users[0], k=5))
+                    if reply.model_version == outcome.challenger_version:
+                        serving_s = round(time.perf_counter() - t_last, 1)
+                        break
+                    time.sleep(0.2)
+            result.update(
+                events_to_serving_s=serving_s,
+                update_state=outcome.state,
+                update_message=outcome.message,
+                update_examples=outcome.examples,
+                version_before=before,
+            )
+            say(f"events → new model serving: {serving_s} s ({outcome.state}: {outcome.message})")
+    finally:
+        rank_app.stop()
+        upd_app.stop()
+
+    # 4. materialisation throughput
+    try:
+        from services.features.fast_materialize import compare_materialize
+
+        mat = compare_materialize(config, 100_000, 100_000)
+        result.update(
+            materialize_rows_per_s=mat.get("materialize_rows_per_s"),
+            feast_materialize_rows_per_s=mat.get("feast_materialize_rows_per_s"),
+            materialize=mat,
+        )
+    except ImportError as exc:
+        result.update(
+            materialize_rows_per_s=None,
+            feast_materialize_rows_per_s=None,
+            materialize_error=str(exc),
+        )
+    return result
