@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ KINDS = ("reranker", "index")
 CHAMPION = "CHAMPION"
 HISTORY = "history.jsonl"
 DECISIONS = "decisions.jsonl"
+VERSION_NAME = re.compile(r"v[0-9]{1,9}")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,16 @@ class ModelRegistry:
         return path
 
     def path(self, kind: str, version: str) -> Path:
+        """The directory of `version`.
+
+        Raises:
+            InvalidArgument: `version` is not a version name (`v` and digits), so that no
+                caller can make a path outside the registry (`../x`, `/abs`, `v0001/`).
+        """
+        if not VERSION_NAME.fullmatch(version):
+            raise InvalidArgument(
+                f"version must be 'v' followed by 1..9 digits, e.g. v0002, got {version[:40]!r}"
+            )
         return self._kind_dir(kind) / version
 
     def versions(self, kind: str) -> list[str]:
@@ -189,6 +201,10 @@ class ModelRegistry:
         """
         current = self.champion(kind)
         chain = self.champion_chain(kind)
+        if current is not None and chain[-1:] != [current]:
+            # Killed after CHAMPION was replaced but before history.jsonl was appended: the
+            # pointer is the truth, so it tops the chain.
+            chain.append(current)
         for candidate in reversed(chain[:-1]):
             if candidate == current:
                 continue

@@ -199,3 +199,40 @@ def test_clean_staging_removes_only_unfinished_writes(registry: ModelRegistry) -
     registry.verify("reranker", v1)
     assert registry.clean_staging("reranker") == 0
     assert registry.next_version("reranker") == "v0002"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["v0001/", "./v0001", "../index/v0001", "/tmp", ".", "..", "CHAMPION", ".staging-x", "v1\x00"],
+)
+def test_promote_refuses_names_that_are_not_version_names(
+    registry: ModelRegistry, tmp_path: Path, name: str
+) -> None:
+    _publish(registry, kind="index")
+    registry.promote("reranker", _publish(registry))
+
+    with pytest.raises(InvalidArgument, match="version must"):
+        registry.promote("reranker", name)
+
+    assert registry.champion("reranker") == "v0001"
+
+
+def test_promote_never_points_outside_the_registry(registry: ModelRegistry, tmp_path: Path) -> None:
+    elsewhere = ModelRegistry(tmp_path / "other")
+    _publish(elsewhere)  # a whole, verifiable version outside this registry's root
+    registry.promote("reranker", _publish(registry))
+
+    with pytest.raises(InvalidArgument):
+        registry.promote("reranker", str(elsewhere.path("reranker", "v0001")))
+
+    assert registry.champion("reranker") == "v0001"
+
+
+def test_rollback_after_a_kill_between_champion_and_history(registry: ModelRegistry) -> None:
+    """SIGKILL after CHAMPION is replaced but before history.jsonl is appended."""
+    for _ in range(3):
+        registry.promote("reranker", _publish(registry))
+    v4 = _publish(registry)
+    (registry.root / "reranker" / CHAMPION).write_text(v4 + "\n")  # the history line never came
+
+    assert registry.rollback("reranker") == ("v0003", v4)
