@@ -37,7 +37,9 @@ class TextEncoder:
     def from_pretrained(cls, path: Path | str | None = None, max_length: int = 64) -> TextEncoder:
         source = str(path or pretrained_path())
         return cls(
-            AutoModel.from_pretrained(source), AutoTokenizer.from_pretrained(source), max_length
+            AutoModel.from_pretrained(source, use_safetensors=True),
+            AutoTokenizer.from_pretrained(source),
+            max_length,
         )
 
     @property
