@@ -22,6 +22,7 @@ from model.embeddings import TextEncoder, user_vector
 from model.index import RecallIndex
 from model.reranker import CrossEncoderReranker
 from model.text import item_text, user_context_text
+from services.features.caching import FeatureCache
 from services.features.reader import FeatureReader
 
 log = logging.getLogger(__name__)
@@ -142,10 +143,16 @@ class RankingPipeline:
         features: FeatureReader,
         settings: PipelineSettings,
         query_encoder: TextEncoder | None = None,
+        cache: FeatureCache | None = None,
     ) -> None:
+        """Args:
+        cache: last-known features to answer from (degraded) when `features` raises
+            FeatureStoreUnavailable; without one, such answers fall back to popular items.
+        """
         self.features = features
         self.settings = settings
         self.query_encoder = query_encoder
+        self.cache = cache
 
     # -- steps -------------------------------------------------------------------------------
     def fetch_user_profile(self, user_id: str) -> UserProfile | None:
@@ -169,6 +176,19 @@ class RankingPipeline:
 
     def fetch_item_features(self, item_ids: list[str]) -> dict[str, ItemFeatures]:
         return self.features.get_items(item_ids)
+
+    def fetch_item_features_or_cached(
+        self, item_ids: list[str], reasons: list[str]
+    ) -> dict[str, ItemFeatures]:
+        """fetch_item_features; when the store is down, the cached features of those items
+        (possibly none), with the reason appended to `reasons`."""
+        try:
+            return self.fetch_item_features(item_ids)
+        except FeatureStoreUnavailable as exc:
+            items = self.cache.cached_items(item_ids) if self.cache is not None else {}
+            source = "from cache" if items else "unavailable"
+            reasons.append(f"item features {source}: {exc}")
+            return items
 
     @staticmethod
     def filter_candidates(
@@ -215,6 +235,7 @@ class RankingPipeline:
         models: ServingModels,
         exclude: frozenset[str],
         rng: np.random.Generator,
+        reasons: list[str] | None = None,
     ) -> list[ScoredItem]:
         """With probability `exploration_rate`, give the last slots to random catalogue items."""
         top = ranked[:k]
@@ -227,7 +248,7 @@ class RankingPipeline:
             return top
         picks = rng.choice(len(pool), size=min(slots, len(pool)), replace=False)
         chosen = [pool[int(p)] for p in picks]
-        features = self.fetch_item_features(chosen)
+        features = self.fetch_item_features_or_cached(chosen, [] if reasons is None else reasons)
         explore = [
             ScoredItem(i, 0.0, 0.0, 1.0, STAGE_EXPLORATION, features[i].title, features[i].category)
             for i in chosen
@@ -236,13 +257,19 @@ class RankingPipeline:
         keep = k - len(explore)
         return top[:keep] + explore
 
-    def fallback(self, models: ServingModels, k: int, exclude: frozenset[str]) -> list[ScoredItem]:
-        """Popular items, in popularity order, for cold start or when a dependency failed."""
+    def fallback(
+        self,
+        models: ServingModels,
+        k: int,
+        exclude: frozenset[str],
+        reasons: list[str] | None = None,
+    ) -> list[ScoredItem]:
+        """Popular items, in popularity order, for cold start or when a dependency failed.
+
+        With the store down, items are filtered on their cached features where known.
+        """
         chosen = [i for i in models.index.popular if i not in exclude][: k * 2]
-        try:
-            features = self.fetch_item_features(chosen)
-        except FeatureStoreUnavailable:
-            features = {}
+        features = self.fetch_item_features_or_cached(chosen, [] if reasons is None else reasons)
         out = []
         for rank, item_id in enumerate(chosen):
             item = features.get(item_id)
@@ -266,6 +293,10 @@ class RankingPipeline:
     def recommend(self, req: RecommendInput, models: ServingModels) -> Recommendation:
         """Ranked items for one user. Unknown users get popular items (cold_start=True).
 
+        With the feature store unreachable the answer is `degraded` with the reason: recall
+        and re-rank from the cached profile and item features when this process has them,
+        otherwise popular items; exclusions known from a cached profile still apply.
+
         Raises:
             InvalidArgument: a malformed request.
         """
@@ -273,11 +304,13 @@ class RankingPipeline:
         timings: dict[str, float] = {}
         clock = time.perf_counter
         t0 = clock()
-        degraded_reason = ""
+        reasons: list[str] = []  # why the answer is degraded; the first one is reported
         try:
             profile = self.fetch_user_profile(req.user_id)
         except FeatureStoreUnavailable as exc:
-            profile, degraded_reason = None, f"user profile unavailable: {exc}"
+            profile = self.cache.cached_profile(req.user_id) if self.cache is not None else None
+            source = "from cache" if profile is not None else "unavailable"
+            reasons.append(f"user profile {source}: {exc}")
         timings["fetch_user_profile"] = (clock() - t0) * 1e3
         exclude = set(req.exclude_item_ids)
         if profile is not None:
@@ -285,7 +318,7 @@ class RankingPipeline:
             if self.settings.exclude_purchased:
                 exclude.update(profile.purchased_items)
         frozen_exclude = frozenset(exclude)
-        cold = profile is None and not degraded_reason
+        cold = profile is None and not reasons
 
         def answer(items: list[ScoredItem]) -> Recommendation:
             timings["total"] = (clock() - t0) * 1e3
@@ -293,8 +326,8 @@ class RankingPipeline:
                 items,
                 models.model_version,
                 models.index_version,
-                bool(degraded_reason),
-                degraded_reason,
+                bool(reasons),
+                reasons[0] if reasons else "",
                 cold,
                 timings,
             )
@@ -303,12 +336,11 @@ class RankingPipeline:
         candidates = self.recall_candidates(models, profile, req.query, frozen_exclude)
         timings["recall_candidates"] = (clock() - t) * 1e3
         if not candidates:
-            return answer(self.fallback(models, req.k, frozen_exclude))
+            return answer(self.fallback(models, req.k, frozen_exclude, reasons))
         t = clock()
-        try:
-            items = self.fetch_item_features([i for i, _ in candidates])
-        except FeatureStoreUnavailable as exc:
-            degraded_reason = f"item features unavailable: {exc}"
+        items = self.fetch_item_features_or_cached([i for i, _ in candidates], reasons)
+        if not items and reasons:
+            # Nothing known about the candidates: recall order, un-reranked.
             ranked = [ScoredItem(i, s, s, 1.0, STAGE_RECALL) for i, s in candidates]
             return answer(ranked[: req.k])
         timings["fetch_item_features"] = (clock() - t) * 1e3
@@ -319,8 +351,8 @@ class RankingPipeline:
         timings["rerank"] = (clock() - t) * 1e3
         ranked = self.apply_weights(ordered, relevance, STAGE_RECALL)
         rng = _request_rng(req.request_id, req.user_id)
-        final = self.add_exploration(ranked, req.k, models, frozen_exclude, rng)
+        final = self.add_exploration(ranked, req.k, models, frozen_exclude, rng, reasons)
         if len(final) < req.k:  # a thin recall: top up with popular items
             have = frozen_exclude | {s.item_id for s in final}
-            final += self.fallback(models, req.k - len(final), have)
+            final += self.fallback(models, req.k - len(final), have, reasons)
         return answer(final)
