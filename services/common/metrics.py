@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 STAGE_SECONDS = Histogram(
     "freshrec_stage_seconds",
@@ -28,3 +28,23 @@ def serve_metrics(port: int) -> None:
 def observe_swap(model: str, index: str) -> None:
     SERVING_VERSION.clear()
     SERVING_VERSION.labels(model=model, index=index).set(1)
+
+
+# The event spool (services/ingestion/spool.py): events in while Redis is unreachable, and out
+# by outcome once it answers: delivered, duplicate (seen before the outage), failed (set aside).
+SPOOL_EVENTS = Counter(
+    "freshrec_spool_events_total", "Events through the LogEvents spool.", ["direction"]
+)
+FEATURES_AVAILABLE = Gauge(
+    "freshrec_features_available", "1 while the online feature store answers, else 0."
+)
+
+
+def spool_counts() -> dict[str, int]:
+    """{"in": n, "delivered": n, "duplicate": n, "failed": n} since the process started."""
+    return {
+        direction: int(
+            REGISTRY.get_sample_value("freshrec_spool_events_total", {"direction": direction}) or 0
+        )
+        for direction in ("in", "delivered", "duplicate", "failed")
+    }

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
 import redis
 
 from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable
@@ -28,7 +29,6 @@ from services.features.profiles import (
 from services.features.store import open_feature_store
 
 if TYPE_CHECKING:
-    import pandas as pd
     from feast import FeatureStore
 
 USER_PROFILE_VIEW = "user_profile"
@@ -93,12 +93,16 @@ class FeastFeatureStore:
     def push_profiles(self, profiles: Iterable[UserProfile]) -> None:
         """Write profiles to the online store through `user_profile_push`.
 
-        Each row's event time is the profile's last_seen (now when unset). The Redis store keeps
-        a row only if its event time is newer than the stored one, so a profile whose last_seen
-        has not advanced is not rewritten.
+        Each row's event time is the later of the profile's last_seen and now. The Redis store
+        keeps a row only if its event time is newer than the stored one; stamping with last_seen
+        alone dropped every update made of late events (older than the user's last_seen), e.g.
+        events spooled during a Redis outage and delivered after newer ones.
         """
         frame = profiles_frame(profiles)
         if not frame.empty:
+            now = pd.Timestamp.now(tz="UTC")
+            stamps = frame["event_timestamp"]
+            frame["event_timestamp"] = stamps.where(stamps > now, now)
             self._push(USER_PROFILE_PUSH, frame)
 
     def push_items(self, items: Iterable[ItemFeatures]) -> None:

@@ -44,8 +44,10 @@ ITEM_FEATURES_TABLE = "item_features.parquet"
 REDIS_PID_FILE = "redis.pid"
 REDIS_PORT_FILE = "redis.port"
 _REDIS_START_TIMEOUT_S = 5.0
-# Fail fast when Redis is down instead of hanging a ranking request on a dead socket.
+# Fail fast when Redis is down instead of hanging a ranking request on a dead socket; the read
+# timeout also bounds a Redis that accepts connections but does not answer (paused, overloaded).
 _REDIS_CONNECT_TIMEOUT_S = 2
+_REDIS_SOCKET_TIMEOUT_S = 2
 _FAIL_FAST_RETRY = Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1)
 # What the online stores raise when they cannot be reached or written.
 _STORE_ERRORS = (redis.RedisError, sqlite3.Error, OSError)
@@ -211,6 +213,7 @@ def redis_connection_string(url: str) -> str:
     if parsed.scheme == "rediss":
         parts.append("ssl=true")
     parts.append(f"socket_connect_timeout={_REDIS_CONNECT_TIMEOUT_S}")
+    parts.append(f"socket_timeout={_REDIS_SOCKET_TIMEOUT_S}")
     return ",".join(parts)
 
 

@@ -2,7 +2,8 @@
 
 Redis for the served setup, SQLite for the embedded mode without Redis, a set for unit tests.
 Every backend marks ids atomically per id, so two ingestors racing on the same event_id agree
-on exactly one winner.
+on exactly one winner. `claim` records which batch marked an id, so a batch delivered again
+after a failure (the ranking service's spool, services/ingestion/spool.py) keeps its own ids.
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ from pathlib import Path
 from typing import Protocol
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable
 
 DEFAULT_TTL_SECONDS = 7 * 24 * 3600
+# Fail fast like the feature store (services/features/store.py): redis-py's default retries for
+# seconds, and a LogEvents call must rather spool its batch than hang on a dead Redis.
+_SOCKET_TIMEOUT_S = 2.0
+_FAIL_FAST_RETRY = Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1)
 
 
 class Deduplicator(Protocol):
@@ -32,6 +39,15 @@ class Deduplicator(Protocol):
         """
         ...
 
+    def claim(self, event_ids: Sequence[str], owner: str) -> list[bool]:
+        """Mark the ids as seen by batch `owner`; True for each id new or already `owner`'s.
+
+        Re-delivering the same batch (same owner) after a failure half-way is therefore
+        idempotent: its ids are not mistaken for duplicates of themselves. An id repeated
+        within `event_ids` is True at its first position only.
+        """
+        ...
+
     def forget(self, event_ids: Sequence[str]) -> None:
         """Unmark ids, so a batch whose storage failed after `first_seen` can be retried."""
         ...
@@ -41,7 +57,7 @@ class InMemoryDeduplicator:
     """A set in this process; for unit tests and single-process demos."""
 
     def __init__(self) -> None:
-        self._seen: set[str] = set()
+        self._seen: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -55,12 +71,21 @@ class InMemoryDeduplicator:
             out = []
             for event_id in event_ids:
                 out.append(event_id not in self._seen)
-                self._seen.add(event_id)
+                self._seen.setdefault(event_id, "")
+            return out
+
+    def claim(self, event_ids: Sequence[str], owner: str) -> list[bool]:
+        with self._lock:
+            out, here = [], set()
+            for event_id in event_ids:
+                out.append(self._seen.setdefault(event_id, owner) == owner and event_id not in here)
+                here.add(event_id)
             return out
 
     def forget(self, event_ids: Sequence[str]) -> None:
         with self._lock:
-            self._seen.difference_update(event_ids)
+            for event_id in event_ids:
+                self._seen.pop(event_id, None)
 
 
 class RedisDeduplicator:
@@ -90,7 +115,12 @@ class RedisDeduplicator:
         Raises:
             FeatureStoreUnavailable: Redis cannot be reached.
         """
-        client = redis.Redis.from_url(self._url)
+        client = redis.Redis.from_url(
+            self._url,
+            socket_connect_timeout=_SOCKET_TIMEOUT_S,
+            socket_timeout=_SOCKET_TIMEOUT_S,
+            retry=_FAIL_FAST_RETRY,
+        )
         try:
             client.ping()
         except redis.RedisError as exc:
@@ -121,6 +151,30 @@ class RedisDeduplicator:
             raise FeatureStoreUnavailable(f"dedup Redis at {self._url} failed: {exc}") from exc
         # SET NX answers True when it wrote the key and None when the key already existed.
         return [bool(reply) for reply in replies]
+
+    def claim(self, event_ids: Sequence[str], owner: str) -> list[bool]:
+        """See `Deduplicator.claim`: one pipeline of `SET key owner NX GET EX ttl`.
+
+        Raises:
+            FailedPrecondition: start() was not called.
+            FeatureStoreUnavailable: Redis failed mid-batch.
+        """
+        if not event_ids:
+            return []
+        pipe = self._require_client().pipeline(transaction=False)
+        for event_id in event_ids:
+            pipe.set(self._key(event_id), owner, nx=True, ex=self._ttl, get=True)
+        try:
+            replies = pipe.execute()
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"dedup Redis at {self._url} failed: {exc}") from exc
+        # SET NX GET answers None when it wrote the key, else the value already there.
+        out, here = [], set()
+        for event_id, reply in zip(event_ids, replies, strict=True):
+            mine = reply is None or reply == owner.encode()
+            out.append(mine and event_id not in here)
+            here.add(event_id)
+        return out
 
     def forget(self, event_ids: Sequence[str]) -> None:
         """See `Deduplicator.forget`.
@@ -175,6 +229,10 @@ class SqliteDeduplicator:
                 "CREATE TABLE IF NOT EXISTS seen_events ("
                 " event_id TEXT PRIMARY KEY, first_seen_at REAL NOT NULL)"
             )
+            # Which batch claimed an id (`claim`); a separate table so older files still open.
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS claims (event_id TEXT PRIMARY KEY, owner TEXT NOT NULL)"
+            )
         except (sqlite3.Error, OSError) as exc:
             raise FeatureStoreUnavailable(f"dedup database {self._path} unusable: {exc}") from exc
         self._conn = conn
@@ -205,6 +263,42 @@ class SqliteDeduplicator:
                 for event_id in event_ids
             ]
 
+    def claim(self, event_ids: Sequence[str], owner: str) -> list[bool]:
+        """See `Deduplicator.claim`.
+
+        Raises:
+            FailedPrecondition: start() was not called.
+            FeatureStoreUnavailable: the database is locked or broken.
+        """
+        if not event_ids:
+            return []
+        conn = self._require_conn()
+        now = time.time()
+        out, here = [], set()
+        with self._transaction(conn):
+            for event_id in event_ids:
+                inserted = (
+                    conn.execute(
+                        "INSERT OR IGNORE INTO seen_events (event_id, first_seen_at) VALUES (?, ?)",
+                        (event_id, now),
+                    ).rowcount
+                    == 1
+                )
+                if inserted:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO claims (event_id, owner) VALUES (?, ?)",
+                        (event_id, owner),
+                    )
+                    mine = True
+                else:
+                    row = conn.execute(
+                        "SELECT owner FROM claims WHERE event_id = ?", (event_id,)
+                    ).fetchone()
+                    mine = row is not None and row[0] == owner
+                out.append(mine and event_id not in here)
+                here.add(event_id)
+        return out
+
     def forget(self, event_ids: Sequence[str]) -> None:
         """See `Deduplicator.forget`.
 
@@ -216,10 +310,11 @@ class SqliteDeduplicator:
             return
         conn = self._require_conn()
         with self._transaction(conn):
-            conn.executemany(
-                "DELETE FROM seen_events WHERE event_id = ?",
-                [(event_id,) for event_id in event_ids],
-            )
+            for table in ("seen_events", "claims"):
+                conn.executemany(
+                    f"DELETE FROM {table} WHERE event_id = ?",
+                    [(event_id,) for event_id in event_ids],
+                )
 
     @contextmanager
     def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:

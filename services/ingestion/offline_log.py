@@ -2,7 +2,9 @@
 
 Layout: `<root>/events/date=YYYY-MM-DD/<monotonic-ns>-<uuid>.parquet`, the date being the
 events' UTC date. Files appear atomically (written to a hidden temporary name, fsynced, then
-renamed), so a reader never sees half a batch; no file is ever rewritten or deleted here.
+renamed), so a reader never sees half a batch; nothing is deleted here. A batch appended with a
+`batch_id` is named `batch-<batch_id>.parquet` instead, so delivering it again (the spool's
+retry after a failure half-way) replaces its own file rather than adding its events twice.
 Training and feature builds read it back with `OfflineEventLog.read`.
 """
 
@@ -55,12 +57,19 @@ class OfflineEventLog:
     def events_dir(self) -> Path:
         return self.root / "events"
 
-    def append(self, rows: Sequence[EventRow], ingested_at: datetime | None = None) -> list[Path]:
+    def append(
+        self,
+        rows: Sequence[EventRow],
+        ingested_at: datetime | None = None,
+        batch_id: str | None = None,
+    ) -> list[Path]:
         """Store validated events.
 
         Args:
             rows: the events of one batch; empty writes nothing.
             ingested_at: stamped on every row; now (UTC) when None.
+            batch_id: makes the file names deterministic (idempotent re-delivery); the same
+                batch id must always come with the same rows.
 
         Returns:
             The files written: one per event date in the batch (usually one), in date order.
@@ -72,7 +81,7 @@ class OfflineEventLog:
             return []
         frame = pd.DataFrame([asdict(row) for row in rows], columns=list(COLUMNS[:-1]))
         frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
-        return self._write(frame, ingested_at)
+        return self._write(frame, ingested_at, batch_id)
 
     def append_frame(self, df: pd.DataFrame, ingested_at: datetime | None = None) -> list[Path]:
         """Seed the log with a history in the canonical interaction columns (e.g. a bootstrap).
@@ -134,7 +143,9 @@ class OfflineEventLog:
         dataset = ds.dataset(files, schema=SCHEMA, format="parquet")
         return int(dataset.count_rows(filter=_time_filter(since, None)))
 
-    def _write(self, frame: pd.DataFrame, ingested_at: datetime | None) -> list[Path]:
+    def _write(
+        self, frame: pd.DataFrame, ingested_at: datetime | None, batch_id: str | None = None
+    ) -> list[Path]:
         stamp = _as_utc(ingested_at) if ingested_at is not None else datetime.now(UTC)
         frame = frame.assign(ingested_at=pd.Timestamp(stamp))
         table = pa.Table.from_pandas(
@@ -144,15 +155,19 @@ class OfflineEventLog:
         written = []
         for day in sorted(days.unique()):
             mask = (days == day).to_numpy()
-            written.append(self._write_file(table.filter(pa.array(mask)), day))
+            written.append(self._write_file(table.filter(pa.array(mask)), day, batch_id))
         return written
 
-    def _write_file(self, table: pa.Table, day: date) -> Path:
+    def _write_file(self, table: pa.Table, day: date, batch_id: str | None = None) -> Path:
         directory = self.events_dir / f"{_PARTITION_PREFIX}{day.isoformat()}"
         directory.mkdir(parents=True, exist_ok=True)
-        name = f"{time.monotonic_ns()}-{uuid.uuid4().hex}.parquet"
+        if batch_id is None:
+            name = f"{time.monotonic_ns()}-{uuid.uuid4().hex}.parquet"
+        else:
+            name = f"batch-{batch_id}.parquet"
         final = directory / name
-        tmp = directory / f".{name}.tmp"  # hidden and not *.parquet: readers never list it
+        # Hidden and not *.parquet: readers never list it; unique, as a re-delivery reuses `name`.
+        tmp = directory / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             with open(tmp, "wb") as handle:
                 pq.write_table(table, handle)

@@ -92,7 +92,12 @@ class CountingStore(InMemoryFeatureStore):
 
 
 class FailingLog(OfflineEventLog):
-    def append(self, rows: Sequence[EventRow], ingested_at: datetime | None = None) -> list[Path]:
+    def append(
+        self,
+        rows: Sequence[EventRow],
+        ingested_at: datetime | None = None,
+        batch_id: str | None = None,
+    ) -> list[Path]:
         raise OSError("disk full")
 
 
