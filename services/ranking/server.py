@@ -2,15 +2,23 @@
 
 `build_ranking` connects everything, loads the champion versions, warms the re-ranker with one
 real request, and only then reports SERVING.
+
+Redis outages: feature reads go through a `CachingFeatureReader` with a circuit breaker, events
+that cannot reach Redis go to the spool (`<workdir>/spool/`), and a watcher thread probes the
+store and delivers the spool once it answers. Health: the server ("") and the RankingService
+name stay SERVING during an outage (the process answers, degraded; restarting it would not
+help), while `FEATURES_HEALTH_NAME` reports NOT_SERVING until the store answers again.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from grpc_health.v1 import health_pb2
 
 from freshrec.config import FreshRecConfig
 from freshrec.errors import FailedPrecondition
@@ -19,12 +27,15 @@ from model.embeddings import TextEncoder
 from model.reranker import CrossEncoderReranker
 from services.common import metrics
 from services.common.auth import server_credentials
+from services.common.breaker import CircuitBreaker
 from services.common.privacy import pseudonymizer
 from services.common.server import ServerHandle, create_server
+from services.features.caching import CachingFeatureReader
 from services.features.feast_store import FeastFeatureStore
 from services.ingestion.dedup import RedisDeduplicator, SqliteDeduplicator
 from services.ingestion.offline_log import OfflineEventLog
 from services.ingestion.pipeline import EventIngestor
+from services.ingestion.spool import EventSpool
 from services.jobs.bootstrap import read_online_store_choice
 from services.ranking.models import ModelHolder
 from services.ranking.pipeline import PipelineSettings, RankingPipeline, RecommendInput
@@ -35,6 +46,48 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
 DEDUP_TTL_SECONDS = 31 * 24 * 3600  # longer than the event API's 30-day lateness bound
+# Health name that is NOT_SERVING while the online feature store (Redis) is unreachable. Not the
+# server's "" status, which Kubernetes probes: a Redis outage must not restart healthy pods.
+FEATURES_HEALTH_NAME = f"{SERVICE_NAME}/features"
+STORE_COOLDOWN_S = 1.0  # after a failed Redis call, skip Redis this long before probing again
+WATCH_INTERVAL_S = 0.25  # how often the watcher probes the store and drains the spool
+SPOOL_BATCHES_PER_ROUND = 200
+
+
+class StoreWatcher:
+    """A daemon thread: probe the feature store while its breaker is open, deliver the spool.
+
+    Probing without traffic is what turns the features health back to SERVING within
+    STORE_COOLDOWN_S + WATCH_INTERVAL_S of Redis answering again.
+    """
+
+    def __init__(self, reader: CachingFeatureReader, ingestor: EventIngestor) -> None:
+        self.reader = reader
+        self.ingestor = ingestor
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="store-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(WATCH_INTERVAL_S):
+            try:
+                if self.reader.probe():
+                    # Keep going while whole rounds are delivered: drain fast after an outage.
+                    while (
+                        not self._stop.is_set()
+                        and self.ingestor.deliver_spooled(SPOOL_BATCHES_PER_ROUND) > 0
+                    ):
+                        pass
+            except Exception:  # the watcher must outlive any one bad round
+                log.exception("store watcher round failed")
 
 
 @dataclass
@@ -42,6 +95,8 @@ class RankingApp:
     handle: ServerHandle
     models: ModelHolder
     closers: list[Any] = field(default_factory=list)
+    ingestor: EventIngestor | None = None
+    breaker: CircuitBreaker | None = None
 
     @property
     def port(self) -> int:
@@ -72,9 +127,21 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         torch.set_num_threads(config.model.torch_threads)
     features = FeastFeatureStore(config.feature_repo_dir)
     features.start()
+    breaker = CircuitBreaker("online feature store", STORE_COOLDOWN_S)
+    reader = CachingFeatureReader(features, breaker)
     dedup = _dedup(config)
     dedup.start()
-    ingestor = EventIngestor(features, features, dedup, OfflineEventLog(config.offline_dir))
+    spool = EventSpool(config.workdir / "spool")
+    spool.start()
+    ingestor = EventIngestor(
+        reader,
+        features,
+        dedup,
+        OfflineEventLog(config.offline_dir),
+        spool=spool,
+        breaker=breaker,
+        cache=reader,
+    )
     registry = ModelRegistry(config.registry_dir)
     holder = ModelHolder(
         registry,
@@ -98,7 +165,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         exclude_purchased=config.ranking.exclude_purchased,
     )
     encoder = TextEncoder.from_pretrained(config.model.base_model or None)
-    pipeline = RankingPipeline(features, settings, encoder)
+    pipeline = RankingPipeline(reader, settings, encoder, cache=reader)
     # Warm every model and client with one real request before reporting SERVING.
     pipeline.recommend(RecommendInput(user_id="__warmup__", k=1, query="warm up"), holder.current)
     servicer = RankingServicer(pipeline, holder, ingestor, pseudonyms)
@@ -111,6 +178,16 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     )
     if config.ranking.metrics_port:
         metrics.serve_metrics(config.ranking.metrics_port)
+
+    def report_features(available: bool, _reason: str = "") -> None:
+        status = health_pb2.HealthCheckResponse
+        handle.health.set(FEATURES_HEALTH_NAME, status.SERVING if available else status.NOT_SERVING)
+        metrics.FEATURES_AVAILABLE.set(1 if available else 0)
+
+    breaker.subscribe(report_features)
+    report_features(breaker.closed)
+    watcher = StoreWatcher(reader, ingestor)
+    watcher.start()
     handle.mark_serving()
     log.info("ranking service on port %d", handle.port)
-    return RankingApp(handle, holder, [dedup.close])
+    return RankingApp(handle, holder, [watcher.stop, dedup.close], ingestor, breaker)
