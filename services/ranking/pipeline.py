@@ -243,7 +243,7 @@ class RankingPipeline:
         if slots <= 0 or rng.random() >= self.settings.exploration_rate:
             return top
         taken = {s.item_id for s in top} | exclude
-        pool = [i for i in models.index.item_ids if i not in taken]
+        pool = [i for i in models.index.live_ids() if i not in taken]
         if not pool:
             return top
         picks = rng.choice(len(pool), size=min(slots, len(pool)), replace=False)

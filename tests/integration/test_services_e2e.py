@@ -425,3 +425,78 @@ def test_updater_lifecycle(stack: Stack) -> None:
     refusal = next(r for r in holder.refusals if r.version == bad)
     assert "model.safetensors" in refusal.reason
     assert upd.GetStatus(updater_pb2.GetStatusRequest(), timeout=10).champion_version == bad
+
+
+# -- Catalogue: new items recallable in seconds, removed items gone, without an index rebuild --
+
+
+def _eventually(predicate, seconds: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_catalog_upsert_makes_a_new_item_recallable_and_remove_takes_it_away(stack: Stack) -> None:
+    from freshrec.v1 import catalog_pb2, catalog_pb2_grpc
+
+    cat = catalog_pb2_grpc.CatalogServiceStub(stack.rank_channel)
+    user = stack.user
+    latest = stack.features.get_items([user.recent_items[0]])[user.recent_items[0]]
+    new_id = f"new-{uuid.uuid4().hex[:8]}"
+    # The same text as the user's latest item: its embedding is nearest to the user's vector.
+    item = catalog_pb2.CatalogItem(
+        item_id=new_id,
+        title=latest.title,
+        description=latest.text,
+        category=latest.category,
+        brand=latest.brand,
+        price=latest.price,
+        in_stock=True,
+    )
+    index_version = _recommend(stack, user.user_id).index_version
+    reply = cat.UpsertItems(catalog_pb2.UpsertItemsRequest(items=[item]), timeout=30)
+    assert (reply.accepted, reply.rejected) == (1, 0) and reply.change_id
+
+    def recalled() -> bool:
+        answer = _recommend(stack, user.user_id, k=100)
+        return any(
+            i.item_id == new_id and i.stage == ranking_pb2.STAGE_RECALL for i in answer.items
+        )
+
+    assert _eventually(recalled), "the new item never came back from recall"
+    assert stack.features.get_items([new_id])[new_id].title == latest.title
+    # No rebuild: the same index version answers, with the item in its overlay.
+    assert _recommend(stack, user.user_id).index_version == index_version
+
+    gone = cat.RemoveItems(catalog_pb2.RemoveItemsRequest(item_ids=[new_id, "no-such"]), timeout=30)
+    assert (gone.accepted, dict(gone.rejected_by_reason)) == (1, {"unknown_item": 1})
+    assert _eventually(lambda: not recalled())
+    for _ in range(5):
+        assert new_id not in {i.item_id for i in _recommend(stack, user.user_id, k=100).items}
+    assert stack.features.get_items([new_id])[new_id].in_stock is False
+    # The offline change log has both changes, in order.
+    frames = sorted((stack.config.offline_dir / "catalog").glob("*.parquet"))
+    import pandas as pd
+
+    ops = pd.concat(pd.read_parquet(f) for f in frames)
+    assert ops[ops["item_id"] == new_id]["op"].tolist() == ["upsert", "remove"]
+
+
+def test_catalog_bad_input_is_invalid_argument(stack: Stack) -> None:
+    from freshrec.v1 import catalog_pb2, catalog_pb2_grpc
+
+    cat = catalog_pb2_grpc.CatalogServiceStub(stack.rank_channel)
+    for request, field in (
+        (catalog_pb2.UpsertItemsRequest(items=[]), "items"),
+        (catalog_pb2.UpsertItemsRequest(items=[catalog_pb2.CatalogItem(item_id="x")]), "items"),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            cat.UpsertItems(request, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        cat.RemoveItems(catalog_pb2.RemoveItemsRequest(item_ids=[""]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
