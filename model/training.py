@@ -2,6 +2,11 @@
 
 Pure compute: callers hand in (profile-before-the-event, item) positives and a catalogue; this
 module builds text pairs, trains and scores. GPU with autocast when present, CPU otherwise.
+
+Under `torchrun` (a process group initialised by the caller, see `services/updater/ddp_train.py`)
+`train` runs data-parallel: the model is wrapped in DistributedDataParallel, every rank takes a
+deterministic shard of the pairs, and gradients are averaged across ranks at each step, so all
+ranks end with the same weights. Saving and publishing stay with the caller (rank 0).
 """
 
 from __future__ import annotations
@@ -68,13 +73,14 @@ class EvalGroup:
 
 @dataclass(frozen=True)
 class TrainReport:
-    examples_processed: int
+    examples_processed: int  # summed over all ranks under DDP (padding repeats included)
     steps: int
     seconds: float
     trainable_params: int
     final_loss: float
     device: str
     stopped_early: bool
+    world_size: int = 1
 
 
 def sample_negatives(
@@ -144,6 +150,47 @@ def freeze_lower_layers(reranker: CrossEncoderReranker, n_layers: int) -> int:
     return sum(p.numel() for p in reranker.model.parameters() if p.requires_grad)
 
 
+def shard_indices(n: int, rank: int, world_size: int, rng: np.random.Generator) -> list[int]:
+    """This rank's share of one shuffled epoch of `n` pairs (DistributedSampler's scheme).
+
+    Every rank draws the same permutation (same seed), pads it by wrapping around to a multiple
+    of `world_size`, and takes every `world_size`-th index from `rank`: the shards are disjoint
+    apart from the padding and equally long, so all ranks run the same number of steps (DDP
+    hangs if one rank stops stepping while the others wait in the gradient all-reduce).
+
+    Raises:
+        ValueError: rank is not in 0..world_size-1 or n < 1.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+    order = [int(i) for i in rng.permutation(n)]
+    total = math.ceil(n / world_size) * world_size
+    padded = (order * math.ceil(total / n))[:total]
+    return padded[rank::world_size]
+
+
+class _PairLogits(torch.nn.Module):
+    """`reranker.logits` as a module, so DistributedDataParallel sees (and syncs) its forward."""
+
+    def __init__(self, reranker: CrossEncoderReranker, cpu_dtype: Literal["fp32", "bf16"]):
+        super().__init__()
+        self.model = reranker.model
+        self.reranker = reranker
+        self.cpu_dtype: Literal["fp32", "bf16"] = cpu_dtype
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.reranker.logits(batch, self.cpu_dtype)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, or (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def train(
     reranker: CrossEncoderReranker,
     pairs: Sequence[Pair],
@@ -152,8 +199,12 @@ def train(
 ) -> TrainReport:
     """Fine-tune `reranker` in place on `pairs` with binary cross-entropy.
 
+    With an initialised torch.distributed process group every rank must call this with the
+    same `pairs` and `params`; each trains on its shard (`shard_indices`) with `batch_size`
+    pairs per rank per step, and DistributedDataParallel averages the gradients.
+
     Args:
-        progress: called after each step with (pairs in the step, loss).
+        progress: called after each step with (pairs in the step on this rank, loss).
 
     Raises:
         ValueError: no pairs.
@@ -165,12 +216,18 @@ def train(
     model = reranker.model
     device = reranker.device
     trainable = freeze_lower_layers(reranker, params.freeze_layers)
+    rank, world_size = _distributed()
+    forward: torch.nn.Module = _PairLogits(reranker, params.cpu_dtype)
+    if world_size > 1:
+        # DDP broadcasts rank 0's weights here, so every rank starts from the same model.
+        # device_ids=None: the module and its inputs already sit on this rank's one device.
+        forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=None)
     optimiser = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=params.learning_rate,
         weight_decay=params.weight_decay,
     )
-    steps_per_epoch = math.ceil(len(pairs) / params.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(len(pairs) / world_size) / params.batch_size)
     total_steps = steps_per_epoch * params.epochs
     scheduler = get_linear_schedule_with_warmup(
         optimiser, int(total_steps * params.warmup_ratio), total_steps
@@ -183,14 +240,14 @@ def train(
     model.train()
     try:
         for _ in range(params.epochs):
-            order = rng.permutation(len(pairs))
+            order = shard_indices(len(pairs), rank, world_size, rng)
             for start in range(0, len(order), params.batch_size):
                 chunk = [pairs[i] for i in order[start : start + params.batch_size]]
                 batch = reranker.encode_pairs(
                     [p.user_text for p in chunk], [p.item_text for p in chunk]
                 )
                 labels = torch.tensor([p.label for p in chunk], device=device)
-                logits = reranker.logits(batch, params.cpu_dtype)
+                logits = forward(batch)
                 loss = loss_fn(logits, labels)
                 optimiser.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -204,7 +261,7 @@ def train(
                 last_loss = float(loss.detach())
                 if progress is not None:
                     progress(len(chunk), last_loss)
-                if params.max_seconds and time.perf_counter() - started > params.max_seconds:
+                if params.max_seconds and _out_of_time(started, params.max_seconds, world_size):
                     stopped = True
                     break
             if stopped:
@@ -213,6 +270,10 @@ def train(
         model.eval()
         for p in model.parameters():
             p.requires_grad = True
+    if world_size > 1:
+        total = torch.tensor([processed], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(total)
+        processed = int(total.item())
     return TrainReport(
         examples_processed=processed,
         steps=steps,
@@ -221,7 +282,20 @@ def train(
         final_loss=last_loss,
         device=str(device),
         stopped_early=stopped,
+        world_size=world_size,
     )
+
+
+def _out_of_time(started: float, budget_s: float, world_size: int) -> bool:
+    """Whether the time budget is spent; under DDP, on any rank (all ranks stop together)."""
+    spent = time.perf_counter() - started > budget_s
+    if world_size == 1:
+        return spent
+    flag = torch.tensor([int(spent)], dtype=torch.int64)
+    if torch.distributed.get_backend() == "nccl":
+        flag = flag.cuda()
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def ranking_metrics(ranks: Sequence[int], k: int = 10) -> dict[str, float]:
