@@ -97,6 +97,31 @@ class UpdaterConfig(_Section):
     min_new_events: int = Field(50, ge=1, description="Fewer positives than this: skip update.")
 
 
+class MaterializeConfig(_Section):
+    """Which Feast compute engine loads the offline tables into the online store."""
+
+    engine: Literal["local", "spark"] = Field(
+        "local",
+        description="local: Feast's in-process engine; spark: Feast's Spark compute engine "
+        "(`batch_engine: spark.engine`; needs the pyspark extra and Java 17+).",
+    )
+    spark_master: str = Field(
+        "local[2]",
+        description="spark.master for engine=spark: local[N] on one machine, spark://host:7077, "
+        "yarn or k8s://https://... for a cluster.",
+    )
+    spark_conf: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra Spark settings for engine=spark (e.g. spark.executor.memory); "
+        "they win over FreshRec's defaults.",
+    )
+    partitions: int = Field(
+        0,
+        ge=0,
+        description="Spark partitions written to the online store in parallel; 0 = as read.",
+    )
+
+
 class SecurityConfig(_Section):
     """Access control (updater token, TLS/mTLS) and user-id pseudonymisation.
 
@@ -167,6 +192,16 @@ class FreshRecConfig(BaseSettings):
         "auto",
         description="auto: Redis if reachable, else start redis-server, else Feast's SQLite store.",
     )
+    redis_type: Literal["redis", "redis_cluster"] = Field(
+        "redis",
+        description="redis: one Redis node at redis_url; redis_cluster: a Redis Cluster that "
+        "redis_url (and redis_cluster_nodes) are members of (Feast `redis_type`).",
+    )
+    redis_cluster_nodes: list[str] = Field(
+        default_factory=list,
+        description="More host:port startup nodes of the Redis Cluster besides redis_url's.",
+    )
+    materialize: MaterializeConfig = Field(default_factory=MaterializeConfig)  # type: ignore[arg-type]
     model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
     training: TrainingConfig = Field(default_factory=TrainingConfig)  # type: ignore[arg-type]
     ranking: RankingConfig = Field(default_factory=RankingConfig)  # type: ignore[arg-type]

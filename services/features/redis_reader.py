@@ -65,7 +65,7 @@ class RedisFeatureReader:
         """Read feature_store.yaml and connect (one PING).
 
         Raises:
-            FailedPrecondition: the repo's online store is not Redis.
+            FailedPrecondition: the repo's online store is not Redis, or is a Redis Cluster.
             FeatureStoreUnavailable: Redis does not answer.
         """
         from feast.infra.online_stores.helpers import _mmh3
@@ -75,6 +75,12 @@ class RedisFeatureReader:
         if online.get("type") != "redis":
             raise FailedPrecondition(
                 f"RedisFeatureReader needs a Redis online store, the repo has {online.get('type')!r}"
+            )
+        if online.get("redis_type", "redis") != "redis":
+            # One connection to one node: on a cluster most keys live on other shards (MOVED).
+            raise FailedPrecondition(
+                "RedisFeatureReader reads a single Redis node, the repo's online store is "
+                f"redis_type {online.get('redis_type')!r}; use FeastFeatureStore for Redis Cluster"
             )
         self._project = str(config["project"]).encode()
         self._version = int(config.get("entity_key_serialization_version", 3))

@@ -10,6 +10,7 @@ opens `FeatureStore(repo_path=<workdir>/feature_repo)` finds them whatever its c
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -85,14 +87,26 @@ def resolve_online_store(config: FreshRecConfig) -> OnlineStoreChoice:
     earlier (`<workdir>/redis.pid` + `redis.port`) if it still answers; else start `redis-server`
     from PATH on a free loopback port (no persistence, dir `<workdir>/redis/`); else SQLite.
     redis: config.redis_url must answer. sqlite: `<workdir>/feature_repo/online.db`.
+    With redis_type "redis_cluster" the node at redis_url must answer (whatever online_store).
 
     Raises:
-        FeatureStoreUnavailable: online_store is "redis" and Redis does not answer.
+        FeatureStoreUnavailable: online_store is "redis" (or redis_type "redis_cluster") and
+            Redis does not answer.
     """
     if config.online_store == "sqlite":
         return OnlineStoreChoice("sqlite", None, "SQLite online store (configured)")
     if _redis_answers(config.redis_url):
+        if config.redis_type == "redis_cluster":
+            return OnlineStoreChoice(
+                "redis", config.redis_url, f"Redis Cluster with node {config.redis_url}"
+            )
         return OnlineStoreChoice("redis", config.redis_url, f"Redis at {config.redis_url}")
+    if config.redis_type == "redis_cluster":
+        # Starting a single redis-server in place of a cluster would silently change the
+        # topology (and the reader that works); a cluster must be there.
+        raise FeatureStoreUnavailable(
+            f"redis_type is 'redis_cluster' but {config.redis_url} does not answer PING"
+        )
     if config.online_store == "redis":
         raise FeatureStoreUnavailable(
             f"online_store is 'redis' but {config.redis_url} does not answer PING"
@@ -195,17 +209,33 @@ def _free_port() -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def redis_connection_string(url: str) -> str:
+def redis_connection_string(url: str, cluster_nodes: Sequence[str] | None = None) -> str:
     """Feast's Redis connection string (`host:port,db=N[,password=..]`) for a redis:// URL.
 
+    Args:
+        cluster_nodes: None for one Redis node; for a Redis Cluster, the `host:port` startup
+            nodes besides the URL's (may be empty); the string then lists every node and no
+            `db` (cluster nodes have only database 0).
+
     Raises:
-        ValueError: not a redis:// or rediss:// URL.
+        ValueError: not a redis:// or rediss:// URL, a cluster URL names a database other
+            than 0, or a node is not host:port.
     """
     parsed = urlparse(url)
     if parsed.scheme not in ("redis", "rediss"):
         raise ValueError(f"redis_url must start with redis:// or rediss://, got {url!r}")
     db = parsed.path.lstrip("/") or "0"
-    parts = [f"{parsed.hostname or '127.0.0.1'}:{parsed.port or 6379}", f"db={int(db)}"]
+    parts = [f"{parsed.hostname or '127.0.0.1'}:{parsed.port or 6379}"]
+    if cluster_nodes is not None:
+        if int(db) != 0:
+            raise ValueError(f"a Redis Cluster has only database 0, redis_url names {db}")
+        for node in cluster_nodes:
+            host, _, port = node.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"redis_cluster_nodes entries must be host:port, got {node!r}")
+            parts.append(node)
+    else:
+        parts.append(f"db={int(db)}")
     if parsed.username:
         parts.append(f"username={unquote(parsed.username)}")
     if parsed.password:
@@ -227,11 +257,21 @@ def render_feature_store_yaml(config: FreshRecConfig, choice: OnlineStoreChoice)
     repo_dir.mkdir(parents=True, exist_ok=True)
     if choice.kind == "redis":
         assert choice.redis_url is not None
-        online = (
-            "online_store:\n"
-            "  type: redis\n"
-            f'  connection_string: "{redis_connection_string(choice.redis_url)}"\n'
-        )
+        if config.redis_type == "redis_cluster":
+            # Every node given is a startup node; the client discovers the rest from them.
+            nodes = config.redis_cluster_nodes
+            online = (
+                "online_store:\n"
+                "  type: redis\n"
+                "  redis_type: redis_cluster\n"
+                f'  connection_string: "{redis_connection_string(choice.redis_url, nodes)}"\n'
+            )
+        else:
+            online = (
+                "online_store:\n"
+                "  type: redis\n"
+                f'  connection_string: "{redis_connection_string(choice.redis_url)}"\n'
+            )
     else:
         online = f"online_store:\n  type: sqlite\n  path: {(repo_dir / 'online.db').resolve()}\n"
     text = (
@@ -242,11 +282,40 @@ def render_feature_store_yaml(config: FreshRecConfig, choice: OnlineStoreChoice)
         f"{online}"
         "offline_store:\n"
         "  type: file\n"
+        f"{_batch_engine_yaml(config)}"
         "entity_key_serialization_version: 3\n"
     )
     _atomic_write_text(repo_dir / "feature_store.yaml", text)
     shutil.copyfile(FEATURE_DEFINITIONS, repo_dir / "features.py")
     return repo_dir
+
+
+# Spark settings FreshRec starts from (config.materialize.spark_conf wins): no web UI or
+# event log to leave behind, few shuffle partitions for feature-sized data, Arrow transfers.
+SPARK_DEFAULT_CONF = {
+    "spark.ui.enabled": "false",
+    "spark.sql.shuffle.partitions": "8",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.session.timeZone": "UTC",
+}
+
+
+def _batch_engine_yaml(config: FreshRecConfig) -> str:
+    """The `batch_engine:` block: Feast's local engine, or its Spark compute engine.
+
+    With the Spark engine the offline store stays Feast's file store: the engine reads each
+    view's parquet window through it, turns it into a Spark DataFrame and writes the online
+    store from the Spark executors (`mapInArrow`, one Redis pipeline per Arrow batch).
+    """
+    engine = config.materialize
+    if engine.engine == "local":
+        return "batch_engine:\n  type: local\n"
+    conf = {**SPARK_DEFAULT_CONF, "spark.master": engine.spark_master}
+    conf.update(engine.spark_conf)
+    lines = ["batch_engine:", "  type: spark.engine", f"  partitions: {engine.partitions}"]
+    lines.append("  spark_conf:")
+    lines += [f"    {json.dumps(key)}: {json.dumps(value)}" for key, value in sorted(conf.items())]
+    return "\n".join(lines) + "\n"
 
 
 def feast_objects(repo_dir: Path) -> list[Any]:
@@ -345,6 +414,11 @@ def materialize(
         FeatureStoreUnavailable: the online store could not be written.
     """
     store = store or open_feature_store(config.feature_repo_dir)
+    if config.materialize.engine == "spark" and config.materialize.spark_master.startswith("local"):
+        # PySpark starts its Python workers with $PYSPARK_PYTHON (default: `python3` on PATH,
+        # which may lack Feast); locally they must run this interpreter. On a cluster the
+        # executors' Python is the image's, set by the operator.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     end = end.replace(tzinfo=UTC) if end.tzinfo is None else end.astimezone(UTC)
     report: dict[str, Any] = {"views": {}}
     started = time.perf_counter()
