@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from freshrec.errors import FreshRecError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+GRACE_SECONDS = 5.0  # in-flight calls get this long to finish after SIGTERM
+# After SIGTERM, health reads NOT_SERVING while calls are still taken for this long, so load
+# balancers and clients polling health move away before the server starts refusing.
+DRAIN_SECONDS = 1.0
 
 
 class ErrorMappingInterceptor(grpc.ServerInterceptor):
@@ -128,9 +133,16 @@ def create_server(
 
 
 def wait_for_termination(
-    handle: ServerHandle, grace: float = 5.0, on_stop: Callable[[], None] | None = None
+    handle: ServerHandle,
+    grace: float = GRACE_SECONDS,
+    on_stop: Callable[[], None] | None = None,
+    drain: float = DRAIN_SECONDS,
 ) -> None:
-    """Block until SIGTERM/SIGINT, then stop gracefully (health NOT_SERVING first)."""
+    """Block until SIGTERM/SIGINT, then stop gracefully.
+
+    Health goes NOT_SERVING at once; calls are still accepted for `drain` seconds, then new
+    ones are refused (UNAVAILABLE) and in-flight ones get `grace` seconds to finish.
+    """
     stop = threading.Event()
 
     def _handler(signum: int, _frame: Any) -> None:
@@ -140,6 +152,8 @@ def wait_for_termination(
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
     stop.wait()
+    handle.mark_not_serving()
+    time.sleep(drain)
     if on_stop is not None:
         on_stop()
     handle.stop(grace)
