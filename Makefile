@@ -8,7 +8,7 @@ PROTO_SRC := $(wildcard protos/freshrec/v1/*.proto)
 PROTO_OUT := freshrec/v1/ranking_pb2.py freshrec/v1/updater_pb2.py freshrec/v1/catalog_pb2.py
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto demo test unit integration lint bench clean
+.PHONY: help setup proto demo test unit integration chaos lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -36,14 +36,17 @@ proto: $(STAMP) ## regenerate gRPC stubs from protos/ (never edit generated code
 demo: setup ## run the whole loop end to end (MovieLens-100k; DATASET=synthetic for the shop)
 	$(BIN)/freshrec demo --dataset $${DATASET:-ml100k}
 
-test: setup ## unit + integration tests (starts its own redis-server)
-	$(BIN)/python -m pytest tests
+test: setup ## unit + integration tests (starts its own redis-server); not tests/chaos
+	$(BIN)/python -m pytest tests/unit tests/integration
 
 unit: setup ## unit tests only (no network)
 	$(BIN)/python -m pytest tests/unit
 
 integration: setup ## integration tests (real Redis, Feast, gRPC)
 	$(BIN)/python -m pytest tests/integration
+
+chaos: setup ## long fault/load tests: hot swap under 10k calls, updater SIGKILLed 24 times
+	$(BIN)/python -m pytest tests/chaos -m chaos -s
 
 lint: setup ## ruff + mypy
 	$(BIN)/ruff check .
