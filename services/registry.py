@@ -201,10 +201,6 @@ class ModelRegistry:
         """
         current = self.champion(kind)
         chain = self.champion_chain(kind)
-        if current is not None and chain[-1:] != [current]:
-            # Killed after CHAMPION was replaced but before history.jsonl was appended: the
-            # pointer is the truth, so it tops the chain.
-            chain.append(current)
         for candidate in reversed(chain[:-1]):
             if candidate == current:
                 continue
@@ -217,7 +213,8 @@ class ModelRegistry:
         raise FailedPrecondition(f"no earlier {kind} champion to roll back to (current {current})")
 
     def champion_chain(self, kind: str) -> list[str]:
-        """Champions in the order they were promoted, with rolled-back ones removed."""
+        """Champions in the order they were promoted, with rolled-back ones removed; it always
+        ends at the current champion."""
         chain: list[str] = []
         for rec in _read_lines(self._kind_dir(kind) / HISTORY):
             if rec.get("action") == "rollback":
@@ -227,6 +224,11 @@ class ModelRegistry:
                     chain.append(rec["version"])
             else:
                 chain.append(rec["version"])
+        current = self.champion(kind)
+        if current is not None and chain[-1:] != [current]:
+            # Killed after CHAMPION was replaced but before history.jsonl was appended: the
+            # pointer is the truth, so it tops the chain.
+            chain.append(current)
         return chain
 
     def record_decision(

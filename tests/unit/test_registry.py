@@ -236,3 +236,11 @@ def test_rollback_after_a_kill_between_champion_and_history(registry: ModelRegis
     (registry.root / "reranker" / CHAMPION).write_text(v4 + "\n")  # the history line never came
 
     assert registry.rollback("reranker") == ("v0003", v4)
+
+
+def test_the_chain_ends_at_the_champion_even_when_history_lags(registry: ModelRegistry) -> None:
+    registry.promote("reranker", _publish(registry))
+    v2 = _publish(registry)
+    (registry.root / "reranker" / CHAMPION).write_text(v2 + "\n")  # killed before history
+
+    assert registry.champion_chain("reranker") == ["v0001", v2]
