@@ -116,13 +116,18 @@ def init(
 
 
 @app.command()
-def materialize(workdir: WorkdirOpt = Path(".freshrec")) -> None:
+def materialize(
+    workdir: WorkdirOpt = Path(".freshrec"),
+    fast: Annotated[
+        bool, typer.Option(help="Write Feast's Redis layout directly (same values, faster).")
+    ] = False,
+) -> None:
     """Load the offline feature tables into the online store (for a scheduled job)."""
     from datetime import UTC, datetime
 
     from services.features.store import materialize as run
 
-    report = run(_config(workdir), datetime.now(UTC))
+    report = run(_config(workdir), datetime.now(UTC), fast=fast)
     for view, info in report["views"].items():
         console.print(f"{view}: {info['rows']:,} rows in {info['seconds']:.1f} s")
 
@@ -229,6 +234,10 @@ def updater_status(
     )
     if s.last.job_id:
         console.print(f"last job {s.last.job_id}: {s.last.state} — {s.last.message}")
+    if s.signals:
+        console.print("signals " + " | ".join(f"{k} {v:.3f}" for k, v in sorted(s.signals.items())))
+    if s.next_trigger:
+        console.print(f"next automatic update: {s.next_trigger}")
 
 
 @updater_app.command("trigger")

@@ -95,6 +95,42 @@ class UpdaterConfig(_Section):
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(50052, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     min_new_events: int = Field(50, ge=1, description="Fewer positives than this: skip update.")
+    # Automatic updates (services/updater/triggers.py); signals in services/updater/drift.py.
+    update_interval_seconds: float = Field(
+        0, ge=0, description="Start an update this often on a schedule; 0 = no schedule."
+    )
+    drift_check_seconds: float = Field(
+        0,
+        ge=0,
+        description="How often the scheduler checks drift signals against the thresholds "
+        "(e.g. 300); 0 = no drift-triggered updates (GetStatus still shows the signals).",
+    )
+    drift_window_hours: float = Field(
+        24, gt=0, description="Length of the recent and the champion's reference window."
+    )
+    new_item_share_threshold: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Update when this share of recent events is on items newer than the "
+        "champion's data; 0 = off.",
+    )
+    ctr_drop_threshold: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Update when recent CTR is this much (relative) below the reference "
+        "window's; 0 = off.",
+    )
+    category_psi_threshold: float = Field(
+        0.25, ge=0, description="Update when the category mix's PSI exceeds this; 0 = off."
+    )
+    drift_cooldown_seconds: float = Field(
+        3600,
+        ge=0,
+        description="Least time between two drift-triggered updates (a rejected challenger "
+        "leaves the signals high).",
+    )
 
 
 class MaterializeConfig(_Section):

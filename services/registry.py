@@ -231,6 +231,14 @@ class ModelRegistry:
             chain.append(current)
         return chain
 
+    def champion_periods(self, kind: str) -> list[tuple[datetime, str]]:
+        """(since, version) for every champion change, oldest first (promotes and rollbacks)."""
+        return [
+            (datetime.fromisoformat(rec["at"]), str(rec["version"]))
+            for rec in _read_lines(self._kind_dir(kind) / HISTORY)
+            if "at" in rec and "version" in rec
+        ]
+
     def record_decision(
         self, kind: str, version: str, decision: str, detail: dict[str, Any]
     ) -> None:

@@ -13,6 +13,7 @@ from services.ingestion.offline_log import OfflineEventLog
 from services.registry import ModelRegistry
 from services.updater.job import RerankerFactory
 from services.updater.service import UpdaterServicer
+from services.updater.triggers import TriggerScheduler
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ class UpdaterApp:
         return self.handle.port
 
     def stop(self, grace: float = 5.0) -> None:
+        if self.servicer.scheduler is not None:
+            self.servicer.scheduler.stop()
         self.handle.stop(grace)
 
 
@@ -60,5 +63,8 @@ def build_updater(
             handle.port,
         )
     handle.mark_serving()
+    # Automatic updates (schedule, drift thresholds): a no-op thread when both are off.
+    servicer.scheduler = TriggerScheduler(servicer, config.updater)
+    servicer.scheduler.start()
     log.info("updater service on port %d", handle.port)
     return UpdaterApp(handle, servicer)

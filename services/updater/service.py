@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -27,8 +29,12 @@ from services.features.profiles import item_from_row
 from services.features.store import ITEM_FEATURES_TABLE
 from services.ingestion.offline_log import OfflineEventLog
 from services.registry import ModelRegistry
+from services.updater.drift import drift_signals
 from services.updater.examples import Window
 from services.updater.job import JobOutcome, RerankerFactory, run_training
+
+if TYPE_CHECKING:
+    from services.updater.triggers import TriggerScheduler
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,19 @@ def load_item_catalog(config: FreshRecConfig) -> dict[str, ItemFeatures]:
     frame = pd.read_parquet(config.offline_dir / ITEM_FEATURES_TABLE)
     rows: list[dict[str, Any]] = frame.to_dict("records")  # type: ignore[assignment]
     return {str(row["item_id"]): item_from_row(row) for row in rows}
+
+
+def _item_maps(config: FreshRecConfig) -> tuple[dict[str, pd.Timestamp], dict[str, str]]:
+    """item_id -> created_at and item_id -> category from the offline item table."""
+    path = config.offline_dir / ITEM_FEATURES_TABLE
+    if not path.exists():
+        return {}, {}
+    frame = pq.read_table(path, columns=["item_id", "created_at", "category"]).to_pandas()
+    ids = frame["item_id"].astype(str)
+    created = pd.to_datetime(frame["created_at"], utc=True)
+    return dict(zip(ids, created, strict=True)), dict(
+        zip(ids, frame["category"].fillna("").astype(str), strict=True)
+    )
 
 
 def _parse_time(value: str) -> datetime | None:
@@ -131,6 +150,9 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
         self._running: JobStatus | None = None
         self._last: JobStatus | None = None
         self._done = threading.Event()
+        self._last_started: float | None = None  # time.monotonic() of the last job's start
+        # Set by build_updater when automatic updates are configured (GetStatus shows it).
+        self.scheduler: TriggerScheduler | None = None
 
     # -- jobs ----------------------------------------------------------------------------
     def _run_job(self, status: JobStatus, reason: str, force: bool) -> None:
@@ -146,26 +168,72 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
             self._last, self._running = final, None
         self._done.set()
 
-    def TriggerUpdate(
-        self, request: updater_pb2.TriggerUpdateRequest, context: Any
-    ) -> updater_pb2.TriggerUpdateResponse:
+    def _start(self, reason: str, force: bool) -> tuple[JobStatus, threading.Thread]:
         with self._lock:
             if self._running is not None:
                 raise FailedPrecondition(f"update {self._running.job_id} is already running")
             status = JobStatus(uuid.uuid4().hex[:12], "running")
             self._running = status
+            self._last_started = time.monotonic()
             self._done.clear()
         thread = threading.Thread(
             target=self._run_job,
-            args=(status, request.reason or "operator trigger", request.force_promote),
+            args=(status, reason, force),
             name=f"update-{status.job_id}",
             daemon=True,
         )
         thread.start()
+        return status, thread
+
+    def start_update(self, reason: str, force_promote: bool = False) -> JobStatus:
+        """Start an update in the background (the scheduler's entry; operators use the RPC).
+
+        Raises:
+            FailedPrecondition: an update is already running.
+        """
+        return self._start(reason, force_promote)[0]
+
+    def is_running(self) -> bool:
+        with self._lock:
+            return self._running is not None
+
+    def last_started(self) -> float | None:
+        """time.monotonic() when the last update started, None before the first."""
+        with self._lock:
+            return self._last_started
+
+    def TriggerUpdate(
+        self, request: updater_pb2.TriggerUpdateRequest, context: Any
+    ) -> updater_pb2.TriggerUpdateResponse:
+        status, thread = self._start(request.reason or "operator trigger", request.force_promote)
         if request.wait:
             thread.join()
             return updater_pb2.TriggerUpdateResponse(result=_result(self._last))
         return updater_pb2.TriggerUpdateResponse(result=_result(status))
+
+    # -- drift -----------------------------------------------------------------------------
+    def _champion_end(self) -> datetime | None:
+        champion = self.registry.champion("reranker")
+        if not champion:
+            return None
+        return _parse_time(self.registry.manifest("reranker", champion).data_window.get("end", ""))
+
+    def drift_signals(self) -> tuple[dict[str, float], int]:
+        """(signals of services/updater/drift.py, events newer than the champion's data).
+
+        Reads the offline log from the champion's reference window on, and the item table's
+        created_at and category columns.
+        """
+        end = self._champion_end()
+        window = timedelta(hours=self.config.updater.drift_window_hours)
+        events = self.event_log.read(since=end - window if end is not None else None)
+        if end is not None:
+            pending = int((events["timestamp"] >= pd.Timestamp(end)).sum())
+        else:
+            pending = len(events)
+        created_at, category = _item_maps(self.config)
+        periods = self.registry.champion_periods("reranker")
+        return drift_signals(events, end, window, created_at, category, periods), pending
 
     # -- status and versions ---------------------------------------------------------------
     def GetStatus(
@@ -180,6 +248,14 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
             pending = self.event_log.count(since=end)
         with self._lock:
             running, last = self._running, self._last
+        evaluation = self.scheduler.last() if self.scheduler is not None else None
+        if evaluation is not None and evaluation.decision is not None:
+            signals, next_trigger = evaluation.signals, evaluation.decision.next_trigger
+        else:  # no scheduler, or before its first check: compute now
+            signals = self.drift_signals()[0]
+            next_trigger = "automatic updates off (operator only)"
+            if self.scheduler is not None and self.scheduler.enabled:
+                next_trigger = "scheduler starting"
         return updater_pb2.GetStatusResponse(
             champion_version=champion,
             state="running" if running else "idle",
@@ -187,6 +263,8 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
             pending_events=pending,
             device="cuda" if torch.cuda.is_available() else "cpu",
             index_version=self.registry.champion("index") or "",
+            signals=signals,
+            next_trigger=next_trigger,
         )
 
     def ListVersions(
