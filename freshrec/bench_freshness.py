@@ -118,7 +118,7 @@ def bench_freshness(
                 if model is None:
                     continue
                 new_id = f"bench-new-{uuid.uuid4().hex[:10]}"
-                item = catalog_pb2.CatalogItem(
+                new_item = catalog_pb2.CatalogItem(
                     item_id=new_id,
                     title=model.title,
                     description=model.text,
@@ -128,7 +128,7 @@ def bench_freshness(
                     in_stock=True,
                 )
                 t0 = time.perf_counter()
-                cat.UpsertItems(catalog_pb2.UpsertItemsRequest(items=[item]), timeout=30)
+                cat.UpsertItems(catalog_pb2.UpsertItemsRequest(items=[new_item]), timeout=30)
                 found = False
                 while time.perf_counter() - t0 < 10:
                     reply = rank.Recommend(

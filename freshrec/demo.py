@@ -95,7 +95,8 @@ class _Service:
 
 
 def replay_events(stub: Any, newer: pd.DataFrame, batch: int = 500) -> tuple[int, dict[str, int]]:
-    """Send newer interactions through LogEvents as live traffic (stamped at send time, in order)."""
+    """Send newer interactions through LogEvents, in order, with their own timestamps (bootstrap
+    placed them between the end of history and now)."""
     from google.protobuf.timestamp_pb2 import Timestamp
 
     from freshrec.v1 import ranking_pb2
@@ -113,7 +114,7 @@ def replay_events(stub: Any, newer: pd.DataFrame, batch: int = 500) -> tuple[int
         events = []
         for row in rows[start : start + batch]:
             ts = Timestamp()
-            ts.FromDatetime(datetime.now(UTC))
+            ts.FromDatetime(pd.Timestamp(row["timestamp"]).to_pydatetime())
             events.append(
                 ranking_pb2.Event(
                     event_id=str(row["event_id"]),

@@ -22,6 +22,8 @@ from services.features.caching import FeatureCache
 from services.features.profiles import update_profile
 from services.features.reader import FeatureReader, FeatureWriter
 from services.ingestion.dedup import Deduplicator
+from services.ingestion.hygiene import DUPLICATE_WINDOW, QUARANTINED_RATE, EventHygiene
+from services.ingestion.ledger import RejectionLedger
 from services.ingestion.offline_log import OfflineEventLog
 from services.ingestion.spool import EventSpool, SpooledBatch, Stage, new_batch_id
 from services.ingestion.validate import EventRow, validate_events
@@ -71,8 +73,14 @@ class EventIngestor:
         spool: EventSpool | None = None,
         breaker: CircuitBreaker | None = None,
         cache: FeatureCache | None = None,
+        hygiene: EventHygiene | None = None,
+        quarantine: OfflineEventLog | None = None,
+        ledger: RejectionLedger | None = None,
     ) -> None:
         """Args:
+        hygiene: drops window duplicates and flags robot bursts right after validation.
+        quarantine: where flagged bursts are stored (never trained on); dropped if None.
+        ledger: where every batch's rejection counts are appended (`freshrec data report`).
         spool: where batches go while Redis is unreachable; None propagates the error instead.
         breaker: the online store's breaker (shared with the ranking reads): while it is open,
             batches go straight to the spool without trying Redis.
@@ -87,6 +95,9 @@ class EventIngestor:
         self._spool = spool
         self._breaker = breaker
         self._cache = cache
+        self._hygiene = hygiene
+        self._quarantine = quarantine
+        self._ledger = ledger
         self._profile_lock = threading.Lock()
         self._drain_lock = threading.Lock()
         self._drain_limit = 0  # 0: as many batches per round as asked; 1: isolating a bad batch
@@ -115,18 +126,41 @@ class EventIngestor:
         if not validated.accepted:
             raise InvalidArgument(_no_valid_event_message(validated.rejected))
         rejected = Counter(validated.rejected)
+        result = self._ingest_valid(self._clean(validated.accepted, rejected, now), rejected, now)
+        if self._ledger is not None and result.rejected:
+            self._ledger.record(now, result.rejected)
+        return result
+
+    def _clean(self, rows: list[EventRow], rejected: Counter[str], now: datetime) -> list[EventRow]:
+        """Hygiene: window duplicates dropped, robot bursts quarantined, both counted."""
+        if self._hygiene is None or not rows:
+            return rows
+        checked = self._hygiene.check(rows)
+        if checked.duplicates:
+            rejected[DUPLICATE_WINDOW] += len(checked.duplicates)
+        if checked.quarantined:
+            rejected[QUARANTINED_RATE] += len(checked.quarantined)
+            if self._quarantine is not None:
+                self._quarantine.append(checked.quarantined, ingested_at=now)
+        return checked.kept
+
+    def _ingest_valid(
+        self, accepted: list[EventRow], rejected: Counter[str], now: datetime
+    ) -> IngestResult:
+        if not accepted:
+            return IngestResult(accepted=0, rejected=rejected)
         batch_id = new_batch_id()
         if self._spool is not None and (
             len(self._spool) > 0 or (self._breaker is not None and not self._breaker.allow())
         ):
-            return self._to_spool(batch_id, "pending", validated.accepted, rejected)
+            return self._to_spool(batch_id, "pending", accepted, rejected)
         try:
-            rows = self._drop_seen(validated.accepted, rejected, batch_id)
+            rows = self._drop_seen(accepted, rejected, batch_id)
         except FeatureStoreUnavailable as exc:
             if self._spool is None:
                 raise
             self._store_failed(exc)
-            return self._to_spool(batch_id, "pending", validated.accepted, rejected)
+            return self._to_spool(batch_id, "pending", accepted, rejected)
         self._store_answered()
         if rows:
             self._store_offline(rows, now, batch_id)

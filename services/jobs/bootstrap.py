@@ -123,14 +123,13 @@ def bootstrap(
     clock = time.perf_counter
 
     t = clock()
-    cutoff_now = datetime.now(UTC) - timedelta(minutes=1)
-    history, newer = dataset.split_by_time(history_fraction)
+    # The whole data set ends a minute ago: history is the past, and the newer events keep
+    # their real spacing and land between the end of history and now, so replaying them
+    # through LogEvents looks like the live traffic it was (not a burst stamped "now").
+    shifted = shift_to(dataset, datetime.now(UTC) - timedelta(minutes=1))
+    history, newer = shifted.split_by_time(history_fraction)
     if pseudonyms is not None:
         history = pseudonymize_interactions(history, pseudonyms)
-    shifted = shift_to(Dataset(dataset.name, dataset.items, history, dataset.notes), cutoff_now)
-    delta = shifted.interactions["timestamp"].max() - history["timestamp"].max()
-    history = shifted.interactions
-    newer = newer.assign(timestamp=newer["timestamp"] + delta)
     items_df = shifted.items
     cutoff = history["timestamp"].max().to_pydatetime()
     newer.to_parquet(config.data_dir / REPLAY_FILE, index=False)

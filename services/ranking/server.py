@@ -43,6 +43,8 @@ from services.features.feast_store import FeastFeatureStore
 from services.features.reader import FeatureReader
 from services.features.redis_reader import RedisFeatureReader
 from services.ingestion.dedup import RedisDeduplicator, SqliteDeduplicator
+from services.ingestion.hygiene import EventHygiene
+from services.ingestion.ledger import REJECTIONS_FILE, RejectionLedger
 from services.ingestion.offline_log import OfflineEventLog
 from services.ingestion.pipeline import EventIngestor
 from services.ingestion.spool import EventSpool
@@ -153,6 +155,9 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         spool=spool,
         breaker=breaker,
         cache=reader,
+        hygiene=EventHygiene(),
+        quarantine=OfflineEventLog(config.offline_dir / "quarantine"),
+        ledger=RejectionLedger(config.offline_dir / REJECTIONS_FILE),
     )
     registry = ModelRegistry(config.registry_dir)
     holder = ModelHolder(

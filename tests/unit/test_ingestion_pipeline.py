@@ -421,3 +421,37 @@ def test_sqlite_unusable_path_is_feature_store_unavailable(tmp_path: Path) -> No
     blocker.write_text("")
     with pytest.raises(FeatureStoreUnavailable):
         SqliteDeduplicator(blocker / "seen.sqlite").start()
+
+
+def test_hygiene_drops_window_duplicates_quarantines_bursts_and_ledgers_them(
+    store: CountingStore, log: OfflineEventLog, tmp_path: Path
+) -> None:
+    from services.ingestion.hygiene import EventHygiene
+    from services.ingestion.ledger import RejectionLedger
+
+    quarantine = OfflineEventLog(tmp_path / "quarantine")
+    ledger = RejectionLedger(tmp_path / "rejections.jsonl")
+    ingestor = EventIngestor(
+        store,
+        store,
+        InMemoryDeduplicator(),
+        log,
+        clock=lambda: NOW,
+        hygiene=EventHygiene(window=timedelta(seconds=2), max_events_per_minute=5),
+        quarantine=quarantine,
+        ledger=ledger,
+    )
+    double_click = [event("d1", at=T0), event("d2", at=T0 + timedelta(seconds=1))]
+    burst = [
+        event(f"b{n}", user_id="bot", item_id="i2", at=T0 + timedelta(seconds=3 * n))
+        for n in range(8)
+    ]
+    result = ingestor.ingest(double_click + burst)
+    assert result.accepted == 1 + 5
+    assert dict(result.rejected) == {"duplicate_window": 1, "quarantined_rate": 3}
+    # Training reads the log: no duplicate, no robot excess; the quarantine keeps the excess.
+    assert sorted(log.read()["event_id"]) == ["b0", "b1", "b2", "b3", "b4", "d1"]
+    assert sorted(quarantine.read()["event_id"]) == ["b5", "b6", "b7"]
+    assert ledger.totals() == {
+        NOW.date().isoformat(): {"duplicate_window": 1, "quarantined_rate": 3}
+    }
