@@ -1,0 +1,1 @@
+"""Offline evaluation: the chronological replay that compares update strategies (`replay`)."""
