@@ -35,6 +35,8 @@ app.add_typer(updater_app, name="updater")
 bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
+eval_app = typer.Typer(help="Offline evaluation (replay).", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 console = Console(width=None if sys.stdout.isatty() else 140)
 WorkdirOpt = Annotated[
@@ -440,6 +442,68 @@ def bench_freshness_cmd(
     result = bench_freshness(workdir, events, new_items, update_events, say=console.print)
     if json_out:
         print(json.dumps(result, default=str))
+
+
+@eval_app.command("replay")
+def eval_replay_cmd(
+    dataset: Annotated[str, typer.Option(help="ml100k | synthetic | imported")] = "synthetic",
+    windows: Annotated[int, typer.Option(help="Chronological windows after bootstrap.")] = 8,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Tiny shop, 2 windows, tiny model (seconds; tests).")
+    ] = False,
+    max_users: Annotated[
+        int, typer.Option(help="Users evaluated per window (seeded sample; 0 = all).")
+    ] = 60,
+    train_examples: Annotated[
+        int, typer.Option(help="Training pairs per re-ranker update (0 = config max_examples).")
+    ] = 1000,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="PNG report path (+ .json details).")
+    ] = None,
+    threads: Annotated[
+        int, typer.Option(help="torch threads (0 = config model.torch_threads / default).")
+    ] = 0,
+    workdir: WorkdirOpt = Path(".freshrec"),
+    json_out: Annotated[bool, typer.Option("--json", help="Last line: one JSON object.")] = False,
+) -> None:
+    """Replay the history window by window: evaluate every strategy, then feed the window."""
+    _logging()
+    logging.getLogger().setLevel(logging.WARNING)
+    from dataclasses import replace
+
+    from freshrec.demo import load_named_dataset
+    from services.evaluation.replay import (
+        QUICK_SETTINGS,
+        ReplaySettings,
+        quick_dataset,
+        run_replay,
+    )
+    from services.evaluation.report import print_table, write_report
+
+    config = _config(workdir)
+    if quick:
+        data = quick_dataset()
+        settings = replace(
+            QUICK_SETTINGS,
+            windows=min(windows, QUICK_SETTINGS.windows),
+            torch_threads=threads or QUICK_SETTINGS.torch_threads,
+        )
+    else:
+        data = load_named_dataset(dataset, config, console.print)
+        settings = ReplaySettings(
+            windows=windows,
+            max_users_per_window=max_users or None,
+            holdout_users=max_users or None,
+            train_examples=train_examples or None,
+            torch_threads=threads,
+        )
+    result = run_replay(data, config, settings, say=console.print)
+    print_table(result, console)
+    target = report or Path(config.workdir) / "reports" / f"replay-{result.dataset}.png"
+    written = write_report(result, target)
+    console.print(f"report: {', '.join(str(p) for p in written)}")
+    if json_out:
+        print(json.dumps(result.summary()))
 
 
 def _print_steps(steps: dict[str, float]) -> None:
