@@ -133,6 +133,24 @@ class UpdaterConfig(_Section):
     )
 
 
+class IngestionConfig(_Section):
+    """Event hygiene on the LogEvents path (per ranking replica)."""
+
+    duplicate_window_seconds: float = Field(
+        2.0,
+        ge=0,
+        le=3600,
+        description="A repeat of the same (user, item, type) within this many seconds of the last "
+        "kept one is dropped as duplicate_window; 0 = off.",
+    )
+    max_events_per_user_per_minute: int = Field(
+        120,
+        ge=1,
+        description="A user's events beyond this many in a sliding minute are quarantined "
+        "(quarantined_rate): stored apart, never trained on.",
+    )
+
+
 class MaterializeConfig(_Section):
     """Which Feast compute engine loads the offline tables into the online store."""
 
@@ -243,6 +261,7 @@ class FreshRecConfig(BaseSettings):
     ranking: RankingConfig = Field(default_factory=RankingConfig)  # type: ignore[arg-type]
     updater: UpdaterConfig = Field(default_factory=UpdaterConfig)  # type: ignore[arg-type]
     security: SecurityConfig = Field(default_factory=SecurityConfig)  # type: ignore[arg-type]
+    ingestion: IngestionConfig = Field(default_factory=IngestionConfig)  # type: ignore[arg-type]
 
     @field_validator("project")
     @classmethod

@@ -47,6 +47,9 @@ def shop_config(workdir: Path, redis_url: str, **ranking: Any) -> FreshRecConfig
     return load_config(
         workdir,
         project=f"t_{uuid.uuid4().hex[:10]}",
+        # Test traffic is machine-made (bursts, repeats): hygiene is off here and tested on
+        # its own (tests/unit/test_ingestion_hygiene.py, test_ingestion_pipeline.py).
+        ingestion={"duplicate_window_seconds": 0, "max_events_per_user_per_minute": 1_000_000},
         redis_url=redis_url,
         online_store="redis",
         model={

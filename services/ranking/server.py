@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -155,7 +156,10 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         spool=spool,
         breaker=breaker,
         cache=reader,
-        hygiene=EventHygiene(),
+        hygiene=EventHygiene(
+            window=timedelta(seconds=config.ingestion.duplicate_window_seconds),
+            max_events_per_minute=config.ingestion.max_events_per_user_per_minute,
+        ),
         quarantine=OfflineEventLog(config.offline_dir / "quarantine"),
         ledger=RejectionLedger(config.offline_dir / REJECTIONS_FILE),
     )

@@ -156,6 +156,9 @@ def test_ranking_survives_a_redis_outage_and_loses_no_event(
     config = load_config(
         tmp_path / "work",
         project=f"outage_{uuid.uuid4().hex[:8]}",
+        # Test traffic is machine-made (bursts, repeats): hygiene is off here and tested on
+        # its own (tests/unit/test_ingestion_hygiene.py, test_ingestion_pipeline.py).
+        ingestion={"duplicate_window_seconds": 0, "max_events_per_user_per_minute": 1_000_000},
         redis_url=own_redis.url,
         online_store="redis",
         model={

@@ -73,6 +73,9 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     config = load_config(
         workdir,
         project=f"e2e_{uuid.uuid4().hex[:10]}",
+        # Test traffic is machine-made (bursts, repeats): hygiene is off here and tested on
+        # its own (tests/unit/test_ingestion_hygiene.py, test_ingestion_pipeline.py).
+        ingestion={"duplicate_window_seconds": 0, "max_events_per_user_per_minute": 1_000_000},
         redis_url=redis_url,
         online_store="redis",
         model={
