@@ -387,3 +387,20 @@ def test_dockerfile_installs_cpu_torch_before_the_project_and_runs_unprivileged(
     assert re.findall(r"^ENTRYPOINT (.+)$", text, re.M) == ['["freshrec"]']
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", ".freshrec"} <= ignored
+
+
+def test_the_ranking_deployment_is_autoscaled_on_cpu() -> None:
+    docs = [
+        doc
+        for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+    hpas = [d for d in docs if d.get("kind") == "HorizontalPodAutoscaler"]
+    assert len(hpas) == 1
+    hpa = hpas[0]["spec"]
+    target = hpa["scaleTargetRef"]
+    deployments = {d["metadata"]["name"] for d in docs if d.get("kind") == "Deployment"}
+    assert target["kind"] == "Deployment" and target["name"] == "ranking" in deployments
+    assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+    assert any(m["resource"]["name"] == "cpu" for m in hpa["metrics"] if m["type"] == "Resource")
