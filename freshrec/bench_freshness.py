@@ -42,15 +42,21 @@ def bench_freshness(
     from freshrec.data import load_dataset
     from freshrec.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, updater_pb2
     from services.features.feast_store import FeastFeatureStore
-    from services.jobs.bootstrap import bootstrap, read_online_store_choice
+
+    # A fresh workdir and Feast project every run: the benchmark adds items and events, and a
+    # second run must not find them already there.
+    from services.jobs.bootstrap import bootstrap, read_online_store_choice, remove_workdir
     from services.ranking.server import build_ranking
-    from services.registry import ModelRegistry
     from services.updater.server import build_updater
 
-    config = load_config(workdir, ranking={"exploration_rate": 0.0})
-    if ModelRegistry(config.registry_dir).champion("reranker") is None:
-        say(f"no models in {workdir}: bootstrapping the synthetic shop first")
-        bootstrap(config, load_dataset("synthetic", workdir / "cache"), announce=say)
+    remove_workdir(workdir)
+    config = load_config(
+        workdir,
+        project=f"freshrec_bench_{datetime.now(UTC):%Y%m%d%H%M%S}",
+        ranking={"exploration_rate": 0.0},
+    )
+    say(f"bootstrapping the synthetic shop into {workdir}")
+    bootstrap(config, load_dataset("synthetic", workdir / "cache"), announce=say, progress=False)
     if read_online_store_choice(config)["kind"] != "redis":
         raise RuntimeError("the freshness benchmark needs the Redis online store")
     rank_app = build_ranking(config, port=0)
@@ -167,26 +173,14 @@ def bench_freshness(
             )
             say(f"new item → recallable: p99 {_p(add_lat, 99)} ms ({len(add_lat)}/{new_items})")
 
-            # 3. events -> new model serving
-            batch_events = []
-            for n in range(update_events):
-                user = users[int(rng.integers(len(users)))]
-                item = catalog[int(rng.integers(len(catalog)))]
-                kind = ranking_pb2.EVENT_TYPE_CLICK if n % 4 else ranking_pb2.EVENT_TYPE_PURCHASE
-                batch_events.append(
-                    ranking_pb2.Event(
-                        event_id=f"bench-u-{uuid.uuid4().hex}",
-                        user_id=user,
-                        item_id=item,
-                        type=kind,
-                        timestamp=stamp(),
-                    )
-                )
-            for start in range(0, len(batch_events), 1000):
-                rank.LogEvents(
-                    ranking_pb2.LogEventsRequest(events=batch_events[start : start + 1000]),
-                    timeout=120,
-                )
+            # 3. events -> new model serving: the shop's own newer events (kept by init for
+            # replay, real spacing and signal), not random clicks a gate would rightly refuse.
+            from freshrec.demo import replay_events
+            from services.jobs.bootstrap import REPLAY_FILE
+
+            newer = pd.read_parquet(config.data_dir / REPLAY_FILE).head(update_events)
+            sent, _rejected = replay_events(rank, newer, batch=1000)
+            result.update(update_events_sent=len(newer), update_events_accepted=sent)
             t_last = time.perf_counter()
             before = rank.Recommend(
                 ranking_pb2.RecommendRequest(user_id=users[0], k=5)
