@@ -165,6 +165,19 @@ class ModelRegistry:
     def _set_champion(self, kind: str, version: str, action: str, reason: str) -> str | None:
         base = self._kind_dir(kind)
         previous = self.champion(kind)
+        if previous is not None and self._history_chain(kind)[-1:] != [previous]:
+            # A writer was killed after replacing CHAMPION and before its history line: write
+            # that line now, or the version would be missing from the chain rollback walks.
+            _append_line(
+                base / HISTORY,
+                {
+                    "at": datetime.now(UTC).isoformat(),
+                    "action": "promote",
+                    "version": previous,
+                    "previous": None,
+                    "reason": "recovered: CHAMPION was set but its history line was lost",
+                },
+            )
         tmp = base / f".{CHAMPION}.{uuid.uuid4().hex}"
         with tmp.open("w") as fh:
             fh.write(version + "\n")
@@ -215,6 +228,15 @@ class ModelRegistry:
     def champion_chain(self, kind: str) -> list[str]:
         """Champions in the order they were promoted, with rolled-back ones removed; it always
         ends at the current champion."""
+        chain = self._history_chain(kind)
+        current = self.champion(kind)
+        if current is not None and chain[-1:] != [current]:
+            # Killed after CHAMPION was replaced but before history.jsonl was appended: the
+            # pointer is the truth, so it tops the chain (the next change writes the line).
+            chain.append(current)
+        return chain
+
+    def _history_chain(self, kind: str) -> list[str]:
         chain: list[str] = []
         for rec in _read_lines(self._kind_dir(kind) / HISTORY):
             if rec.get("action") == "rollback":
@@ -224,11 +246,6 @@ class ModelRegistry:
                     chain.append(rec["version"])
             else:
                 chain.append(rec["version"])
-        current = self.champion(kind)
-        if current is not None and chain[-1:] != [current]:
-            # Killed after CHAMPION was replaced but before history.jsonl was appended: the
-            # pointer is the truth, so it tops the chain.
-            chain.append(current)
         return chain
 
     def champion_periods(self, kind: str) -> list[tuple[datetime, str]]:

@@ -244,3 +244,17 @@ def test_the_chain_ends_at_the_champion_even_when_history_lags(registry: ModelRe
     (registry.root / "reranker" / CHAMPION).write_text(v2 + "\n")  # killed before history
 
     assert registry.champion_chain("reranker") == ["v0001", v2]
+
+
+def test_a_promotion_after_a_lost_history_line_keeps_the_lost_champion_in_the_chain(
+    registry: ModelRegistry,
+) -> None:
+    registry.promote("reranker", _publish(registry))
+    v2 = _publish(registry)
+    (registry.root / "reranker" / CHAMPION).write_text(v2 + "\n")  # killed before history
+    v3 = _publish(registry)
+
+    registry.promote("reranker", v3)
+
+    assert registry.champion_chain("reranker") == ["v0001", v2, v3]
+    assert registry.rollback("reranker") == (v2, v3)
