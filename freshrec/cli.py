@@ -383,6 +383,35 @@ def data_import(
     )
 
 
+@data_app.command("report")
+def data_report(workdir: WorkdirOpt = Path(".freshrec")) -> None:
+    """What ingestion stored, dropped and quarantined, by day and reason."""
+    from services.ingestion.ledger import REJECTIONS_FILE, RejectionLedger
+    from services.ingestion.offline_log import OfflineEventLog
+
+    config = _config(workdir)
+    stored = OfflineEventLog(config.offline_dir).count()
+    quarantined = OfflineEventLog(config.offline_dir / "quarantine").count()
+    spool = config.workdir / "spool"
+    spooled = len(list(spool.glob("*.json"))) if spool.exists() else 0
+    console.print(
+        f"offline event log: {stored:,} events; quarantine: {quarantined:,}; "
+        f"spooled batches waiting for Redis: {spooled}"
+    )
+    totals = RejectionLedger(config.offline_dir / REJECTIONS_FILE).totals()
+    if not totals:
+        console.print("no event was dropped or quarantined")
+        return
+    reasons = sorted({r for day in totals.values() for r in day})
+    table = Table(title="dropped / quarantined events by day", title_justify="left")
+    table.add_column("date")
+    for reason in reasons:
+        table.add_column(reason, justify="right")
+    for day, counts in totals.items():
+        table.add_row(day, *(f"{counts.get(r, 0):,}" for r in reasons))
+    console.print(table)
+
+
 # -- demo ------------------------------------------------------------------------------------
 @app.command()
 def demo(
@@ -426,7 +455,7 @@ def bench_serving_cmd(
 
 @bench_app.command("freshness")
 def bench_freshness_cmd(
-    workdir: WorkdirOpt = Path(".freshrec/bench"),
+    workdir: WorkdirOpt = Path(".freshrec/bench-freshness"),
     events: Annotated[int, typer.Option(help="Clicks timed from LogEvents to the profile.")] = 500,
     new_items: Annotated[int, typer.Option(help="Items timed from UpsertItems to recall.")] = 30,
     update_events: Annotated[
