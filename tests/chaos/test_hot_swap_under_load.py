@@ -91,7 +91,9 @@ def _log_training_events(stack: Stack, n: int = 40) -> None:
             f"trainer-{k % 5}",
             stack.catalog[(7 * k + len(run)) % len(stack.catalog)],
             ranking_pb2.EVENT_TYPE_PURCHASE if k % 5 == 0 else ranking_pb2.EVENT_TYPE_CLICK,
-            now - timedelta(seconds=2 * (n - k)),
+            # A narrow span just before now: every round's events must fall after the previous
+            # champion's training window (a wide span overlapped it when updates ran fast).
+            now - timedelta(milliseconds=10 * (n - k)),
         )
         for k in range(n)
     ]

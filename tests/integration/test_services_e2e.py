@@ -327,7 +327,7 @@ def test_log_events_rejects_an_empty_batch(stack: Stack) -> None:
 
 
 def _log_fresh_positives(stack: Stack, n: int) -> None:
-    """`n` clicks/purchases by several users over the last few minutes, distinct timestamps."""
+    """`n` clicks/purchases by several users in the last moment, distinct timestamps."""
     users = [stack.user.user_id, *(f"shopper-{k}" for k in range(4))]
     now = datetime.now(UTC)
     run = uuid.uuid4().hex[:8]
@@ -337,7 +337,7 @@ def _log_fresh_positives(stack: Stack, n: int) -> None:
             users[k % len(users)],
             stack.catalog[(7 * k) % len(stack.catalog)],
             ranking_pb2.EVENT_TYPE_PURCHASE if k % 5 == 0 else ranking_pb2.EVENT_TYPE_CLICK,
-            now - timedelta(seconds=4 * (n - k)),
+            now - timedelta(milliseconds=10 * (n - k)),  # after any earlier training window
         )
         for k in range(n)
     ]
