@@ -56,7 +56,10 @@ def bench_freshness(
         ranking={"exploration_rate": 0.0},
     )
     say(f"bootstrapping the synthetic shop into {workdir}")
-    bootstrap(config, load_dataset("synthetic", workdir / "cache"), announce=say, progress=False)
+    # 1,500 shoppers x ~70 events: the newest 10% kept for replay is ~10k events, the batch
+    # size the "events -> new model serving" target speaks of.
+    shop = load_dataset("synthetic", workdir / "cache", n_users=1500, events_per_user=70.0)
+    bootstrap(config, shop, announce=say, progress=False)
     if read_online_store_choice(config)["kind"] != "redis":
         raise RuntimeError("the freshness benchmark needs the Redis online store")
     rank_app = build_ranking(config, port=0)
