@@ -45,12 +45,12 @@ def bench_serving(
     from freshrec.v1 import ranking_pb2
     from services.jobs.bootstrap import bootstrap
     from services.ranking.server import build_ranking
-    from services.registry import ModelRegistry
+    from services.registry import open_registry
 
     config = load_config(
         workdir, ranking={"recall_candidates": candidates, "exploration_rate": 0.0}
     )
-    if ModelRegistry(config.registry_dir).champion("reranker") is None:
+    if open_registry(config).champion("reranker") is None:
         say(f"no models in {workdir}: bootstrapping the synthetic shop first")
         bootstrap(config, load_dataset("synthetic", workdir / "cache"), announce=say)
     app = build_ranking(config, port=0)

@@ -255,6 +255,18 @@ class FreshRecConfig(BaseSettings):
         default_factory=list,
         description="More host:port startup nodes of the Redis Cluster besides redis_url's.",
     )
+    registry_url: str = Field(
+        "",
+        description="Model registry location: empty = <workdir>/registry on the (shared) "
+        "filesystem; s3://bucket/prefix = an S3-compatible object store, with <workdir>/registry "
+        "as the local cache of downloaded versions. Credentials come from the standard AWS "
+        "environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).",
+    )
+    s3_endpoint_url: str = Field(
+        "",
+        description="Endpoint of an S3-compatible store (MinIO, Ceph, ...), e.g. "
+        "http://minio:9000; empty = AWS S3. Used only with an s3:// registry_url.",
+    )
     materialize: MaterializeConfig = Field(default_factory=MaterializeConfig)  # type: ignore[arg-type]
     model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
     training: TrainingConfig = Field(default_factory=TrainingConfig)  # type: ignore[arg-type]
@@ -262,6 +274,15 @@ class FreshRecConfig(BaseSettings):
     updater: UpdaterConfig = Field(default_factory=UpdaterConfig)  # type: ignore[arg-type]
     security: SecurityConfig = Field(default_factory=SecurityConfig)  # type: ignore[arg-type]
     ingestion: IngestionConfig = Field(default_factory=IngestionConfig)  # type: ignore[arg-type]
+
+    @field_validator("registry_url")
+    @classmethod
+    def _registry_url_is_supported(cls, value: str) -> str:
+        if value and not (value.startswith("s3://") and value[5:].split("/", 1)[0]):
+            raise ValueError(
+                f"registry_url must be empty or s3://bucket[/prefix], got {value[:80]!r}"
+            )
+        return value
 
     @field_validator("project")
     @classmethod

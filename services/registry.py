@@ -9,6 +9,10 @@ Layout under `root/<kind>/` (kind = "reranker" | "index"):
 
 Publishing is `rename(staging, vNNNN)`: a reader sees a whole version or none. The champion
 pointer is written to a temp file, fsynced and `os.replace`d, so it never names a partial one.
+
+`open_registry(config)` picks the backend: this filesystem registry, or, for a
+`registry_url` of `s3://bucket/prefix`, `services.registry_s3.S3ModelRegistry` (same interface,
+the bucket is the truth and `config.registry_dir` its local cache).
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from freshrec.errors import ArtifactError, FailedPrecondition, InvalidArgument, NotFound
 from model.artifacts import Manifest, read_manifest, seal, verify
+
+if TYPE_CHECKING:
+    from freshrec.config import FreshRecConfig
 
 KINDS = ("reranker", "index")
 CHAMPION = "CHAMPION"
@@ -155,6 +162,7 @@ class ModelRegistry:
         return verify(path, kind)
 
     def champion(self, kind: str) -> str | None:
+        """The current champion's version name, or None before the first promote."""
         path = self._kind_dir(kind) / CHAMPION
         try:
             name = path.read_text().strip()
@@ -162,14 +170,32 @@ class ModelRegistry:
             return None
         return name or None
 
-    def _set_champion(self, kind: str, version: str, action: str, reason: str) -> str | None:
+    # Storage hooks: the champion pointer and the append-only records. S3ModelRegistry overrides
+    # these (and the version I/O) and inherits the champion/rollback/status logic unchanged.
+    def _write_champion(self, kind: str, version: str) -> None:
         base = self._kind_dir(kind)
+        tmp = base / f".{CHAMPION}.{uuid.uuid4().hex}"
+        with tmp.open("w") as fh:
+            fh.write(version + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, base / CHAMPION)
+        _fsync_dir(base)
+
+    def _append_record(self, kind: str, log_name: str, record: dict[str, Any]) -> None:
+        _append_line(self._kind_dir(kind) / log_name, record)
+
+    def _read_records(self, kind: str, log_name: str) -> list[dict[str, Any]]:
+        return _read_lines(self._kind_dir(kind) / log_name)
+
+    def _set_champion(self, kind: str, version: str, action: str, reason: str) -> str | None:
         previous = self.champion(kind)
         if previous is not None and self._history_chain(kind)[-1:] != [previous]:
             # A writer was killed after replacing CHAMPION and before its history line: write
             # that line now, or the version would be missing from the chain rollback walks.
-            _append_line(
-                base / HISTORY,
+            self._append_record(
+                kind,
+                HISTORY,
                 {
                     "at": datetime.now(UTC).isoformat(),
                     "action": "promote",
@@ -178,15 +204,10 @@ class ModelRegistry:
                     "reason": "recovered: CHAMPION was set but its history line was lost",
                 },
             )
-        tmp = base / f".{CHAMPION}.{uuid.uuid4().hex}"
-        with tmp.open("w") as fh:
-            fh.write(version + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, base / CHAMPION)
-        _fsync_dir(base)
-        _append_line(
-            base / HISTORY,
+        self._write_champion(kind, version)
+        self._append_record(
+            kind,
+            HISTORY,
             {
                 "at": datetime.now(UTC).isoformat(),
                 "action": action,
@@ -238,7 +259,7 @@ class ModelRegistry:
 
     def _history_chain(self, kind: str) -> list[str]:
         chain: list[str] = []
-        for rec in _read_lines(self._kind_dir(kind) / HISTORY):
+        for rec in self._read_records(kind, HISTORY):
             if rec.get("action") == "rollback":
                 while chain and chain[-1] != rec["version"]:
                     chain.pop()
@@ -252,15 +273,16 @@ class ModelRegistry:
         """(since, version) for every champion change, oldest first (promotes and rollbacks)."""
         return [
             (datetime.fromisoformat(rec["at"]), str(rec["version"]))
-            for rec in _read_lines(self._kind_dir(kind) / HISTORY)
+            for rec in self._read_records(kind, HISTORY)
             if "at" in rec and "version" in rec
         ]
 
     def record_decision(
         self, kind: str, version: str, decision: str, detail: dict[str, Any]
     ) -> None:
-        _append_line(
-            self._kind_dir(kind) / DECISIONS,
+        self._append_record(
+            kind,
+            DECISIONS,
             {
                 "at": datetime.now(UTC).isoformat(),
                 "version": version,
@@ -272,10 +294,10 @@ class ModelRegistry:
     def list_versions(self, kind: str) -> list[VersionEntry]:
         """Every published version with its status, oldest first."""
         champion = self.champion(kind)
-        ever = {rec["version"] for rec in _read_lines(self._kind_dir(kind) / HISTORY)}
+        ever = {rec["version"] for rec in self._read_records(kind, HISTORY)}
         rejected = {
             rec["version"]
-            for rec in _read_lines(self._kind_dir(kind) / DECISIONS)
+            for rec in self._read_records(kind, DECISIONS)
             if rec.get("decision") == "rejected"
         }
         out = []
@@ -294,3 +316,18 @@ class ModelRegistry:
                 status = "published"
             out.append(VersionEntry(manifest, status))
         return out
+
+
+def open_registry(config: FreshRecConfig) -> ModelRegistry:
+    """The registry `config` names: `registry_url` empty = the filesystem at
+    `config.registry_dir`; `s3://bucket/prefix` = that object store, cached in `registry_dir`.
+
+    No I/O happens here; the first call that needs the store connects.
+    """
+    if not config.registry_url:
+        return ModelRegistry(config.registry_dir)
+    from services.registry_s3 import S3ModelRegistry  # boto3 is only needed for S3
+
+    return S3ModelRegistry.from_url(
+        config.registry_url, config.registry_dir, endpoint_url=config.s3_endpoint_url or None
+    )

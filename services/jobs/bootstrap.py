@@ -30,7 +30,7 @@ from services.common.privacy import Pseudonymizer, pseudonymizer
 from services.features.profiles import build_item_features, build_user_profiles, item_from_row
 from services.features.store import OnlineStoreChoice, prepare_feature_store
 from services.ingestion.offline_log import OfflineEventLog
-from services.registry import ModelRegistry
+from services.registry import open_registry
 from services.updater.examples import Window
 from services.updater.job import JobOutcome, RerankerFactory, run_training
 
@@ -161,7 +161,7 @@ def bootstrap(
     )
 
     t = clock()
-    registry = ModelRegistry(config.registry_dir)
+    registry = open_registry(config)
     encoder = encoder or TextEncoder.from_pretrained(config.model.base_model or None)
     rows: list[dict[str, Any]] = item_rows.to_dict("records")  # type: ignore[assignment]
     catalog = {str(r["item_id"]): item_from_row(r) for r in rows}

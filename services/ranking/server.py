@@ -53,7 +53,7 @@ from services.jobs.bootstrap import read_online_store_choice
 from services.ranking.models import ModelHolder
 from services.ranking.pipeline import PipelineSettings, RankingPipeline, RecommendInput
 from services.ranking.servicer import RankingServicer
-from services.registry import ModelRegistry
+from services.registry import open_registry
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         quarantine=OfflineEventLog(config.offline_dir / "quarantine"),
         ledger=RejectionLedger(config.offline_dir / REJECTIONS_FILE),
     )
-    registry = ModelRegistry(config.registry_dir)
+    registry = open_registry(config)
     holder = ModelHolder(
         registry,
         lambda path: CrossEncoderReranker.from_pretrained(
@@ -175,7 +175,8 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     holder.start()
     if not holder.ready:
         raise FailedPrecondition(
-            f"no champion model/index under {config.registry_dir}: run `freshrec init` first"
+            f"no champion model/index under {config.registry_url or config.registry_dir}: "
+            "run `freshrec init` first"
         )
     settings = PipelineSettings(
         recall_candidates=config.ranking.recall_candidates,

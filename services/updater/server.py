@@ -10,7 +10,7 @@ from freshrec.v1 import updater_pb2, updater_pb2_grpc
 from services.common.auth import TokenAuthInterceptor, server_credentials, updater_token
 from services.common.server import ServerHandle, create_server
 from services.ingestion.offline_log import OfflineEventLog
-from services.registry import ModelRegistry
+from services.registry import open_registry
 from services.updater.job import RerankerFactory
 from services.updater.service import UpdaterServicer
 from services.updater.triggers import TriggerScheduler
@@ -41,7 +41,7 @@ def build_updater(
     config: FreshRecConfig, port: int | None = None, load_reranker: RerankerFactory | None = None
 ) -> UpdaterApp:
     """Start an updater server for `config.workdir`; cleans staging left by a killed run."""
-    registry = ModelRegistry(config.registry_dir)
+    registry = open_registry(config)
     for kind in ("reranker", "index"):
         if removed := registry.clean_staging(kind):
             log.warning("removed %d unfinished %s staging directories", removed, kind)
