@@ -65,12 +65,17 @@ class EventHygiene:
             self._touch(self._recent, row.user_id)
             while recent and row.timestamp - recent[0][0] >= minute:
                 recent.popleft()
-            # A re-sent event (same id) is the id de-duplicator's business, not a new event.
-            if not any(event_id == row.event_id for _, event_id in recent):
+            # A re-sent event (same id) is the id de-duplicator's business, not a new event:
+            # it neither counts towards the rate nor is quarantined.
+            resent = any(event_id == row.event_id for _, event_id in recent)
+            if not resent:
                 recent.append((row.timestamp, row.event_id))
-            if sum(1 for ts, _ in recent if ts <= row.timestamp) > self.max_events_per_minute:
-                quarantined.append(row)
-                continue
+                in_minute = sum(
+                    1 for ts, _ in recent if row.timestamp - minute < ts <= row.timestamp
+                )
+                if in_minute > self.max_events_per_minute:
+                    quarantined.append(row)
+                    continue
             key = (row.user_id, row.item_id, row.event_type)
             last = self._last.get(key)
             if (

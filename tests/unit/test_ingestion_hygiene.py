@@ -61,3 +61,13 @@ def test_a_resent_event_is_left_to_the_id_deduplicator() -> None:
     assert len(hygiene.check(batch).kept) == 3
     again = hygiene.check(batch)  # a client retry: same ids, neither "window" nor "robot"
     assert len(again.kept) == 3 and not again.duplicates and not again.quarantined
+
+
+def test_a_late_event_is_counted_in_its_own_minute_and_resends_never_quarantine() -> None:
+    hygiene = EventHygiene(window=timedelta(0), max_events_per_minute=3)
+    burst = [_row(n, item=f"i{n}", at=600 + n) for n in range(3)]  # 3 in minute ten: allowed
+    assert len(hygiene.check(burst).kept) == 3
+    late = hygiene.check([_row(99, item="x", at=0)])  # ten minutes earlier: its minute is empty
+    assert len(late.kept) == 1 and not late.quarantined
+    again = hygiene.check([*burst, _row(99, item="x", at=0)])  # all re-sent
+    assert len(again.kept) == 4 and not again.quarantined
