@@ -37,7 +37,7 @@ from services.ranking.pipeline import (
     ServingModels,
 )
 from services.registry import ModelRegistry
-from services.updater.examples import Positive, Window, sample
+from services.updater.examples import Positive, Window, sample_mix
 from services.updater.job import run_training
 
 RerankerLoader = Callable[[str], CrossEncoderReranker]
@@ -216,10 +216,14 @@ class RerankerTrainer:
         started = time.perf_counter()
         tcfg = self.tcfg
         rng = np.random.default_rng(seed)
-        n_pos_cap = max(1, tcfg.max_examples // (1 + tcfg.negatives_per_positive))
-        n_replay = int(n_pos_cap * tcfg.replay_fraction) if replay is not None else 0
-        train_pos = sample(list(new), n_pos_cap - n_replay, rng)
-        replay_pos = sample(list(replay or []), n_replay, rng)
+        train_pos, replay_pos = sample_mix(
+            list(new),
+            list(replay) if replay is not None else None,
+            tcfg.max_examples,
+            tcfg.negatives_per_positive,
+            tcfg.replay_fraction,
+            rng,
+        )
         if not train_pos:
             return UpdateStats(seconds=time.perf_counter() - started)
         pairs = make_pairs(train_pos + replay_pos, catalog, tcfg.negatives_per_positive, rng)

@@ -77,6 +77,25 @@ def positives_in_windows(
     return out
 
 
+def sample_mix(
+    new: list[Positive],
+    replay: list[Positive] | None,
+    max_examples: int,
+    negatives_per_positive: int,
+    replay_fraction: float,
+    rng: np.random.Generator,
+) -> tuple[list[Positive], list[Positive]]:
+    """An update's positives: the pair budget (`max_examples` pairs, each positive bringing
+    `negatives_per_positive` negatives) split between new data and a replay of older history.
+
+    Returns:
+        (new positives, replayed positives), each sampled without replacement in time order.
+    """
+    cap = max(1, max_examples // (1 + negatives_per_positive))
+    n_replay = int(cap * replay_fraction) if replay is not None else 0
+    return sample(new, cap - n_replay, rng), sample(replay or [], n_replay, rng)
+
+
 def sample(positives: list[Positive], n: int, rng: np.random.Generator) -> list[Positive]:
     """At most `n` positives, drawn without replacement, kept in time order."""
     if len(positives) <= n:

@@ -26,7 +26,7 @@ from model.artifacts import Manifest
 from model.reranker import CrossEncoderReranker, pretrained_path
 from model.training import TrainParams, evaluate, make_eval_groups, make_pairs, train
 from services.registry import ModelRegistry
-from services.updater.examples import Window, positives_in_windows, sample
+from services.updater.examples import Window, positives_in_windows, sample, sample_mix
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,14 @@ def run_training(
     if replay_window is not None:
         windows["replay"] = replay_window
     positives = positives_in_windows(events, items, windows)
-    n_pos_cap = max(1, tcfg.max_examples // (1 + tcfg.negatives_per_positive))
-    n_replay = int(n_pos_cap * tcfg.replay_fraction) if replay_window is not None else 0
-    train_pos = sample(positives["train"], n_pos_cap - n_replay, rng)
-    replay_pos = sample(positives.get("replay", []), n_replay, rng)
+    train_pos, replay_pos = sample_mix(
+        positives["train"],
+        positives["replay"] if replay_window is not None else None,
+        tcfg.max_examples,
+        tcfg.negatives_per_positive,
+        tcfg.replay_fraction,
+        rng,
+    )
     holdout_pos = sample(positives["holdout"], EVAL_GROUPS, rng)
     if len(train_pos) < config.updater.min_new_events and parent is not None:
         return JobOutcome(

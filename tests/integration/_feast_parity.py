@@ -9,7 +9,12 @@ import pandas as pd
 
 from freshrec.config import FreshRecConfig
 from freshrec.data.synthetic import generate_shop
-from services.features.profiles import build_item_features, build_user_profiles
+from services.features.profiles import (
+    ITEM_FEATURES,
+    USER_PROFILE_FEATURES,
+    build_item_features,
+    build_user_profiles,
+)
 from services.features.store import (
     OnlineStoreChoice,
     apply_feature_repo,
@@ -19,29 +24,8 @@ from services.features.store import (
     write_offline_tables,
 )
 
-USER_FEATURES = [
-    "recent_items",
-    "recent_text",
-    "top_categories",
-    "category_scores",
-    "purchased_items",
-    "clicks",
-    "add_to_carts",
-    "purchases",
-    "events_total",
-    "last_seen",
-]
-ITEM_FEATURES = [
-    "title",
-    "text",
-    "category",
-    "brand",
-    "price",
-    "popularity_7d",
-    "popularity_30d",
-    "created_at",
-    "in_stock",
-]
+# The views' feature names, as the code that builds and reads them defines them.
+USER_FEATURES = USER_PROFILE_FEATURES
 
 
 def small_shop() -> tuple[pd.DataFrame, pd.DataFrame, datetime]:
