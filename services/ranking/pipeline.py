@@ -78,6 +78,9 @@ class Recommendation:
     degraded_reason: str = ""
     cold_start: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # The re-ranker's relevance for every candidate it scored (not only the k returned), for
+    # the served-score log; empty when the answer was not re-ranked (fallback, recall order).
+    relevance: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
 
 @dataclass(frozen=True)
@@ -320,7 +323,7 @@ class RankingPipeline:
         frozen_exclude = frozenset(exclude)
         cold = profile is None and not reasons
 
-        def answer(items: list[ScoredItem]) -> Recommendation:
+        def answer(items: list[ScoredItem], relevance: np.ndarray | None = None) -> Recommendation:
             timings["total"] = (clock() - t0) * 1e3
             return Recommendation(
                 items,
@@ -330,6 +333,7 @@ class RankingPipeline:
                 reasons[0] if reasons else "",
                 cold,
                 timings,
+                relevance if relevance is not None else np.zeros(0, dtype=np.float32),
             )
 
         t = clock()
@@ -355,4 +359,4 @@ class RankingPipeline:
         if len(final) < req.k:  # a thin recall: top up with popular items
             have = frozen_exclude | {s.item_id for s in final}
             final += self.fallback(models, req.k - len(final), have, reasons)
-        return answer(final)
+        return answer(final, relevance)
