@@ -87,6 +87,12 @@ class RankingConfig(_Section):
     exclude_purchased: bool = Field(True, description="Never recommend what the user bought.")
     registry_poll_seconds: float = Field(1.0, gt=0, description="How often to look for a champion.")
     workers: int = Field(8, ge=1, le=256, description="gRPC worker threads.")
+    score_log_seconds: float = Field(
+        10,
+        ge=0,
+        description="Flush period of the served-score log (per-minute relevance histograms in "
+        "`<workdir>/offline/served_scores/`, the updater's score_psi); 0 = off.",
+    )
 
 
 class UpdaterConfig(_Section):
@@ -124,6 +130,18 @@ class UpdaterConfig(_Section):
     )
     category_psi_threshold: float = Field(
         0.25, ge=0, description="Update when the category mix's PSI exceeds this; 0 = off."
+    )
+    score_window_minutes: float = Field(
+        60,
+        gt=0,
+        description="score_psi compares the champion's served relevance in this many last "
+        "minutes with what it served before, since its promotion.",
+    )
+    score_psi_threshold: float = Field(
+        0.25,
+        ge=0,
+        description="Update when the PSI of the champion's served relevance (score_psi) "
+        "exceeds this; 0 = off.",
     )
     drift_cooldown_seconds: float = Field(
         3600,

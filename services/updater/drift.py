@@ -1,8 +1,9 @@
-"""Drift signals over the offline event log: pure functions of frames (no I/O).
+"""Drift signals over the offline event log and the served-score histograms: pure (no I/O).
 
-Time is the log's own: "recent" means the `window` before the newest event's timestamp, so a
-replayed historical data set and a live stream are measured alike. The champion's reference
-window is the `window` before the end of its training data (`manifest.data_window["end"]`).
+Time is the log's own (score_psi aside): "recent" means the `window` before the newest event's
+timestamp, so a replayed historical data set and a live stream are measured alike. The
+champion's reference window is the `window` before the end of its training data
+(`manifest.data_window["end"]`).
 
 Signals (all floats, NaN-free; a signal without data is left out of the dict):
     new_item_share: share of recent events on items created after the champion's data ended
@@ -14,9 +15,15 @@ Signals (all floats, NaN-free; a signal without data is left out of the dict):
         not record which version answered a request id, so a late event counts for whichever
         version was champion when it arrived;
     category_psi: population stability index of the events' item categories, recent vs
-        reference (0 = same mix; > 0.25 is the usual "significant shift").
-Score distribution shift is not computed: the ranking service keeps no served scores, and
-re-scoring a window would cost a BERT pass per pair, which is training-sized work.
+        reference (0 = same mix; > 0.25 is the usual "significant shift");
+    score_psi: PSI of the relevance the champion served (20 bins on [0, 1]) in the last
+        `UpdaterConfig.score_window_minutes` vs what it served from its promotion until that
+        window began (`champion_score_psi`). Unlike the signals above, it is measured on
+        serving wall-clock time, not the event log's time, and on the relevance of every
+        candidate the re-ranker scored (not only the k returned); popular-item fallbacks (cold
+        start, outages) add nothing. Left out until the champion has served longer than the
+        window with at least `MIN_SCORES` scores on each side. The ranking replicas write the
+        histograms (services/common/served_scores.py); the updater reads them.
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
+import numpy as np
 import pandas as pd
 
 _PSI_FLOOR = 1e-4  # a category absent on one side contributes a bounded term
+MIN_SCORES = 500  # fewer scores on a side of score_psi: too noisy over 20 bins, left out
 
 
 def _utc(value: datetime | pd.Timestamp) -> pd.Timestamp:
@@ -71,6 +80,68 @@ def category_psi(
     return psi
 
 
+def _psi(p: np.ndarray, q: np.ndarray) -> float:
+    a, b = np.maximum(p, _PSI_FLOOR), np.maximum(q, _PSI_FLOOR)
+    return float(np.sum((a - b) * np.log(a / b)))
+
+
+def score_psi(recent_counts: np.ndarray, reference_counts: np.ndarray) -> float | None:
+    """PSI of two score histograms over the same bins (None if a side is empty).
+
+    Raises:
+        ValueError: the histograms have different shapes.
+    """
+    recent = np.asarray(recent_counts, dtype=np.float64)
+    reference = np.asarray(reference_counts, dtype=np.float64)
+    if recent.shape != reference.shape:
+        raise ValueError(
+            f"score histograms must have the same bins, got {recent.shape} and {reference.shape}"
+        )
+    if recent.sum() <= 0 or reference.sum() <= 0:
+        return None
+    return _psi(recent / recent.sum(), reference / reference.sum())
+
+
+def champion_score_psi(
+    histograms: Sequence[tuple[int, np.ndarray]],
+    since: datetime,
+    now: datetime,
+    window: timedelta,
+    min_count: int = MIN_SCORES,
+) -> float | None:
+    """PSI of the champion's served scores: the last `window` vs its earlier serving time.
+
+    Minutes are whole: minute m (since the epoch) covers [60 m, 60 m + 60) s. Recent = minutes
+    from the one holding `now - window` on; reference = minutes from the one holding `since`
+    up to recent's first.
+
+    Args:
+        histograms: the champion's (minute, counts) lines, in any order, repeats summed.
+        since: when the version last became champion (registry.champion_periods).
+        now: the current wall-clock time.
+        window: length of the recent window.
+        min_count: least scores on each side.
+
+    Returns:
+        The PSI, or None when the champion became champion inside the recent window or a
+        side holds fewer than `min_count` scores.
+    """
+    first = int(_utc(since).timestamp() // 60)
+    cut = int((_utc(now) - window).timestamp() // 60)
+    if first >= cut or not histograms:
+        return None
+    bins = len(histograms[0][1])
+    recent, reference = np.zeros(bins), np.zeros(bins)
+    for minute, counts in histograms:
+        if minute >= cut:
+            recent += counts
+        elif minute >= first:
+            reference += counts
+    if recent.sum() < min_count or reference.sum() < min_count:
+        return None
+    return score_psi(recent, reference)
+
+
 def ctr_by_version(
     events: pd.DataFrame, periods: Sequence[tuple[datetime, str]]
 ) -> dict[str, float]:
@@ -108,6 +179,7 @@ def drift_signals(
     created_at: Mapping[str, pd.Timestamp],
     category: Mapping[str, str],
     periods: Sequence[tuple[datetime, str]] = (),
+    served_score_psi: float | None = None,
 ) -> dict[str, float]:
     """Every signal of the module docstring that the data supports.
 
@@ -118,8 +190,12 @@ def drift_signals(
         window: length of the recent and reference windows.
         created_at, category: item_id -> created_at / category.
         periods: champion changes for `ctr:<version>` (see `ctr_by_version`).
+        served_score_psi: `champion_score_psi` of the served-score log, reported as
+            `score_psi` (even without events: it does not come from the event log); None = none.
     """
     signals: dict[str, float] = {}
+    if served_score_psi is not None:
+        signals["score_psi"] = served_score_psi
     if events.empty:
         return signals
     stamps = pd.to_datetime(events["timestamp"], utc=True)

@@ -29,6 +29,7 @@ THRESHOLDS = (
     ("new_item_share", "new_item_share_threshold"),
     ("ctr_drop", "ctr_drop_threshold"),
     ("category_psi", "category_psi_threshold"),
+    ("score_psi", "score_psi_threshold"),
 )
 
 

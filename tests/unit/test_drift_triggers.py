@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -12,10 +13,12 @@ from freshrec.config import UpdaterConfig
 from freshrec.errors import FailedPrecondition
 from services.updater.drift import (
     category_psi,
+    champion_score_psi,
     ctr,
     ctr_by_version,
     drift_signals,
     new_item_share,
+    score_psi,
 )
 from services.updater.triggers import Decision, TriggerScheduler, crossed, decide
 
@@ -111,6 +114,72 @@ def test_drift_signals_do_not_mutate_their_input() -> None:
     pd.testing.assert_frame_equal(frame, before)
 
 
+# -- score_psi: the champion's served relevance, recent vs earlier ---------------------------
+
+CALM = np.array([0, 1, 3, 6, 10, 14, 16, 14, 10, 6, 3, 1, 0, 0, 0, 0, 0, 0, 0, 0])  # low scores
+SHIFTED = CALM[::-1].copy()  # the same shape, at the top of [0, 1]
+
+
+def _minute(at: datetime) -> int:
+    return int(at.timestamp() // 60)
+
+
+def _served(start: datetime, minutes: int, counts: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """One histogram line per minute from `start` on."""
+    return [(_minute(start) + i, counts.copy()) for i in range(minutes)]
+
+
+def test_score_psi_is_zero_for_the_same_distribution_and_large_for_a_shift() -> None:
+    assert score_psi(CALM, CALM) == pytest.approx(0.0)
+    assert score_psi(CALM * 7, CALM) == pytest.approx(0.0)  # proportions, not totals
+    assert score_psi(SHIFTED, CALM) > 5
+    half = np.where(np.arange(20) % 2 == 0, CALM, 0)
+    assert 0.25 < (score_psi(half, CALM) or 0) < (score_psi(SHIFTED, CALM) or 0)
+    assert score_psi(np.zeros(20), CALM) is None
+    with pytest.raises(ValueError, match="same bins"):
+        score_psi(CALM[:10], CALM)
+
+
+def test_champion_score_psi_compares_the_last_window_with_the_time_before() -> None:
+    since, now, window = T0, T0 + timedelta(hours=3), timedelta(hours=1)
+    reference = _served(since, 120, CALM)  # T0 .. T0 + 2 h, 84 scores a minute
+    same = _served(now - window, 60, CALM)
+    assert champion_score_psi(reference + same, since, now, window) == pytest.approx(0.0)
+    shifted = _served(now - window, 60, SHIFTED)
+    psi = champion_score_psi(shifted + reference, since, now, window)  # order does not matter
+    assert psi is not None and psi > 5
+    # Served by the same version before `since` (an earlier stint as champion): ignored.
+    earlier = _served(since - timedelta(hours=5), 60, SHIFTED)
+    assert champion_score_psi(earlier + reference + same, since, now, window) == pytest.approx(0)
+    # The minute holding `now - window` is recent: a shifted one there is counted as recent.
+    boundary = [(_minute(now - window), SHIFTED * 1000)]
+    assert (champion_score_psi(reference + same + boundary, since, now, window) or 0) > 1
+
+
+def test_champion_score_psi_needs_enough_scores_and_serving_time() -> None:
+    since, now, window = T0, T0 + timedelta(hours=3), timedelta(hours=1)
+    reference, recent = _served(since, 120, CALM), _served(now - window, 60, SHIFTED)
+    assert int(CALM.sum()) * 60 == 5040  # scores in the recent hour
+    assert champion_score_psi(reference + recent, since, now, window, min_count=5040) is not None
+    assert champion_score_psi(reference + recent, since, now, window, min_count=5041) is None
+    assert champion_score_psi(reference + recent[:5], since, now, window) is None  # 420 < 500
+    assert champion_score_psi(reference[:4] + recent, since, now, window) is None
+    assert champion_score_psi([], since, now, window) is None
+    # Promoted 30 minutes ago with a 60-minute window: nothing served before the window.
+    young = now - timedelta(minutes=30)
+    assert champion_score_psi(_served(young, 30, SHIFTED), young, now, window) is None
+    assert champion_score_psi(reference + recent, now - window, now, window) is None
+
+
+def test_drift_signals_report_score_psi_when_given() -> None:
+    frame = _events([("old", "impression", 1), ("new", "click", 30)])
+    args = (frame, T0 + timedelta(hours=2), timedelta(hours=24), CREATED, CATEGORY)
+    assert "score_psi" not in drift_signals(*args)
+    assert drift_signals(*args, served_score_psi=0.4)["score_psi"] == 0.4
+    empty = drift_signals(frame.iloc[0:0], None, timedelta(hours=1), {}, {}, (), 0.1)
+    assert empty == {"score_psi": 0.1}  # served scores need no events
+
+
 # -- the trigger rule ------------------------------------------------------------------------
 
 CONFIG = UpdaterConfig(
@@ -144,6 +213,15 @@ def test_threshold_crossed_triggers() -> None:
     assert _decide({"ctr_drop": 0.2}).trigger  # at the threshold counts
 
 
+def test_score_psi_crossing_its_threshold_triggers() -> None:
+    decision = _decide({"score_psi": 0.31})
+    assert decision.trigger and decision.reason == "drift: score_psi 0.310 >= 0.25"
+    assert "score_psi >= 0.25" in decision.next_trigger
+    assert not _decide({"score_psi": 0.2}).trigger
+    off = CONFIG.model_copy(update={"score_psi_threshold": 0})
+    assert not _decide({"score_psi": 9.0}, config=off).trigger
+
+
 def test_disabled_threshold_never_triggers() -> None:
     assert crossed({"category_psi": 50.0}, CONFIG) == []
     assert not _decide({"category_psi": 50.0}).trigger
@@ -172,7 +250,12 @@ def test_schedule_triggers_when_due() -> None:
 
 
 def test_next_trigger_says_when_everything_is_off() -> None:
-    off = UpdaterConfig(new_item_share_threshold=0, ctr_drop_threshold=0, category_psi_threshold=0)
+    off = UpdaterConfig(
+        new_item_share_threshold=0,
+        ctr_drop_threshold=0,
+        category_psi_threshold=0,
+        score_psi_threshold=0,
+    )
     assert _decide({}, config=off).next_trigger == "no schedule; no drift triggers"
 
 
