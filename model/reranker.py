@@ -8,6 +8,8 @@ Saved and loaded as safetensors (no pickle).
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -27,13 +29,23 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from model.device import autocast_dtype, resolve_device
+from model.device import CpuDtype, autocast_dtype, resolve_device
+from model.split_encoder import (
+    JOINT_LAYERS_ATTR,
+    USER_LEN_ATTR,
+    SplitEncoder,
+    SplitLayout,
+    segment_tensors,
+)
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
 
 TOKEN_CACHE_SIZE = 200_000  # texts; ~60 ids each, a few hundred MB at most for a big catalogue
+# Item-side states of the split re-ranker (model/split_encoder.py): ~32 tokens x 384 x 2 bytes
+# (bf16) = 24 KiB an item, so 100k items ~2.4 GB. Past the bound the oldest entries go first.
+ITEM_STATE_CACHE_SIZE = 100_000
 
 
 def _truncated_lengths(n_first: int, n_second: int, budget: int) -> tuple[int, int]:
@@ -58,7 +70,14 @@ def pretrained_path(base_model: str = "") -> Path:
 
 
 class CrossEncoderReranker:
-    """Scores (user text, item text) pairs with a BERT sequence-classification model."""
+    """Scores (user text, item text) pairs with a BERT sequence-classification model.
+
+    Two architectures over the same BERT weights, recorded in the saved model's config.json so
+    a version is always served the way it was trained:
+    - full cross-encoder (`joint_layers` None): `[CLS] user [SEP] item [SEP]` through every layer;
+    - split (`joint_layers` = n): user and item apart below the top n layers, jointly in them;
+      item-side states are cached per item text (model/split_encoder.py).
+    """
 
     def __init__(
         self,
@@ -66,14 +85,47 @@ class CrossEncoderReranker:
         tokenizer: PreTrainedTokenizerBase,
         max_length: int = 64,
         device: torch.device | None = None,
-        cpu_dtype: Literal["fp32", "bf16"] = "fp32",
+        cpu_dtype: CpuDtype = "fp32",
+        joint_layers: int | None = None,
     ) -> None:
+        """Args:
+        joint_layers: for a model without a recorded architecture (the pretrained backbone),
+            None = full cross-encoder, n = split with n joint top layers. A saved model's own
+            record wins.
+        """
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.cpu_dtype = cpu_dtype
         self._token_cache: dict[str, list[int]] = {}
+        self._item_states: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._state_lock = threading.Lock()
+        recorded = getattr(model.config, JOINT_LAYERS_ATTR, None)
+        joint = int(recorded) if recorded else joint_layers
+        self.split: SplitEncoder | None = None
+        if joint:
+            user_len = getattr(model.config, USER_LEN_ATTR, None)
+            layout = SplitLayout.for_max_length(max_length, int(user_len) if user_len else None)
+            self.split = SplitEncoder(model, min(joint, self.num_layers), layout)
+            setattr(model.config, JOINT_LAYERS_ATTR, self.split.joint_layers)
+            setattr(model.config, USER_LEN_ATTR, layout.user_len)
+
+    def __getstate__(self) -> dict[str, object]:
+        """Copies (deepcopy, pickling) get a fresh lock and an empty item-state cache."""
+        state = self.__dict__.copy()
+        state["_state_lock"] = None
+        state["_item_states"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._state_lock = threading.Lock()
+
+    @property
+    def architecture(self) -> str:
+        """ "cross" or "split-<joint layers>" (manifests, logs, benchmarks)."""
+        return "cross" if self.split is None else f"split-{self.split.joint_layers}"
 
     @classmethod
     def from_pretrained(
@@ -81,17 +133,22 @@ class CrossEncoderReranker:
         path: Path | str,
         max_length: int = 64,
         device: Literal["auto", "cpu", "cuda"] = "auto",
-        cpu_dtype: Literal["fp32", "bf16"] = "fp32",
+        cpu_dtype: CpuDtype = "fp32",
+        joint_layers: int | None = None,
     ) -> CrossEncoderReranker:
-        """Load a saved re-ranker (or the pretrained backbone, which gets a fresh head)."""
+        """Load a saved re-ranker (or the pretrained backbone, which gets a fresh head).
+
+        `joint_layers` applies to the pretrained backbone only (see `__init__`)."""
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = BertForSequenceClassification.from_pretrained(
             str(path), num_labels=1, use_safetensors=True
         )
-        return cls(model, tokenizer, max_length, resolve_device(device), cpu_dtype)
+        return cls(model, tokenizer, max_length, resolve_device(device), cpu_dtype, joint_layers)
 
     @classmethod
-    def tiny(cls, seed: int = 0, max_length: int = 32) -> CrossEncoderReranker:
+    def tiny(
+        cls, seed: int = 0, max_length: int = 32, joint_layers: int | None = None
+    ) -> CrossEncoderReranker:
         """A small randomly initialised BERT with the real tokenizer, for fast tests."""
         torch.manual_seed(seed)
         config = BertConfig(  # type: ignore[call-arg]
@@ -104,7 +161,8 @@ class CrossEncoderReranker:
             num_labels=1,
         )
         tokenizer = AutoTokenizer.from_pretrained(str(pretrained_path()))
-        return cls(BertForSequenceClassification(config), tokenizer, max_length)
+        model = BertForSequenceClassification(config)
+        return cls(model, tokenizer, max_length, joint_layers=joint_layers)
 
     @property
     def num_layers(self) -> int:
@@ -114,6 +172,8 @@ class CrossEncoderReranker:
         self, user_texts: Sequence[str], item_texts: Sequence[str]
     ) -> dict[str, torch.Tensor]:
         """Tokenise pairs into padded tensors on the model's device."""
+        if self.split is not None:
+            return self._split_batch(user_texts, item_texts)
         batch = self.tokenizer(
             list(user_texts),
             list(item_texts),
@@ -162,18 +222,114 @@ class CrossEncoderReranker:
         batch = {"input_ids": input_ids, "token_type_ids": token_type, "attention_mask": mask}
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    # -- the split architecture ------------------------------------------------------------
+    def _user_row(self, text: str) -> list[int]:
+        assert self.split is not None
+        keep = self.split.layout.user_len - 2
+        ids = self._token_ids(text)[:keep]
+        return [self.tokenizer.cls_token_id, *ids, self.tokenizer.sep_token_id]
+
+    def _item_row(self, text: str) -> list[int]:
+        assert self.split is not None
+        keep = self.split.layout.item_len - 1
+        return [*self._token_ids(text)[:keep], self.tokenizer.sep_token_id]
+
+    def _segments(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        return segment_tensors(rows, width, self.tokenizer.pad_token_id or 0, self.device)
+
+    def _split_batch(
+        self, user_texts: Sequence[str], item_texts: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        if len(user_texts) != len(item_texts):
+            raise ValueError(
+                f"user_texts and item_texts must align, got {len(user_texts)} and {len(item_texts)}"
+            )
+        user_ids, user_mask = self._segments([self._user_row(t) for t in user_texts])
+        item_ids, item_mask = self._segments([self._item_row(t) for t in item_texts])
+        return {
+            "user_ids": user_ids,
+            "user_mask": user_mask,
+            "item_ids": item_ids,
+            "item_mask": item_mask,
+        }
+
+    def _autocast(self, cpu_dtype: CpuDtype | None = None) -> torch.autocast:
+        dtype = autocast_dtype(self.device, cpu_dtype or self.cpu_dtype)
+        return torch.autocast(
+            self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+        )
+
+    @torch.inference_mode()
+    def warm_items(self, item_texts: Sequence[str], batch_size: int = 128) -> int:
+        """Compute and cache the item-side states of `item_texts` (split models; no-op for a
+        full cross-encoder). Returns how many were computed."""
+        if self.split is None:
+            return 0
+        self.model.eval()
+        missing = list(dict.fromkeys(t for t in item_texts if t not in self._item_states))
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
+            ids, mask = self._segments([self._item_row(t) for t in chunk])
+            with self._autocast():
+                states = self.split.item_states(ids, mask)
+            keep = states.to(self._state_dtype())
+            lengths = mask.sum(dim=1).tolist()
+            with self._state_lock:
+                for text, row, n in zip(chunk, keep, lengths, strict=True):
+                    self._item_states[text] = row[: int(n)].clone()
+                while len(self._item_states) > ITEM_STATE_CACHE_SIZE:
+                    self._item_states.popitem(last=False)
+        return len(missing)
+
+    def _state_dtype(self) -> torch.dtype:
+        return autocast_dtype(self.device, self.cpu_dtype) or torch.float32
+
+    def clear_item_states(self) -> None:
+        """Forget cached item-side states (they belong to the weights they were computed with;
+        `model.training.train` calls this when it changes the weights)."""
+        with self._state_lock:
+            self._item_states.clear()
+
+    def cached_items(self) -> int:
+        """Item texts whose item-side states are cached."""
+        return len(self._item_states)
+
+    def _split_score(self, user_text: str, item_texts: Sequence[str]) -> np.ndarray:
+        assert self.split is not None
+        self.warm_items(item_texts)
+        with self._state_lock:
+            rows = [self._item_states.get(t) for t in item_texts]
+        if any(r is None for r in rows):  # evicted meanwhile by a concurrent warm-up
+            self.warm_items([t for t, r in zip(item_texts, rows, strict=True) if r is None])
+            with self._state_lock:
+                rows = [self._item_states[t] for t in item_texts]
+        width = max(int(r.shape[0]) for r in rows)  # type: ignore[union-attr]
+        hidden = rows[0].shape[1]  # type: ignore[union-attr]
+        items = torch.zeros((len(rows), width, hidden), dtype=rows[0].dtype, device=self.device)  # type: ignore[union-attr]
+        item_mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        for r, state in enumerate(rows):
+            n = int(state.shape[0])  # type: ignore[union-attr]
+            items[r, :n] = state
+            item_mask[r, :n] = 1
+        user_ids, user_mask = self._segments([self._user_row(user_text)])
+        with self._autocast():
+            user = self.split.user_states(user_ids, user_mask)
+            logits = self.split.joint_logits(user, user_mask, items, item_mask)
+        return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
+
     def logits(
-        self, batch: dict[str, torch.Tensor], cpu_dtype: Literal["fp32", "bf16"] | None = None
+        self, batch: dict[str, torch.Tensor], cpu_dtype: CpuDtype | None = None
     ) -> torch.Tensor:
         """Raw relevance logits, shape (pairs,). Runs with grad if the caller enabled it.
 
         Args:
             cpu_dtype: overrides the serving precision on CPU (training passes its own).
         """
-        dtype = autocast_dtype(self.device, cpu_dtype or self.cpu_dtype)
-        with torch.autocast(
-            self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-        ):
+        if self.split is not None:
+            with self._autocast(cpu_dtype):
+                return self.split.logits(batch)
+        with self._autocast(cpu_dtype):
             pooled = self.model.bert(**batch).pooler_output
         # The one-logit head runs in fp32: bf16 keeps ~3 significant digits, which would turn
         # close relevance scores into ties.
@@ -203,8 +359,15 @@ class CrossEncoderReranker:
 
     @torch.inference_mode()
     def score(self, user_text: str, item_texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Relevance of each item for one user context (the serving path: cached token ids)."""
+        """Relevance of each item for one user context (the serving path: cached token ids;
+        for a split model, cached item-side states and one user-side pass)."""
         self.model.eval()
+        if self.split is not None:
+            out = np.empty(len(item_texts), dtype=np.float32)
+            for start in range(0, len(item_texts), batch_size):
+                chunk = item_texts[start : start + batch_size]
+                out[start : start + batch_size] = self._split_score(user_text, chunk)
+            return out
         out = np.empty(len(item_texts), dtype=np.float32)
         for start in range(0, len(item_texts), batch_size):
             batch = self.encode_one_user(user_text, item_texts[start : start + batch_size])

@@ -15,14 +15,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
 from freshrec.records import ItemFeatures, UserProfile
-from model.device import autocast_dtype
+from model.device import CpuDtype, autocast_dtype
 from model.reranker import CrossEncoderReranker
 from model.text import item_text, user_context_text
 
@@ -38,7 +37,7 @@ class TrainParams:
     weight_decay: float = 0.01
     freeze_layers: int = 4  # embeddings + this many lower encoder layers stay frozen
     max_seconds: float | None = None  # stop early (after a step) once this budget is spent
-    cpu_dtype: Literal["fp32", "bf16"] = "fp32"
+    cpu_dtype: CpuDtype = "fp32"
     seed: int = 13
 
     def __post_init__(self) -> None:
@@ -174,11 +173,11 @@ def shard_indices(n: int, rank: int, world_size: int, rng: np.random.Generator) 
 class _PairLogits(torch.nn.Module):
     """`reranker.logits` as a module, so DistributedDataParallel sees (and syncs) its forward."""
 
-    def __init__(self, reranker: CrossEncoderReranker, cpu_dtype: Literal["fp32", "bf16"]):
+    def __init__(self, reranker: CrossEncoderReranker, cpu_dtype: CpuDtype):
         super().__init__()
         self.model = reranker.model
         self.reranker = reranker
-        self.cpu_dtype: Literal["fp32", "bf16"] = cpu_dtype
+        self.cpu_dtype: CpuDtype = cpu_dtype
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.reranker.logits(batch, self.cpu_dtype)
@@ -216,6 +215,7 @@ def train(
     model = reranker.model
     device = reranker.device
     trainable = freeze_lower_layers(reranker, params.freeze_layers)
+    reranker.clear_item_states()  # computed with the weights about to change
     rank, world_size = _distributed()
     forward: torch.nn.Module = _PairLogits(reranker, params.cpu_dtype)
     if world_size > 1:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -376,6 +377,12 @@ def item_from_row(row: Mapping[str, Any]) -> ItemFeatures:
         created_at=_to_datetime(row.get("created_at")),
         in_stock=True if _is_null(in_stock) else bool(in_stock),
     )
+
+
+def read_item_catalog(table: Path) -> dict[str, ItemFeatures]:
+    """Every item's features from the offline item table (the source of materialisation)."""
+    rows: list[dict[str, Any]] = pd.read_parquet(table).to_dict("records")  # type: ignore[assignment]
+    return {str(row["item_id"]): item_from_row(row) for row in rows}
 
 
 def profiles_frame(profiles: Iterable[UserProfile]) -> pd.DataFrame:

@@ -90,7 +90,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="Pairs per rank per step.")
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--freeze-layers", type=int, default=4)
-    parser.add_argument("--cpu-dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--cpu-dtype", choices=["auto", "fp32", "bf16"], default="fp32")
     parser.add_argument("--max-seconds", type=float, default=None)
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--rank-report", type=Path, default=None, help="Per-rank JSON reports.")

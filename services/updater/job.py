@@ -81,7 +81,11 @@ def run_training(
     tcfg = config.training
     load = load_reranker or (
         lambda path: CrossEncoderReranker.from_pretrained(
-            path, config.model.max_length, config.model.device, config.model.rerank_dtype
+            path,
+            config.model.max_length,
+            config.model.device,
+            config.model.rerank_dtype,
+            joint_layers=config.model.joint_layers or None,
         )
     )
     rng = np.random.default_rng(tcfg.seed)

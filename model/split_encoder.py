@@ -1,0 +1,180 @@
+"""PreTTR-style split cross-encoder: user and item text apart below the top layers, jointly above.
+
+A full cross-encoder reads `[CLS] user [SEP] item [SEP]` through every layer, so each request
+pays layers × candidates × (user + item tokens). Here the lower `L - joint_layers` layers see the
+user segment and the item segment separately (attention stays inside a segment), and only the
+top `joint_layers` read both (every token attends to every token, as in a cross-encoder). Then:
+
+- the item side below the split depends on the item text alone: it is computed once per item
+  and cached (`ItemStateCache`), not per request;
+- the user side below the split depends on the user text alone: once per request, not once
+  per candidate;
+- the last layer only needs the [CLS] token's output (the classifier reads it), so it computes
+  keys/values for every token but queries, attention output and feed-forward for [CLS] only.
+
+With `joint_layers=1` a request costs one user-side pass plus, per candidate, the top layer's
+keys/values and a one-token attention + feed-forward, instead of 6 full layers over ~60 tokens.
+(MacAvaney et al., "Efficient Document Re-Ranking for Transformers by Precomputing Term
+Representations", SIGIR 2020.) The weights are those of an ordinary BERT; only the attention
+pattern differs, so the model must be trained with the same pattern (`model.training` does, via
+`CrossEncoderReranker.logits`).
+
+Positions are fixed: the user segment occupies positions 0..user_len-1 (padded) and the item
+segment starts at `user_len`, so an item's cached states do not depend on the user's length.
+The same code path serves training (B users × B items) and serving (1 user × N items).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import BertForSequenceClassification
+
+JOINT_LAYERS_ATTR = "freshrec_joint_layers"  # saved in the model's config.json
+USER_LEN_ATTR = "freshrec_user_len"
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """Token budget of the two segments (special tokens included)."""
+
+    user_len: int  # [CLS] user tokens [SEP], padded
+    item_len: int  # item tokens [SEP], padded
+
+    def __post_init__(self) -> None:
+        if self.user_len < 3 or self.item_len < 2:
+            raise ValueError(
+                f"user_len must be >= 3 and item_len >= 2, got {self.user_len}, {self.item_len}"
+            )
+
+    @classmethod
+    def for_max_length(cls, max_length: int, user_len: int | None = None) -> SplitLayout:
+        """Half the pair budget for each side unless `user_len` says otherwise."""
+        first = user_len if user_len is not None else max_length // 2
+        return cls(first, max_length - first)
+
+
+def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) 0/1 key mask -> additive (B, 1, 1, T) bias for scaled-dot-product attention."""
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    bias = bias.masked_fill(mask == 0, torch.finfo(dtype).min)
+    return bias[:, None, None, :]
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    b, t, h = x.shape
+    return x.view(b, t, n_heads, h // n_heads).transpose(1, 2)
+
+
+def _layer(
+    layer: torch.nn.Module,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor,
+    n_heads: int,
+) -> torch.Tensor:
+    """One BERT layer for `queries` (B, Tq, H) over projected `keys`/`values` (B, nh, Tk, d)."""
+    attn = layer.attention  # type: ignore[union-attr]
+    q = _heads(attn.self.query(queries), n_heads)
+    drop = attn.self.dropout.p if layer.training else 0.0
+    ctx = torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=bias.to(q.dtype), dropout_p=drop
+    )
+    b, _, tq, d = ctx.shape
+    ctx = ctx.transpose(1, 2).reshape(b, tq, n_heads * d)
+    hidden = attn.output.LayerNorm(attn.output.dropout(attn.output.dense(ctx)) + queries)
+    inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))  # type: ignore[union-attr]
+    out = layer.output  # type: ignore[union-attr]
+    return out.LayerNorm(out.dropout(out.dense(inner)) + hidden)
+
+
+def _kv(layer: torch.nn.Module, hidden: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, ...]:
+    sa = layer.attention.self  # type: ignore[union-attr]
+    return _heads(sa.key(hidden), n_heads), _heads(sa.value(hidden), n_heads)
+
+
+class SplitEncoder:
+    """The split forward pass over a `BertForSequenceClassification`'s own weights."""
+
+    def __init__(
+        self, model: BertForSequenceClassification, joint_layers: int, layout: SplitLayout
+    ) -> None:
+        n_layers = int(model.config.num_hidden_layers)
+        if not 1 <= joint_layers <= n_layers:
+            raise ValueError(f"joint_layers must be in 1..{n_layers}, got {joint_layers}")
+        self.model = model
+        self.joint_layers = joint_layers
+        self.split = n_layers - joint_layers
+        self.layout = layout
+        self.n_heads = int(model.config.num_attention_heads)
+
+    def _embed(self, ids: torch.Tensor, start: int, token_type: int) -> torch.Tensor:
+        emb = self.model.bert.embeddings
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        types = torch.full_like(ids, token_type)
+        x = emb.word_embeddings(ids) + emb.position_embeddings(positions)[None]
+        x = x + emb.token_type_embeddings(types)
+        return emb.dropout(emb.LayerNorm(x))  # type: ignore[no-any-return]
+
+    def _lower(self, ids: torch.Tensor, mask: torch.Tensor, start: int, token_type: int):  # type: ignore[no-untyped-def]
+        """One segment alone through the layers below the split."""
+        hidden = self._embed(ids, start, token_type)
+        bias = _mask_bias(mask, hidden.dtype)
+        for layer in self.model.bert.encoder.layer[: self.split]:
+            k, v = _kv(layer, hidden, self.n_heads)
+            hidden = _layer(layer, hidden, k, v, bias, self.n_heads)
+        return hidden
+
+    def user_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, user_len, H) user segment states at the split."""
+        return self._lower(ids, mask, 0, 0)  # type: ignore[no-any-return]
+
+    def item_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, item_len, H) item segment states at the split (depend on the item text only)."""
+        return self._lower(ids, mask, self.layout.user_len, 1)  # type: ignore[no-any-return]
+
+    def joint_logits(
+        self,
+        user: torch.Tensor,
+        user_mask: torch.Tensor,
+        items: torch.Tensor,
+        item_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits (N,) of the top layers over user states (1 or N rows) and N item rows."""
+        n = items.shape[0]
+        if user.shape[0] == 1 and n > 1:
+            user, user_mask = user.expand(n, -1, -1), user_mask.expand(n, -1)
+        hidden = torch.cat([user, items.to(user.dtype)], dim=1)
+        mask = torch.cat([user_mask, item_mask], dim=1)
+        bias = _mask_bias(mask, hidden.dtype)
+        layers = self.model.bert.encoder.layer[self.split :]
+        for layer in layers[:-1]:
+            k, v = _kv(layer, hidden, self.n_heads)
+            hidden = _layer(layer, hidden, k, v, bias, self.n_heads)
+        # Last layer: the classifier reads [CLS] only, so only [CLS] queries.
+        k, v = _kv(layers[-1], hidden, self.n_heads)
+        cls = _layer(layers[-1], hidden[:, :1], k, v, bias, self.n_heads)
+        pooler = self.model.bert.pooler
+        pooled = pooler.activation(pooler.dense(cls[:, 0]))  # type: ignore[union-attr]
+        head = self.model.classifier(self.model.dropout(pooled.float()))
+        return head.squeeze(-1)  # type: ignore[no-any-return]
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Training/evaluation path: aligned (user, item) rows as built by `encode`."""
+        user = self.user_states(batch["user_ids"], batch["user_mask"])
+        items = self.item_states(batch["item_ids"], batch["item_mask"])
+        return self.joint_logits(user, batch["user_mask"], items, batch["item_mask"])
+
+
+def segment_tensors(
+    rows: list[list[int]], width: int, pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id rows to `width` -> (ids, mask)."""
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[r, : len(row)] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,172 @@
+"""Unit tests of the split (PreTTR-style) re-ranker: model/split_encoder.py via CrossEncoderReranker.
+
+Tiny random BERTs with the real tokenizer; single-threaded torch (tests/conftest.py explains).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.reranker import CrossEncoderReranker
+from model.split_encoder import SplitLayout
+from model.training import Pair, TrainParams, train
+
+USERS = ["recent: star wars | alien. likes: sci-fi.", "new visitor.", "query: cowboy toys."]
+ITEMS = [
+    "Toy Story [Animation] by Pixar. A cowboy doll meets a space ranger.",
+    "Heat [Crime]. Thieves and detectives in Los Angeles.",
+    "Alien [Sci-Fi]. In space no one can hear you scream.",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _split(joint: int, seed: int = 3) -> CrossEncoderReranker:
+    model = CrossEncoderReranker.tiny(seed=seed, max_length=32, joint_layers=joint)
+    # Random tiny BERTs score everything alike; spread the weights so differences show.
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.mul_(4.0)
+    return model
+
+
+def _hf_logits(reranker: CrossEncoderReranker, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The same pairs through transformers' own BertModel: user segment padded to user_len,
+    item segment after it, full attention (what the split model is with every layer joint)."""
+    assert reranker.split is not None
+    user_len = reranker.split.layout.user_len
+    pad = user_len - batch["user_ids"].shape[1]
+    ids = torch.cat([torch.nn.functional.pad(batch["user_ids"], (0, pad)), batch["item_ids"]], 1)
+    mask = torch.cat([torch.nn.functional.pad(batch["user_mask"], (0, pad)), batch["item_mask"]], 1)
+    types = torch.cat(
+        [
+            torch.zeros((ids.shape[0], user_len), dtype=torch.long),
+            torch.ones_like(batch["item_ids"]),
+        ],
+        1,
+    )
+    positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    out = reranker.model.bert(
+        input_ids=ids, attention_mask=mask, token_type_ids=types, position_ids=positions
+    )
+    return reranker.model.classifier(out.pooler_output).squeeze(-1)  # type: ignore[no-any-return]
+
+
+def test_every_layer_joint_equals_transformers_own_bert() -> None:
+    reranker = _split(joint=2)  # the tiny model has 2 layers: nothing split
+    batch = reranker.encode_pairs(USERS, ITEMS)
+    with torch.no_grad():
+        ours = reranker.logits(batch)
+        theirs = _hf_logits(reranker, batch)
+    assert ours.shape == (3,)
+    assert float(ours.std()) > 1e-3  # the pairs really differ
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_split_differs_from_joint_but_keeps_the_weights() -> None:
+    split, joint = _split(joint=1), _split(joint=2)
+    for a, b in zip(split.model.parameters(), joint.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        a = split.logits(split.encode_pairs(USERS, ITEMS))
+        b = joint.logits(joint.encode_pairs(USERS, ITEMS))
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_serving_path_with_cached_item_states_equals_the_training_path() -> None:
+    reranker = _split(joint=1)
+    for user in USERS:
+        served = reranker.score(user, ITEMS)
+        trained = reranker.score_pairs([user] * len(ITEMS), ITEMS)
+        np.testing.assert_allclose(served, trained, atol=1e-5)
+    assert reranker.cached_items() == len(ITEMS)
+    assert float(np.ptp(reranker.score(USERS[0], ITEMS))) > 1e-3
+
+
+def test_item_states_do_not_depend_on_the_other_segment() -> None:
+    reranker = _split(joint=1)
+    assert reranker.split is not None
+    long_user = "recent: " + " | ".join(f"title {i}" for i in range(40))
+    short, long = (
+        reranker.encode_pairs(["hi."], ITEMS[:1]),
+        reranker.encode_pairs([long_user], ITEMS[:1]),
+    )
+    with torch.no_grad():
+        a = reranker.split.item_states(short["item_ids"], short["item_mask"])
+        b = reranker.split.item_states(long["item_ids"], long["item_mask"])
+    torch.testing.assert_close(a, b)
+    assert long["user_ids"].shape[1] == reranker.split.layout.user_len  # truncated to its budget
+
+
+def test_warm_items_computes_each_text_once() -> None:
+    reranker = _split(joint=1)
+    assert reranker.warm_items(ITEMS + ITEMS[:1]) == 3
+    assert reranker.warm_items(ITEMS) == 0
+    assert reranker.cached_items() == 3
+
+
+def test_cross_encoder_has_no_item_states() -> None:
+    reranker = CrossEncoderReranker.tiny(seed=0, max_length=32)
+    assert reranker.architecture == "cross"
+    assert reranker.warm_items(ITEMS) == 0
+
+
+def test_save_and_load_keeps_the_architecture_whatever_the_caller_asks(tmp_path: Path) -> None:
+    reranker = _split(joint=1)
+    reranker.save(tmp_path / "m")
+    for asked in (None, 2):
+        loaded = CrossEncoderReranker.from_pretrained(
+            tmp_path / "m", max_length=32, device="cpu", joint_layers=asked
+        )
+        assert loaded.architecture == "split-1"
+        np.testing.assert_allclose(
+            loaded.score(USERS[0], ITEMS), reranker.score(USERS[0], ITEMS), atol=1e-6
+        )
+    plain = CrossEncoderReranker.tiny(seed=0, max_length=32)
+    plain.save(tmp_path / "plain")
+    assert (
+        CrossEncoderReranker.from_pretrained(tmp_path / "plain", 32, "cpu").architecture == "cross"
+    )
+
+
+def test_split_model_learns_a_toy_task() -> None:
+    reranker = CrossEncoderReranker.tiny(seed=0, max_length=32, joint_layers=1)
+    pairs = [Pair(u, ITEMS[0], 1.0) for u in USERS] + [
+        Pair(u, i, 0.0) for u in USERS for i in ITEMS[1:]
+    ]
+    params = TrainParams(
+        learning_rate=5e-3, epochs=20, batch_size=8, warmup_ratio=0.0, freeze_layers=0, seed=13
+    )
+    before = reranker.score_pairs([p.user_text for p in pairs], [p.item_text for p in pairs])
+    reranker.score(USERS[0], ITEMS)  # fills the item-state cache with the old weights
+    train(reranker, pairs, params)
+    after = reranker.score_pairs([p.user_text for p in pairs], [p.item_text for p in pairs])
+    labels = np.array([p.label for p in pairs])
+    assert after[labels == 1].min() > after[labels == 0].max()
+    assert not np.allclose(before, after)
+    # The cache belongs to the weights it was computed with: a fresh score after training
+    # must match the training path again.
+    np.testing.assert_allclose(
+        reranker.score(USERS[0], ITEMS), reranker.score_pairs([USERS[0]] * 3, ITEMS), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("user_len,item_len", [(2, 10), (10, 1)])
+def test_layout_rejects_too_small_segments(user_len: int, item_len: int) -> None:
+    with pytest.raises(ValueError, match="user_len"):
+        SplitLayout(user_len, item_len)
+
+
+def test_joint_layers_out_of_range_is_clamped_to_the_model_depth() -> None:
+    assert CrossEncoderReranker.tiny(seed=0, joint_layers=9).architecture == "split-2"
