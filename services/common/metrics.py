@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 STAGE_SECONDS = Histogram(
@@ -18,11 +20,22 @@ SERVING_VERSION = Gauge(
     ["model", "index"],
 )
 EVENTS = Counter("freshrec_events_total", "LogEvents events by outcome/reason.", ["outcome"])
+SERVED_RELEVANCE = Histogram(
+    "freshrec_served_relevance",
+    "Relevance of every candidate the re-ranker scored for a Recommend answer.",
+    buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)),
+)
 
 
 def serve_metrics(port: int) -> None:
     """Expose /metrics on `port` (a daemon thread)."""
     start_http_server(port)
+
+
+def observe_relevance(relevance: Iterable[float]) -> None:
+    """Add one answer's re-ranked relevance scores to SERVED_RELEVANCE."""
+    for value in relevance:
+        SERVED_RELEVANCE.observe(float(value))
 
 
 def observe_swap(model: str, index: str) -> None:

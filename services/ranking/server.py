@@ -25,7 +25,9 @@ from freshrec.config import FreshRecConfig
 from freshrec.errors import FailedPrecondition
 from freshrec.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from model.embeddings import TextEncoder
+from model.index import RecallIndex
 from model.reranker import CrossEncoderReranker
+from model.text import item_text
 from services.catalog.apply import apply_changes
 from services.catalog.changes import (
     ChangeFollower,
@@ -38,11 +40,14 @@ from services.common import metrics
 from services.common.auth import server_credentials
 from services.common.breaker import CircuitBreaker
 from services.common.privacy import pseudonymizer
+from services.common.served_scores import SERVED_SCORES_DIR, ServedScoreLog
 from services.common.server import ServerHandle, create_server
 from services.features.caching import CachingFeatureReader
 from services.features.feast_store import FeastFeatureStore
+from services.features.profiles import read_item_catalog
 from services.features.reader import FeatureReader
 from services.features.redis_reader import RedisFeatureReader
+from services.features.store import ITEM_FEATURES_TABLE
 from services.ingestion.dedup import RedisDeduplicator, SqliteDeduplicator
 from services.ingestion.hygiene import EventHygiene
 from services.ingestion.ledger import REJECTIONS_FILE, RejectionLedger
@@ -164,11 +169,29 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         ledger=RejectionLedger(config.offline_dir / REJECTIONS_FILE),
     )
     registry = open_registry(config)
+    holder: ModelHolder | None = None
+
+    def load_reranker(path: str) -> CrossEncoderReranker:
+        reranker = CrossEncoderReranker.from_pretrained(
+            path,
+            config.model.max_length,
+            config.model.device,
+            config.model.rerank_dtype,
+            joint_layers=config.model.joint_layers or None,
+        )
+        # Item-side states of a split re-ranker, before the version serves: no request pays
+        # for the popular head of the catalogue after a hot swap.
+        if reranker.split is None:
+            return reranker
+        index = holder.current.index if holder is not None and holder.ready else None
+        warmed = reranker.warm_items(_warm_texts(config, index))
+        if warmed:
+            log.info("re-ranker %s: %d item states computed", path, warmed)
+        return reranker
+
     holder = ModelHolder(
         registry,
-        lambda path: CrossEncoderReranker.from_pretrained(
-            path, config.model.max_length, config.model.device, config.model.rerank_dtype
-        ),
+        load_reranker,
         config.ranking.registry_poll_seconds,
         on_swap=lambda m: metrics.observe_swap(m.model_version, m.index_version),
     )
@@ -190,7 +213,11 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     pipeline = RankingPipeline(reader, settings, encoder, cache=reader)
     # Warm every model and client with one real request before reporting SERVING.
     pipeline.recommend(RecommendInput(user_id="__warmup__", k=1, query="warm up"), holder.current)
-    servicer = RankingServicer(pipeline, holder, ingestor, pseudonyms)
+    score_log = ServedScoreLog(
+        config.offline_dir / SERVED_SCORES_DIR, config.ranking.score_log_seconds
+    )
+    score_log.start()
+    servicer = RankingServicer(pipeline, holder, ingestor, pseudonyms, score_log)
     stream: ChangeStream = (
         RedisChangeStream(str(online["redis_url"]), config.project)
         if online["kind"] == "redis" and online["redis_url"]
@@ -223,7 +250,22 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     watcher.start()
     handle.mark_serving()
     log.info("ranking service on port %d", handle.port)
-    return RankingApp(handle, holder, [follower.stop, watcher.stop, dedup.close], ingestor, breaker)
+    # score_log.stop runs after the server stopped: its last flush holds every answer.
+    closers = [follower.stop, watcher.stop, dedup.close, score_log.stop]
+    return RankingApp(handle, holder, closers, ingestor, breaker)
+
+
+def _warm_texts(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:
+    """Item texts to precompute for a split re-ranker: the most popular first (the index's
+    popularity list when one is serving), then catalogue order, `warm_item_states` at most."""
+    limit = config.ranking.warm_item_states
+    table = config.offline_dir / ITEM_FEATURES_TABLE
+    if limit <= 0 or not table.exists():
+        return []
+    catalogue = read_item_catalog(table)
+    head = [i for i in (index.popular if index is not None else []) if i in catalogue]
+    order = list(dict.fromkeys([*head, *catalogue]))[:limit]
+    return [item_text(catalogue[i]) for i in order]
 
 
 def _hot_path_reader(

@@ -9,6 +9,7 @@ from typing import Any
 from freshrec.v1 import ranking_pb2, ranking_pb2_grpc
 from services.common import metrics
 from services.common.privacy import Pseudonymizer
+from services.common.served_scores import ServedScoreLog
 from services.ingestion.pipeline import EventIngestor, to_response
 from services.ranking.models import ModelHolder
 from services.ranking.pipeline import (
@@ -32,7 +33,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     """Recommend and LogEvents, wired to a pipeline, a model holder and an event ingestor.
 
     With `pseudonyms` (services/common/privacy.py) every user id (and event id) is mapped here,
-    at the edge, before features, logs, the offline log or training see it.
+    at the edge, before features, logs, the offline log or training see it. With `score_log`
+    every answer's re-ranked relevance goes to the served-score log (the updater's score_psi).
     """
 
     def __init__(
@@ -41,11 +43,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         models: ModelHolder,
         ingestor: EventIngestor,
         pseudonyms: Pseudonymizer | None = None,
+        score_log: ServedScoreLog | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.models = models
         self.ingestor = ingestor
         self.pseudonyms = pseudonyms
+        self.score_log = score_log
 
     def Recommend(
         self, request: ranking_pb2.RecommendRequest, context: Any
@@ -66,6 +70,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         for stage, ms in result.timings_ms.items():
             metrics.STAGE_SECONDS.labels(stage=stage).observe(ms / 1e3)
         metrics.REQUESTS.labels(method="Recommend", outcome="ok").inc()
+        metrics.observe_relevance(result.relevance)
+        if self.score_log is not None:
+            self.score_log.observe(result.model_version, result.relevance)
         if result.degraded:
             metrics.DEGRADED.labels(reason=result.degraded_reason.split(":")[0]).inc()
         log.info(

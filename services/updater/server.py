@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from freshrec.config import FreshRecConfig
@@ -38,14 +40,22 @@ class UpdaterApp:
 
 
 def build_updater(
-    config: FreshRecConfig, port: int | None = None, load_reranker: RerankerFactory | None = None
+    config: FreshRecConfig,
+    port: int | None = None,
+    load_reranker: RerankerFactory | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> UpdaterApp:
-    """Start an updater server for `config.workdir`; cleans staging left by a killed run."""
+    """Start an updater server for `config.workdir`; cleans staging left by a killed run.
+
+    `clock` is the wall clock of the serving-time signals (score_psi); tests move it.
+    """
     registry = open_registry(config)
     for kind in ("reranker", "index"):
         if removed := registry.clean_staging(kind):
             log.warning("removed %d unfinished %s staging directories", removed, kind)
-    servicer = UpdaterServicer(config, registry, OfflineEventLog(config.offline_dir), load_reranker)
+    servicer = UpdaterServicer(
+        config, registry, OfflineEventLog(config.offline_dir), load_reranker, clock
+    )
     token = updater_token(config.security)
     handle = create_server(
         config.updater.host,

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -25,11 +25,12 @@ from freshrec.config import FreshRecConfig
 from freshrec.errors import FailedPrecondition, InvalidArgument
 from freshrec.records import ItemFeatures
 from freshrec.v1 import updater_pb2, updater_pb2_grpc
+from services.common.served_scores import SERVED_SCORES_DIR, read_served_scores
 from services.features.profiles import item_from_row
 from services.features.store import ITEM_FEATURES_TABLE
 from services.ingestion.offline_log import OfflineEventLog
 from services.registry import ModelRegistry
-from services.updater.drift import drift_signals
+from services.updater.drift import champion_score_psi, drift_signals
 from services.updater.examples import Window
 from services.updater.job import JobOutcome, RerankerFactory, run_training
 
@@ -133,7 +134,11 @@ def _result(status: JobStatus | None) -> updater_pb2.UpdateResult:
 
 
 class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
-    """Operator commands over gRPC; one update at a time, in a background thread."""
+    """Operator commands over gRPC; one update at a time, in a background thread.
+
+    `clock` (wall-clock seconds since the epoch) places "now" for score_psi, whose windows are
+    in serving time.
+    """
 
     def __init__(
         self,
@@ -141,11 +146,13 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
         registry: ModelRegistry,
         event_log: OfflineEventLog,
         load_reranker: RerankerFactory | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.registry = registry
         self.event_log = event_log
         self.load_reranker = load_reranker
+        self.clock = clock
         self._lock = threading.Lock()
         self._running: JobStatus | None = None
         self._last: JobStatus | None = None
@@ -221,8 +228,9 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
     def drift_signals(self) -> tuple[dict[str, float], int]:
         """(signals of services/updater/drift.py, events newer than the champion's data).
 
-        Reads the offline log from the champion's reference window on, and the item table's
-        created_at and category columns.
+        Reads the offline log from the champion's reference window on, the item table's
+        created_at and category columns, and the served-score log from the champion's
+        promotion on.
         """
         end = self._champion_end()
         window = timedelta(hours=self.config.updater.drift_window_hours)
@@ -233,7 +241,23 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
             pending = len(events)
         created_at, category = _item_maps(self.config)
         periods = self.registry.champion_periods("reranker")
-        return drift_signals(events, end, window, created_at, category, periods), pending
+        signals = drift_signals(
+            events, end, window, created_at, category, periods, self._score_psi(periods)
+        )
+        return signals, pending
+
+    def _score_psi(self, periods: Sequence[tuple[datetime, str]]) -> float | None:
+        """score_psi of the current champion, from its latest promotion (or rollback) on."""
+        if not periods:
+            return None
+        since, version = periods[-1]
+        served = read_served_scores(self.config.offline_dir / SERVED_SCORES_DIR, since)
+        return champion_score_psi(
+            served.get(version, []),
+            since,
+            datetime.fromtimestamp(self.clock(), UTC),
+            timedelta(minutes=self.config.updater.score_window_minutes),
+        )
 
     # -- status and versions ---------------------------------------------------------------
     def GetStatus(
