@@ -7,6 +7,7 @@ Saved and loaded as safetensors (no pickle).
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections import OrderedDict
@@ -102,8 +103,9 @@ class CrossEncoderReranker:
         self._item_states: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._state_lock = threading.Lock()
         recorded = getattr(model.config, JOINT_LAYERS_ATTR, None)
-        joint = int(recorded) if recorded else joint_layers
+        joint = int(recorded) if recorded is not None else joint_layers
         self.split: SplitEncoder | None = None
+        setattr(model.config, JOINT_LAYERS_ATTR, 0)  # recorded, so a saved copy keeps it
         if joint:
             user_len = getattr(model.config, USER_LEN_ATTR, None)
             layout = SplitLayout.for_max_length(max_length, int(user_len) if user_len else None)
@@ -138,11 +140,17 @@ class CrossEncoderReranker:
     ) -> CrossEncoderReranker:
         """Load a saved re-ranker (or the pretrained backbone, which gets a fresh head).
 
-        `joint_layers` applies to the pretrained backbone only (see `__init__`)."""
+        `joint_layers` applies to a backbone (a checkpoint without a trained head) only."""
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = BertForSequenceClassification.from_pretrained(
-            str(path), num_labels=1, use_safetensors=True
+        model, info = BertForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, use_safetensors=True, output_loading_info=True
         )
+        # A checkpoint without a trained head is a backbone: it takes the requested
+        # architecture. A trained re-ranker keeps its own; one saved before the split
+        # architecture existed has no record and is a full cross-encoder.
+        backbone = any(key.startswith("classifier.") for key in info["missing_keys"])
+        if not backbone and getattr(model.config, JOINT_LAYERS_ATTR, None) is None:
+            setattr(model.config, JOINT_LAYERS_ATTR, 0)
         return cls(model, tokenizer, max_length, resolve_device(device), cpu_dtype, joint_layers)
 
     @classmethod
@@ -295,8 +303,12 @@ class CrossEncoderReranker:
         """Item texts whose item-side states are cached."""
         return len(self._item_states)
 
-    def _split_score(self, user_text: str, item_texts: Sequence[str]) -> np.ndarray:
-        assert self.split is not None
+    def serving_inputs(self, user_text: str, item_texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The tensors one request's forward pass reads: for a full cross-encoder the packed
+        pairs (`encode_one_user`); for a split model the user segment's ids and the cached
+        item-side states of `item_texts` (computed now where missing)."""
+        if self.split is None:
+            return self.encode_one_user(user_text, item_texts)
         self.warm_items(item_texts)
         with self._state_lock:
             rows = [self._item_states.get(t) for t in item_texts]
@@ -304,19 +316,39 @@ class CrossEncoderReranker:
             self.warm_items([t for t, r in zip(item_texts, rows, strict=True) if r is None])
             with self._state_lock:
                 rows = [self._item_states[t] for t in item_texts]
-        width = max(int(r.shape[0]) for r in rows)  # type: ignore[union-attr]
-        hidden = rows[0].shape[1]  # type: ignore[union-attr]
-        items = torch.zeros((len(rows), width, hidden), dtype=rows[0].dtype, device=self.device)  # type: ignore[union-attr]
-        item_mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
-        for r, state in enumerate(rows):
-            n = int(state.shape[0])  # type: ignore[union-attr]
-            items[r, :n] = state
-            item_mask[r, :n] = 1
+        states = [r for r in rows if r is not None]
+        width = max(int(r.shape[0]) for r in states)
+        items = torch.zeros(
+            (len(states), width, states[0].shape[1]), dtype=states[0].dtype, device=self.device
+        )
+        item_mask = torch.zeros((len(states), width), dtype=torch.long, device=self.device)
+        for r, state in enumerate(states):
+            items[r, : state.shape[0]] = state
+            item_mask[r, : state.shape[0]] = 1
         user_ids, user_mask = self._segments([self._user_row(user_text)])
+        return {
+            "user_ids": user_ids,
+            "user_mask": user_mask,
+            "item_states": items,
+            "item_mask": item_mask,
+        }
+
+    def serving_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (N,) from `serving_inputs` (no grad by the caller's choice)."""
+        if self.split is None:
+            return self.logits(inputs)
         with self._autocast():
-            user = self.split.user_states(user_ids, user_mask)
-            logits = self.split.joint_logits(user, user_mask, items, item_mask)
-        return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
+            user = self.split.user_states(inputs["user_ids"], inputs["user_mask"])
+            return self.split.joint_logits(
+                user, inputs["user_mask"], inputs["item_states"], inputs["item_mask"]
+            )
+
+    def as_cross_encoder(self, cpu_dtype: CpuDtype = "fp32") -> CrossEncoderReranker:
+        """A full cross-encoder over a copy of the same weights (the plain-transformers
+        reference that benchmarks compare the serving path against)."""
+        model = copy.deepcopy(self.model)
+        setattr(model.config, JOINT_LAYERS_ATTR, 0)
+        return CrossEncoderReranker(model, self.tokenizer, self.max_length, self.device, cpu_dtype)
 
     def logits(
         self, batch: dict[str, torch.Tensor], cpu_dtype: CpuDtype | None = None
@@ -362,16 +394,13 @@ class CrossEncoderReranker:
         """Relevance of each item for one user context (the serving path: cached token ids;
         for a split model, cached item-side states and one user-side pass)."""
         self.model.eval()
-        if self.split is not None:
-            out = np.empty(len(item_texts), dtype=np.float32)
-            for start in range(0, len(item_texts), batch_size):
-                chunk = item_texts[start : start + batch_size]
-                out[start : start + batch_size] = self._split_score(user_text, chunk)
-            return out
         out = np.empty(len(item_texts), dtype=np.float32)
+        if self.split is not None:  # the per-candidate work is small: one user pass for all
+            batch_size = max(len(item_texts), 1)
         for start in range(0, len(item_texts), batch_size):
-            batch = self.encode_one_user(user_text, item_texts[start : start + batch_size])
-            out[start : start + batch_size] = torch.sigmoid(self.logits(batch)).cpu().numpy()
+            inputs = self.serving_inputs(user_text, item_texts[start : start + batch_size])
+            logits = self.serving_logits(inputs).float()
+            out[start : start + batch_size] = torch.sigmoid(logits).cpu().numpy()
         return out
 
     def save(self, directory: Path) -> list[Path]:

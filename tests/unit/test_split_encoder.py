@@ -170,3 +170,21 @@ def test_layout_rejects_too_small_segments(user_len: int, item_len: int) -> None
 
 def test_joint_layers_out_of_range_is_clamped_to_the_model_depth() -> None:
     assert CrossEncoderReranker.tiny(seed=0, joint_layers=9).architecture == "split-2"
+
+
+def test_a_trained_version_saved_before_the_split_stays_a_cross_encoder(tmp_path: Path) -> None:
+    plain = CrossEncoderReranker.tiny(seed=0, max_length=32)
+    plain.save(tmp_path / "old")
+    config = tmp_path / "old" / "config.json"
+    config.write_text(config.read_text().replace('"freshrec_joint_layers": 0,', ""))
+    assert "freshrec_joint_layers" not in config.read_text()
+    loaded = CrossEncoderReranker.from_pretrained(tmp_path / "old", 32, "cpu", joint_layers=1)
+    assert loaded.architecture == "cross"
+
+
+def test_as_cross_encoder_runs_the_same_weights_with_full_attention() -> None:
+    split = _split(joint=1)
+    cross = split.as_cross_encoder()
+    assert cross.architecture == "cross" and split.architecture == "split-1"
+    for a, b in zip(split.model.parameters(), cross.model.parameters(), strict=True):
+        assert torch.equal(a, b) and a is not b
