@@ -4,13 +4,15 @@ It uses an initialised workdir (or bootstraps the synthetic shop into one), star
 service in this process on a free port, and calls Recommend from K concurrent clients for S
 seconds. Then, in the same run, it measures the stage floors on sampled requests of that load:
 
-- rerank_speedup_vs_reference: plain transformers fp32 with the HF tokenizer per call (the
-  reference cross-encoder) vs the serving path (serving precision + cached token ids), same
-  model and candidates; ratio of medians.
+- rerank_speedup_vs_reference: plain transformers fp32 with the HF tokenizer per call, the
+  same weights run as a full cross-encoder (the reference), vs the serving path (split model:
+  cached item states and one user pass; serving precision; cached token ids), same candidates;
+  ratio of medians.
 - feature_fetch_speedup_vs_feast_sdk: `FeatureStore.get_online_features` (FeastFeatureStore) vs
   the one-round-trip RedisFeatureReader for 1 user + its candidates, values checked identical.
 - overhead_ratio: end-to-end p50 / (raw FAISS search + raw Redis read + raw model forward on
-  the same tensors), medians.
+  the same tensors: for a split model, the user pass and the joint top layer over the cached
+  item states), medians.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def bench_serving(
     concurrency: int,
     duration: float,
     k: int = 10,
+    items: int = 2000,
     say: Any = print,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result."""
@@ -51,15 +54,16 @@ def bench_serving(
         workdir, ranking={"recall_candidates": candidates, "exploration_rate": 0.0}
     )
     if open_registry(config).champion("reranker") is None:
-        say(f"no models in {workdir}: bootstrapping the synthetic shop first")
-        bootstrap(config, load_dataset("synthetic", workdir / "cache"), announce=say)
+        say(f"no models in {workdir}: bootstrapping a synthetic shop of {items:,} items first")
+        shop = load_dataset("synthetic", workdir / "cache", n_items=items)
+        bootstrap(config, shop, announce=say)
     app = build_ranking(config, port=0)
     users = (
         pd.read_parquet(config.offline_dir / "user_profile.parquet", columns=["user_id"])["user_id"]
         .astype(str)
         .tolist()
     )
-    items = len(app.models.current.index)
+    n_items = len(app.models.current.index)
     latencies: list[float] = []
     errors = 0
     lock = threading.Lock()
@@ -96,6 +100,8 @@ def bench_serving(
         th.join()
     elapsed = time.perf_counter() - started
     floors = _stage_floors(config, app.models.current, users, candidates)
+    architecture = app.models.current.reranker.architecture
+    cached_states = app.models.current.reranker.cached_items()
     app.stop()
     arr = np.asarray(latencies) if latencies else np.asarray([float("nan")])
     return {
@@ -106,7 +112,7 @@ def bench_serving(
         "calls": len(latencies),
         "errors": errors,
         "candidates": candidates,
-        "items": items,
+        "items": n_items,
         "k": k,
         "concurrency": concurrency,
         "duration_s": round(elapsed, 1),
@@ -126,6 +132,8 @@ def bench_serving(
             "cpu": platform.processor() or platform.machine(),
         },
         "model_dtype": config.model.rerank_dtype,
+        "architecture": architecture,
+        "cached_item_states": cached_states,
         "max_length": config.model.max_length,
     }
 
@@ -153,7 +161,6 @@ def _stage_floors(
     config: Any, models: Any, users: list[str], candidates: int, samples: int = 20
 ) -> dict[str, Any]:
     """Per-stage medians on `samples` users (see the module docstring)."""
-    import copy
     from functools import partial
 
     import torch
@@ -170,8 +177,8 @@ def _stage_floors(
     sdk.start()
     raw = RedisFeatureReader(config.feature_repo_dir)
     raw.start()
-    reference = copy.deepcopy(models.reranker)
-    reference.cpu_dtype = "fp32"
+    # Plain transformers fp32 over the same weights, pairs packed by the HF tokenizer.
+    reference = models.reranker.as_cross_encoder("fp32")
     rng = np.random.default_rng(0)
     names = ("faiss", "redis_raw", "feast_sdk", "forward", "rerank_serving", "rerank_reference")
     stages: dict[str, list[float]] = {k: [] for k in names}
@@ -192,9 +199,10 @@ def _stage_floors(
         items = raw.get_items(ids)
         texts = [item_text(items[i]) for i in ids if i in items]
         context = user_context_text(profile)
-        batch = models.reranker.encode_one_user(context, texts)
+        inputs = models.reranker.serving_inputs(context, texts)
         with torch.inference_mode():
-            stages["forward"].append(_median_ms(partial(models.reranker.logits, batch), 2))
+            forward = partial(models.reranker.serving_logits, inputs)
+            stages["forward"].append(_median_ms(forward, 2))
         stages["rerank_serving"].append(
             _median_ms(partial(models.reranker.score, context, texts), 2)
         )

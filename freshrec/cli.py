@@ -436,6 +436,14 @@ def bench_serving_cmd(
     candidates: Annotated[int, typer.Option(help="Candidates re-ranked per request.")] = 50,
     concurrency: Annotated[int, typer.Option(help="Concurrent gRPC clients.")] = 1,
     duration: Annotated[float, typer.Option(help="Seconds of load.")] = 30.0,
+    items: Annotated[
+        int,
+        typer.Option(
+            help="Catalogue size of the synthetic shop bootstrapped into an empty workdir "
+            "(an initialised workdir keeps its own catalogue).",
+            min=1,
+        ),
+    ] = 2000,
     json_out: Annotated[bool, typer.Option("--json", help="Last line: one JSON object.")] = False,
 ) -> None:
     """Recommend latency and throughput against a real ranking service (JSON)."""
@@ -443,11 +451,35 @@ def bench_serving_cmd(
     logging.getLogger().setLevel(logging.WARNING)
     from freshrec.bench import bench_serving
 
-    result = bench_serving(workdir, candidates, concurrency, duration, say=console.print)
+    result = bench_serving(
+        workdir, candidates, concurrency, duration, items=items, say=console.print
+    )
     console.print(
         f"p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, p99 {result['p99_ms']} ms, "
         f"{result['qps']} req/s, errors {result['errors']} ({result['items']:,} items, "
         f"{result['candidates']} candidates, concurrency {result['concurrency']})"
+    )
+    if json_out:
+        print(json.dumps(result))
+
+
+@bench_app.command("quality")
+def bench_quality_cmd(
+    workdir: WorkdirOpt = Path(".freshrec/bench"),
+    candidates: Annotated[int, typer.Option(help="Recall candidates re-ranked per user.")] = 50,
+    users: Annotated[int, typer.Option(help="Held-out users evaluated (at most).")] = 300,
+    json_out: Annotated[bool, typer.Option("--json", help="Last line: one JSON object.")] = False,
+) -> None:
+    """NDCG@10 of the served re-ranker vs the full fp32 cross-encoder on the same candidates."""
+    _logging()
+    logging.getLogger().setLevel(logging.WARNING)
+    from freshrec.bench_quality import bench_quality
+
+    result = bench_quality(workdir, candidates, users, say=console.print)
+    console.print(
+        f"NDCG@10 served {result['ndcg@10_served']} ({result['architecture']}) vs full "
+        f"cross-encoder {result['ndcg@10_reference']} = {result['ndcg_ratio_vs_reference']}x; "
+        f"recall order {result['ndcg@10_recall_order']} ({result['users']} users)"
     )
     if json_out:
         print(json.dumps(result))

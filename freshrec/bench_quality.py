@@ -1,0 +1,153 @@
+"""`freshrec bench quality`: does the fast re-ranker keep the full cross-encoder's quality?
+
+Both models are fine-tuned from the same pretrained backbone on the same pairs with the same
+hyper-parameters (the updater's own pair recipe: `sample_mix` + `make_pairs`), then re-rank the
+same recall candidates for held-out users:
+
+- reference: the full cross-encoder (every layer joint), run in fp32 with plain transformers;
+- served: the configured architecture (`model.joint_layers`) through its serving path, at the
+  serving precision.
+
+Protocol: the workdir's offline event log in time order; positives of the window
+[`train_start`, `holdout_start`) train, later interactions are held out. For each held-out user
+with history, the candidates are what serving recalls (FAISS, the champion index, the profile
+as it stood at the start of the hold-out, seen items excluded); relevant = the user's held-out
+positive items among them. NDCG@10 over users with at least one relevant candidate (binary
+relevance; the recall order's NDCG on the same candidates is reported for context).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from freshrec.config import load_config
+from freshrec.errors import FailedPrecondition
+
+
+def bench_quality(
+    workdir: Path,
+    candidates: int = 50,
+    max_users: int = 300,
+    train_fraction: float = 0.5,
+    holdout_fraction: float = 0.15,
+    say: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Train both models and compare them; returns the JSON-able result."""
+    from freshrec.records import UserProfile
+    from model.embeddings import user_vector
+    from model.evaluation import mean_metrics, user_metrics
+    from model.index import RecallIndex
+    from model.reranker import CrossEncoderReranker, pretrained_path
+    from model.text import item_text, user_context_text
+    from model.training import TrainParams, make_pairs, train
+    from services.features.profiles import read_item_catalog
+    from services.features.store import ITEM_FEATURES_TABLE
+    from services.ingestion.offline_log import OfflineEventLog
+    from services.registry import open_registry
+    from services.updater.examples import Window, positives_in_windows, sample_mix
+
+    config = load_config(workdir)
+    registry = open_registry(config)
+    index_version = registry.champion("index")
+    if index_version is None:
+        raise FailedPrecondition(
+            f"no index in {workdir}: run `freshrec init --workdir {workdir}` first"
+        )
+    index = RecallIndex.load(registry.path("index", index_version))
+    items = read_item_catalog(config.offline_dir / ITEM_FEATURES_TABLE)
+    events = OfflineEventLog(config.offline_dir).read()
+    stamps = events["timestamp"]
+    train_start = stamps.quantile(train_fraction)
+    holdout_start = stamps.quantile(1 - holdout_fraction)
+    windows = {
+        "train": Window(train_start.to_pydatetime(), holdout_start.to_pydatetime()),
+        "holdout": Window(holdout_start.to_pydatetime(), None),
+    }
+    positives = positives_in_windows(events, items, windows)
+    tcfg = config.training
+    rng = np.random.default_rng(tcfg.seed)
+    train_pos, _ = sample_mix(
+        positives["train"], None, tcfg.max_examples, tcfg.negatives_per_positive, 0.0, rng
+    )
+    pairs = make_pairs(train_pos, list(items.values()), tcfg.negatives_per_positive, rng)
+    params = TrainParams(
+        learning_rate=tcfg.learning_rate,
+        epochs=tcfg.epochs,
+        batch_size=tcfg.batch_size,
+        freeze_layers=tcfg.freeze_layers,
+        cpu_dtype=tcfg.cpu_dtype,
+        seed=tcfg.seed,
+    )
+    backbone = pretrained_path(config.model.base_model)
+    joint = config.model.joint_layers or None
+
+    def trained(joint_layers: int | None, dtype: Any) -> tuple[CrossEncoderReranker, float]:
+        model = CrossEncoderReranker.from_pretrained(
+            backbone, config.model.max_length, "cpu", dtype, joint_layers=joint_layers
+        )
+        started = time.perf_counter()
+        train(model, pairs, params)
+        return model, time.perf_counter() - started
+
+    say(f"training the reference cross-encoder on {len(pairs):,} pairs")
+    reference, reference_s = trained(None, "fp32")
+    say(f"training the served architecture ({'split-' + str(joint) if joint else 'cross'})")
+    served, served_s = trained(joint, config.model.rerank_dtype)
+
+    # Held-out users: the profile before a user's first held-out positive is the one serving
+    # held at the hold-out start; relevant = their held-out positives.
+    profiles: dict[str, UserProfile] = {}
+    relevant: dict[str, set[str]] = {}
+    for profile, item in positives["holdout"]:
+        if profile is not None:
+            profiles.setdefault(profile.user_id, profile)
+            relevant.setdefault(profile.user_id, set()).add(item.item_id)
+    rows: dict[str, list[dict[str, float]]] = {"served": [], "reference": [], "recall": []}
+    users = sorted(u for u in relevant if u in profiles)
+    order = np.random.default_rng(tcfg.seed).permutation(len(users))
+    evaluated = 0
+    for pick in order:
+        if evaluated >= max_users:
+            break
+        user = users[int(pick)]
+        profile = profiles[user]
+        vec = user_vector(index.vectors_of(profile.recent_items))
+        if vec is None:
+            continue
+        seen = set(profile.recent_items) | set(profile.purchased_items)
+        found = index.search(vec, candidates, frozenset(seen))
+        ids = [i for i, _ in found if i in items and items[i].in_stock]
+        hits = relevant[user] - seen
+        if not ids or not hits & set(ids):
+            continue
+        texts = [item_text(items[i]) for i in ids]
+        context = user_context_text(profile)
+        for name, model in (("served", served), ("reference", reference)):
+            scores = model.score(context, texts)
+            ranked = [ids[j] for j in np.argsort(-scores, kind="stable")]
+            rows[name].append(user_metrics(ranked, hits))
+        rows["recall"].append(user_metrics(ids, hits))
+        evaluated += 1
+    means = {name: mean_metrics(r) for name, r in rows.items()}
+    ref = means["reference"].get("ndcg@10", 0.0)
+    return {
+        "ndcg@10_served": round(means["served"].get("ndcg@10", 0.0), 4),
+        "ndcg@10_reference": round(ref, 4),
+        "ndcg@10_recall_order": round(means["recall"].get("ndcg@10", 0.0), 4),
+        "ndcg_ratio_vs_reference": (
+            round(means["served"]["ndcg@10"] / ref, 4) if ref > 0 else None
+        ),
+        "users": evaluated,
+        "candidates": candidates,
+        "training_pairs": len(pairs),
+        "architecture": served.architecture,
+        "served_dtype": config.model.rerank_dtype,
+        "train_seconds": {"served": round(served_s, 1), "reference": round(reference_s, 1)},
+        "holdout_start": pd.Timestamp(holdout_start).isoformat(),
+    }
