@@ -41,7 +41,7 @@ def bench_quality(
     """Train both models and compare them; returns the JSON-able result."""
     from freshrec.records import UserProfile
     from model.embeddings import user_vector
-    from model.evaluation import mean_metrics, user_metrics
+    from model.evaluation import mean_metrics
     from model.index import RecallIndex
     from model.reranker import CrossEncoderReranker, pretrained_path
     from model.text import item_text, user_context_text
@@ -63,8 +63,8 @@ def bench_quality(
     items = read_item_catalog(config.offline_dir / ITEM_FEATURES_TABLE)
     events = OfflineEventLog(config.offline_dir).read()
     stamps = events["timestamp"]
-    train_start = stamps.quantile(train_fraction)
-    holdout_start = stamps.quantile(1 - holdout_fraction)
+    train_start = pd.Timestamp(stamps.quantile(train_fraction))  # type: ignore[arg-type]
+    holdout_start = pd.Timestamp(stamps.quantile(1 - holdout_fraction))  # type: ignore[arg-type]
     windows = {
         "train": Window(train_start.to_pydatetime(), holdout_start.to_pydatetime()),
         "holdout": Window(holdout_start.to_pydatetime(), None),
@@ -108,12 +108,12 @@ def bench_quality(
         if profile is not None:
             profiles.setdefault(profile.user_id, profile)
             relevant.setdefault(profile.user_id, set()).add(item.item_id)
-    rows: dict[str, list[dict[str, float]]] = {"served": [], "reference": [], "recall": []}
-    users = sorted(u for u in relevant if u in profiles)
+    ranked: dict[str, dict[str, list[str]]] = {"served": {}, "reference": {}, "recall": {}}
+    scored: dict[str, set[str]] = {}
+    users = sorted(relevant)
     order = np.random.default_rng(tcfg.seed).permutation(len(users))
-    evaluated = 0
     for pick in order:
-        if evaluated >= max_users:
+        if len(scored) >= max_users:
             break
         user = users[int(pick)]
         profile = profiles[user]
@@ -123,18 +123,17 @@ def bench_quality(
         seen = set(profile.recent_items) | set(profile.purchased_items)
         found = index.search(vec, candidates, frozenset(seen))
         ids = [i for i, _ in found if i in items and items[i].in_stock]
-        hits = relevant[user] - seen
-        if not ids or not hits & set(ids):
+        hits = (relevant[user] - seen) & set(ids)
+        if not hits:  # nothing to re-rank into place: the same for every re-ranker
             continue
         texts = [item_text(items[i]) for i in ids]
         context = user_context_text(profile)
         for name, model in (("served", served), ("reference", reference)):
             scores = model.score(context, texts)
-            ranked = [ids[j] for j in np.argsort(-scores, kind="stable")]
-            rows[name].append(user_metrics(ranked, hits))
-        rows["recall"].append(user_metrics(ids, hits))
-        evaluated += 1
-    means = {name: mean_metrics(r) for name, r in rows.items()}
+            ranked[name][user] = [ids[j] for j in np.argsort(-scores, kind="stable")]
+        ranked["recall"][user] = ids
+        scored[user] = hits
+    means = {name: mean_metrics(lists, scored) for name, lists in ranked.items()}
     ref = means["reference"].get("ndcg@10", 0.0)
     return {
         "ndcg@10_served": round(means["served"].get("ndcg@10", 0.0), 4),
@@ -143,11 +142,11 @@ def bench_quality(
         "ndcg_ratio_vs_reference": (
             round(means["served"]["ndcg@10"] / ref, 4) if ref > 0 else None
         ),
-        "users": evaluated,
+        "users": len(scored),
         "candidates": candidates,
         "training_pairs": len(pairs),
         "architecture": served.architecture,
         "served_dtype": config.model.rerank_dtype,
         "train_seconds": {"served": round(served_s, 1), "reference": round(reference_s, 1)},
-        "holdout_start": pd.Timestamp(holdout_start).isoformat(),
+        "holdout_start": holdout_start.isoformat(),
     }

@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -142,9 +142,10 @@ class CrossEncoderReranker:
 
         `joint_layers` applies to a backbone (a checkpoint without a trained head) only."""
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model, info = BertForSequenceClassification.from_pretrained(
+        loaded: Any = BertForSequenceClassification.from_pretrained(
             str(path), num_labels=1, use_safetensors=True, output_loading_info=True
         )
+        model, info = loaded
         # A checkpoint without a trained head is a backbone: it takes the requested
         # architecture. A trained re-ranker keeps its own; one saved before the split
         # architecture existed has no record and is a full cross-encoder.

@@ -27,6 +27,7 @@ The same code path serves training (B users × B items) and serving (1 user × N
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import BertForSequenceClassification
@@ -68,7 +69,7 @@ def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _layer(
-    layer: torch.nn.Module,
+    layer: Any,
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -76,7 +77,7 @@ def _layer(
     n_heads: int,
 ) -> torch.Tensor:
     """One BERT layer for `queries` (B, Tq, H) over projected `keys`/`values` (B, nh, Tk, d)."""
-    attn = layer.attention  # type: ignore[union-attr]
+    attn = layer.attention
     q = _heads(attn.self.query(queries), n_heads)
     drop = attn.self.dropout.p if layer.training else 0.0
     ctx = torch.nn.functional.scaled_dot_product_attention(
@@ -85,13 +86,13 @@ def _layer(
     b, _, tq, d = ctx.shape
     ctx = ctx.transpose(1, 2).reshape(b, tq, n_heads * d)
     hidden = attn.output.LayerNorm(attn.output.dropout(attn.output.dense(ctx)) + queries)
-    inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))  # type: ignore[union-attr]
-    out = layer.output  # type: ignore[union-attr]
+    inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))
+    out = layer.output
     return out.LayerNorm(out.dropout(out.dense(inner)) + hidden)
 
 
-def _kv(layer: torch.nn.Module, hidden: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, ...]:
-    sa = layer.attention.self  # type: ignore[union-attr]
+def _kv(layer: Any, hidden: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, ...]:
+    sa = layer.attention.self
     return _heads(sa.key(hidden), n_heads), _heads(sa.value(hidden), n_heads)
 
 

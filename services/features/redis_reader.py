@@ -13,11 +13,13 @@ mmh3("<view>:<feature>") and "_ts:<view>"; values = serialized `feast.types.Valu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import redis
 import yaml
+from feast.type_map import NULL_TIMESTAMP_INT_VALUE
 
 from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable
 from freshrec.records import ItemFeatures, UserProfile
@@ -27,6 +29,42 @@ from services.features.profiles import (
     item_from_row,
     profile_from_row,
 )
+
+KEY_CACHE_SIZE = 500_000  # entity keys (~40 bytes each)
+_SCALARS = frozenset(
+    ("string_val", "int64_val", "int32_val", "double_val", "float_val", "bool_val", "bytes_val")
+)
+_LISTS = frozenset(
+    (
+        "string_list_val",
+        "int64_list_val",
+        "int32_list_val",
+        "double_list_val",
+        "float_list_val",
+        "bool_list_val",
+        "bytes_list_val",
+    )
+)
+
+
+def decode_value(proto: Any) -> Any:
+    """`feast.type_map.feast_value_type_to_python_type` for a decoded `feast.types.Value`,
+    with a fast path for the scalar, list and timestamp types FreshRec's views use (the
+    general function cost ~40% of a 50-item read); every other type goes to Feast's own."""
+    kind = proto.WhichOneof("val")
+    if kind is None:
+        return None
+    if kind in _SCALARS:
+        return getattr(proto, kind)
+    if kind in _LISTS:
+        return list(getattr(proto, kind).val)
+    if kind == "unix_timestamp_val":
+        stamp = proto.unix_timestamp_val
+        return None if stamp == NULL_TIMESTAMP_INT_VALUE else datetime.fromtimestamp(stamp, UTC)
+    from feast.type_map import feast_value_type_to_python_type
+
+    return feast_value_type_to_python_type(proto)
+
 
 USER_PROFILE_VIEW = "user_profile"
 ITEM_FEATURES_VIEW = "item_features"
@@ -60,6 +98,7 @@ class RedisFeatureReader:
         self.socket_timeout = socket_timeout
         self._client: redis.Redis | None = None
         self._project = b""
+        self._keys: dict[tuple[str, str], bytes] = {}
 
     def start(self) -> None:
         """Read feature_store.yaml and connect (one PING).
@@ -95,15 +134,24 @@ class RedisFeatureReader:
         self._client = client
 
     def _key(self, join_key: str, value: str) -> bytes:
+        """Feast's Redis key of one entity, cached (ids repeat across requests; building and
+        serialising the EntityKey proto cost ~30% of a 50-item read)."""
+        cached = self._keys.get((join_key, value))
+        if cached is not None:
+            return cached
         from feast.infra.key_encoding_utils import serialize_entity_key
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
 
         entity = EntityKey(join_keys=[join_key], entity_values=[Value(string_val=value)])
-        return (
+        key = (
             serialize_entity_key(entity, entity_key_serialization_version=self._version)
             + self._project
         )
+        if len(self._keys) >= KEY_CACHE_SIZE:
+            self._keys.clear()
+        self._keys[(join_key, value)] = key
+        return key
 
     def _read(self, commands: list[tuple[bytes, list[bytes]]]) -> list[list[bytes | None]]:
         if self._client is None:
@@ -119,16 +167,13 @@ class RedisFeatureReader:
     @staticmethod
     def _decode(names: Sequence[str], values: Sequence[bytes | None]) -> dict[str, Any] | None:
         from feast.protos.feast.types.Value_pb2 import Value
-        from feast.type_map import feast_value_type_to_python_type
 
         row: dict[str, Any] = {}
         for name, raw in zip(names, values, strict=True):
             if raw is None:
                 row[name] = None
                 continue
-            proto = Value()
-            proto.ParseFromString(raw)
-            row[name] = feast_value_type_to_python_type(proto)
+            row[name] = decode_value(Value.FromString(raw))
         if all(v is None for v in row.values()):
             return None
         return row
