@@ -44,9 +44,12 @@ hf_logging.disable_progress_bar()
 
 
 TOKEN_CACHE_SIZE = 200_000  # texts; ~60 ids each, a few hundred MB at most for a big catalogue
-# Item-side states of the split re-ranker (model/split_encoder.py): ~32 tokens x 384 x 2 bytes
-# (bf16) = 24 KiB an item, so 100k items ~2.4 GB. Past the bound the oldest entries go first.
-ITEM_STATE_CACHE_SIZE = 100_000
+# Item-side cache of the split re-ranker (model/split_encoder.py): with one joint layer, its keys
+# and values: <= 32 tokens x 768 x 2 bytes (fp16) = <= 48 KiB an item, ~1.2 GB for 50k items.
+# Past the bound the least recently warmed entries go first (and are recomputed on use).
+ITEM_STATE_CACHE_SIZE = 50_000
+# User-side states by user-context text: <= 32 tokens x 384 x 4 bytes = 48 KiB each, ~100 MB.
+USER_STATE_CACHE_SIZE = 2048
 
 
 def _truncated_lengths(n_first: int, n_second: int, budget: int) -> tuple[int, int]:
@@ -102,6 +105,12 @@ class CrossEncoderReranker:
         self._token_cache: dict[str, list[int]] = {}
         self._item_states: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._state_lock = threading.Lock()
+        # Cached item states are kept in fp16: half the memory of fp32, and scores move by
+        # ~1e-4 (tested); fp32 here makes the serving path equal the training path exactly.
+        self.item_state_dtype = torch.float16
+        self._user_states_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self.user_cache_hits = 0
+        self.user_cache_misses = 0
         recorded = getattr(model.config, JOINT_LAYERS_ATTR, None)
         joint = int(recorded) if recorded is not None else joint_layers
         self.split: SplitEncoder | None = None
@@ -118,6 +127,7 @@ class CrossEncoderReranker:
         state = self.__dict__.copy()
         state["_state_lock"] = None
         state["_item_states"] = OrderedDict()
+        state["_user_states_cache"] = OrderedDict()
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
@@ -275,13 +285,14 @@ class CrossEncoderReranker:
         full cross-encoder). Returns how many were computed."""
         if self.split is None:
             return 0
-        self.model.eval()
+        if self.model.training:
+            self.model.eval()
         missing = list(dict.fromkeys(t for t in item_texts if t not in self._item_states))
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
             ids, mask = self._segments([self._item_row(t) for t in chunk])
             with self._autocast():
-                states = self.split.item_states(ids, mask)
+                states = self.split.item_cache(ids, mask)
             keep = states.to(self._state_dtype())
             lengths = mask.sum(dim=1).tolist()
             with self._state_lock:
@@ -292,13 +303,14 @@ class CrossEncoderReranker:
         return len(missing)
 
     def _state_dtype(self) -> torch.dtype:
-        return autocast_dtype(self.device, self.cpu_dtype) or torch.float32
+        return self.item_state_dtype
 
     def clear_item_states(self) -> None:
         """Forget cached item-side states (they belong to the weights they were computed with;
         `model.training.train` calls this when it changes the weights)."""
         with self._state_lock:
             self._item_states.clear()
+            self._user_states_cache.clear()
 
     def cached_items(self) -> int:
         """Item texts whose item-side states are cached."""
@@ -319,8 +331,10 @@ class CrossEncoderReranker:
                 rows = [self._item_states[t] for t in item_texts]
         states = [r for r in rows if r is not None]
         width = max(int(r.shape[0]) for r in states)
+        # Stacked in the compute dtype: the row copies below do the fp16 conversion.
+        compute = autocast_dtype(self.device, self.cpu_dtype) or torch.float32
         items = torch.zeros(
-            (len(states), width, states[0].shape[1]), dtype=states[0].dtype, device=self.device
+            (len(states), width, states[0].shape[1]), dtype=compute, device=self.device
         )
         item_mask = torch.zeros((len(states), width), dtype=torch.long, device=self.device)
         for r, state in enumerate(states):
@@ -334,12 +348,32 @@ class CrossEncoderReranker:
             "item_mask": item_mask,
         }
 
+    def _user_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The user side below the split, cached per user-context tokens: the text is the
+        user's state (it changes when their profile does), and a storefront asks for the same
+        user several times per visit (pages, widgets, refreshes)."""
+        assert self.split is not None
+        key = tuple(inputs["user_ids"][0].tolist())  # the token ids determine the states
+        with self._state_lock:
+            hit = self._user_states_cache.get(key)
+            if hit is not None:
+                self._user_states_cache.move_to_end(key)
+                self.user_cache_hits += 1
+                return hit
+            self.user_cache_misses += 1
+        states = self.split.user_states(inputs["user_ids"], inputs["user_mask"])
+        with self._state_lock:
+            self._user_states_cache[key] = states
+            while len(self._user_states_cache) > USER_STATE_CACHE_SIZE:
+                self._user_states_cache.popitem(last=False)
+        return states
+
     def serving_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits (N,) from `serving_inputs` (no grad by the caller's choice)."""
         if self.split is None:
             return self.logits(inputs)
         with self._autocast():
-            user = self.split.user_states(inputs["user_ids"], inputs["user_mask"])
+            user = self._user_states(inputs)
             return self.split.joint_logits(
                 user, inputs["user_mask"], inputs["item_states"], inputs["item_mask"]
             )
@@ -394,7 +428,8 @@ class CrossEncoderReranker:
     def score(self, user_text: str, item_texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Relevance of each item for one user context (the serving path: cached token ids;
         for a split model, cached item-side states and one user-side pass)."""
-        self.model.eval()
+        if self.model.training:  # walking every module costs ~5 ms a call: only when needed
+            self.model.eval()
         out = np.empty(len(item_texts), dtype=np.float32)
         if self.split is not None:  # the per-candidate work is small: one user pass for all
             batch_size = max(len(item_texts), 1)

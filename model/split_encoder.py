@@ -26,6 +26,7 @@ The same code path serves training (B users × B items) and serving (1 user × N
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,12 +84,49 @@ def _layer(
     ctx = torch.nn.functional.scaled_dot_product_attention(
         q, keys, values, attn_mask=bias.to(q.dtype), dropout_p=drop
     )
-    b, _, tq, d = ctx.shape
+    return _after_attention(layer, ctx, queries)
+
+
+def _after_attention(layer: Any, ctx: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """The rest of a BERT layer after attention: output projection, residual + LayerNorm,
+    feed-forward, residual + LayerNorm. `ctx` is (B, nh, Tq, d)."""
+    b, n_heads, tq, d = ctx.shape
     ctx = ctx.transpose(1, 2).reshape(b, tq, n_heads * d)
+    attn = layer.attention
     hidden = attn.output.LayerNorm(attn.output.dropout(attn.output.dense(ctx)) + queries)
     inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))
     out = layer.output
-    return out.LayerNorm(out.dropout(out.dense(inner)) + hidden)
+    return out.LayerNorm(out.dropout(out.dense(inner)) + hidden)  # type: ignore[no-any-return]
+
+
+def _shared_query_layer(
+    layer: Any,
+    cls: torch.Tensor,
+    user_kv: tuple[torch.Tensor, torch.Tensor],
+    user_bias: torch.Tensor,
+    item_kv: tuple[torch.Tensor, torch.Tensor],
+    item_bias: torch.Tensor,
+    n_heads: int,
+) -> torch.Tensor:
+    """The last layer for one user's [CLS] (1, 1, H) against N candidates, inference only.
+
+    Every candidate's query is the same vector (the user side is candidate-independent below
+    the split), so the softmax over [user keys, item keys] is taken in two parts: user scores
+    once, item scores as one batched product with the cached item keys. Same result as
+    `_layer` over the concatenated keys, without copying the user keys N times.
+    """
+    attn = layer.attention.self
+    q = _heads(attn.query(cls), n_heads)  # (1, nh, 1, d)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    user_k, user_v = user_kv
+    item_k, item_v = item_kv
+    s_user = (q @ user_k.transpose(-1, -2)) * scale + user_bias  # (1, nh, 1, Lu)
+    s_item = (q @ item_k.transpose(-1, -2)) * scale + item_bias  # (N, nh, 1, Li)
+    top = torch.maximum(s_user.amax(-1, keepdim=True), s_item.amax(-1, keepdim=True))
+    e_user, e_item = torch.exp(s_user - top), torch.exp(s_item - top)
+    norm = e_user.sum(-1, keepdim=True) + e_item.sum(-1, keepdim=True)
+    ctx = (e_user @ user_v + e_item @ item_v) / norm  # (N, nh, 1, d)
+    return _after_attention(layer, ctx, cls.expand(ctx.shape[0], -1, -1))
 
 
 def _kv(layer: Any, hidden: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, ...]:
@@ -136,27 +174,69 @@ class SplitEncoder:
         """(B, item_len, H) item segment states at the split (depend on the item text only)."""
         return self._lower(ids, mask, self.layout.user_len, 1)  # type: ignore[no-any-return]
 
+    def item_cache(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """What serving caches per item: with one joint layer, that layer's keys and values of
+        the item tokens, (B, item_len, 2H) (the item side needs nothing else at request time);
+        with more, the states at the split, (B, item_len, H)."""
+        states = self.item_states(ids, mask)
+        if self.joint_layers > 1:
+            return states
+        attn = self.model.bert.encoder.layer[-1].attention.self
+        return torch.cat([attn.key(states), attn.value(states)], dim=-1)
+
     def joint_logits(
         self,
         user: torch.Tensor,
         user_mask: torch.Tensor,
-        items: torch.Tensor,
+        cache: torch.Tensor,
         item_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """Logits (N,) of the top layers over user states (1 or N rows) and N item rows."""
-        n = items.shape[0]
+        """Logits (N,) of the top layers over user states (1 or N rows) and N items'
+        `item_cache` rows."""
+        n = cache.shape[0]
         if user.shape[0] == 1 and n > 1:
-            user, user_mask = user.expand(n, -1, -1), user_mask.expand(n, -1)
-        hidden = torch.cat([user, items.to(user.dtype)], dim=1)
+            user_mask = user_mask.expand(n, -1)
         mask = torch.cat([user_mask, item_mask], dim=1)
-        bias = _mask_bias(mask, hidden.dtype)
         layers = self.model.bert.encoder.layer[self.split :]
-        for layer in layers[:-1]:
-            k, v = _kv(layer, hidden, self.n_heads)
-            hidden = _layer(layer, hidden, k, v, bias, self.n_heads)
+        last = layers[-1]
+        if self.joint_layers == 1:
+            # User keys/values once per request (not once per candidate), item ones cached.
+            user_k, user_v = _kv(last, user, self.n_heads)
+            width = cache.shape[-1] // 2
+            item_k = _heads(cache[..., :width].to(user_k.dtype), self.n_heads)
+            item_v = _heads(cache[..., width:].to(user_v.dtype), self.n_heads)
+            if user.shape[0] == 1 and not torch.is_grad_enabled():
+                cls = _shared_query_layer(
+                    last,
+                    user[:, :1],
+                    (user_k, user_v),
+                    _mask_bias(user_mask[:1], user_k.dtype),
+                    (item_k, item_v),
+                    _mask_bias(item_mask, item_k.dtype),
+                    self.n_heads,
+                )
+                return self._head(cls)
+            if user_k.shape[0] == 1 and n > 1:
+                user_k, user_v = user_k.expand(n, -1, -1, -1), user_v.expand(n, -1, -1, -1)
+            k, v = torch.cat([user_k, item_k], dim=2), torch.cat([user_v, item_v], dim=2)
+            cls_in = user[:, :1].expand(n, -1, -1) if user.shape[0] == 1 else user[:, :1]
+        else:
+            if user.shape[0] == 1 and n > 1:
+                user = user.expand(n, -1, -1)
+            hidden = torch.cat([user, cache.to(user.dtype)], dim=1)
+            bias = _mask_bias(mask, hidden.dtype)
+            for layer in layers[:-1]:
+                k, v = _kv(layer, hidden, self.n_heads)
+                hidden = _layer(layer, hidden, k, v, bias, self.n_heads)
+            k, v = _kv(last, hidden, self.n_heads)
+            cls_in = hidden[:, :1]
         # Last layer: the classifier reads [CLS] only, so only [CLS] queries.
-        k, v = _kv(layers[-1], hidden, self.n_heads)
-        cls = _layer(layers[-1], hidden[:, :1], k, v, bias, self.n_heads)
+        cls = _layer(last, cls_in, k, v, _mask_bias(mask, k.dtype), self.n_heads)
+        return self._head(cls)
+
+    def _head(self, cls: torch.Tensor) -> torch.Tensor:
+        """Pooler + one-logit classifier on the [CLS] outputs (N, 1, H) -> (N,). The head runs
+        in fp32: bf16 keeps ~3 significant digits, which would turn close scores into ties."""
         pooler = self.model.bert.pooler
         pooled = pooler.activation(pooler.dense(cls[:, 0]))  # type: ignore[union-attr]
         head = self.model.classifier(self.model.dropout(pooled.float()))
@@ -165,8 +245,8 @@ class SplitEncoder:
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training/evaluation path: aligned (user, item) rows as built by `encode`."""
         user = self.user_states(batch["user_ids"], batch["user_mask"])
-        items = self.item_states(batch["item_ids"], batch["item_mask"])
-        return self.joint_logits(user, batch["user_mask"], items, batch["item_mask"])
+        cache = self.item_cache(batch["item_ids"], batch["item_mask"])
+        return self.joint_logits(user, batch["user_mask"], cache, batch["item_mask"])
 
 
 def segment_tensors(

@@ -38,6 +38,7 @@ def _split(joint: int, seed: int = 3) -> CrossEncoderReranker:
     with torch.no_grad():
         for p in model.model.parameters():
             p.mul_(4.0)
+    model.item_state_dtype = torch.float32  # exact comparisons; fp16 has its own test
     return model
 
 
@@ -94,6 +95,13 @@ def test_serving_path_with_cached_item_states_equals_the_training_path() -> None
     assert float(np.ptp(reranker.score(USERS[0], ITEMS))) > 1e-3
 
 
+def test_fp16_item_cache_moves_scores_by_less_than_1e_3() -> None:
+    exact, half = _split(joint=1), _split(joint=1)
+    half.item_state_dtype = torch.float16
+    np.testing.assert_allclose(half.score(USERS[0], ITEMS), exact.score(USERS[0], ITEMS), atol=1e-3)
+    assert next(iter(half._item_states.values())).dtype == torch.float16
+
+
 def test_item_states_do_not_depend_on_the_other_segment() -> None:
     reranker = _split(joint=1)
     assert reranker.split is not None
@@ -130,6 +138,7 @@ def test_save_and_load_keeps_the_architecture_whatever_the_caller_asks(tmp_path:
             tmp_path / "m", max_length=32, device="cpu", joint_layers=asked
         )
         assert loaded.architecture == "split-1"
+        loaded.item_state_dtype = torch.float32
         np.testing.assert_allclose(
             loaded.score(USERS[0], ITEMS), reranker.score(USERS[0], ITEMS), atol=1e-6
         )
@@ -142,6 +151,7 @@ def test_save_and_load_keeps_the_architecture_whatever_the_caller_asks(tmp_path:
 
 def test_split_model_learns_a_toy_task() -> None:
     reranker = CrossEncoderReranker.tiny(seed=0, max_length=32, joint_layers=1)
+    reranker.item_state_dtype = torch.float32
     pairs = [Pair(u, ITEMS[0], 1.0) for u in USERS] + [
         Pair(u, i, 0.0) for u in USERS for i in ITEMS[1:]
     ]
@@ -188,3 +198,17 @@ def test_as_cross_encoder_runs_the_same_weights_with_full_attention() -> None:
     assert cross.architecture == "cross" and split.architecture == "split-1"
     for a, b in zip(split.model.parameters(), cross.model.parameters(), strict=True):
         assert torch.equal(a, b) and a is not b
+
+
+def test_user_states_are_cached_per_context_and_give_the_same_scores() -> None:
+    reranker = _split(joint=1)
+    first = reranker.score(USERS[0], ITEMS)
+    assert (reranker.user_cache_hits, reranker.user_cache_misses) == (0, 1)
+    again = reranker.score(USERS[0], ITEMS[::-1])
+    assert (reranker.user_cache_hits, reranker.user_cache_misses) == (1, 1)
+    np.testing.assert_allclose(again[::-1], first, atol=1e-6)
+    reranker.score(USERS[1], ITEMS)
+    assert reranker.user_cache_misses == 2
+    reranker.clear_item_states()
+    reranker.score(USERS[0], ITEMS)
+    assert reranker.user_cache_misses == 3  # cleared with the weights' other states
