@@ -6,7 +6,7 @@ same recall candidates for held-out users:
 
 - reference: the full cross-encoder (every layer joint), run in fp32 with plain transformers;
 - served: the configured architecture (`model.joint_layers`) through its serving path, at the
-  serving precision.
+  serving precision (int8 user side when `model.user_side_int8`).
 
 Protocol: the workdir's offline event log in time order; positives of the window
 [`train_start`, `holdout_start`) train, later interactions are held out. For each held-out user
@@ -99,6 +99,8 @@ def bench_quality(
     reference, reference_s = trained(None, "fp32")
     say(f"training the served architecture ({'split-' + str(joint) if joint else 'cross'})")
     served, served_s = trained(joint, config.model.rerank_dtype)
+    if config.model.user_side_int8:
+        served.quantize_user_side()
 
     # Held-out users: the profile before a user's first held-out positive is the one serving
     # held at the hold-out start; relevant = their held-out positives.

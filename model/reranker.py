@@ -136,8 +136,19 @@ class CrossEncoderReranker:
 
     @property
     def architecture(self) -> str:
-        """ "cross" or "split-<joint layers>" (manifests, logs, benchmarks)."""
-        return "cross" if self.split is None else f"split-{self.split.joint_layers}"
+        """One of "cross", "split-<joint layers>", "split-<n>-int8user" (manifests, benches)."""
+        if self.split is None:
+            return "cross"
+        suffix = "-int8user" if self.split.user_side_int8 else ""
+        return f"split-{self.split.joint_layers}{suffix}"
+
+    def quantize_user_side(self) -> None:
+        """Serve the user side of a split model with int8 Linear layers (no-op for a full
+        cross-encoder); see `SplitEncoder.quantize_user_side`."""
+        if self.split is not None:
+            self.split.quantize_user_side()
+            with self._state_lock:
+                self._user_states_cache.clear()
 
     @classmethod
     def from_pretrained(
@@ -306,11 +317,14 @@ class CrossEncoderReranker:
         return self.item_state_dtype
 
     def clear_item_states(self) -> None:
-        """Forget cached item-side states (they belong to the weights they were computed with;
-        `model.training.train` calls this when it changes the weights)."""
+        """Forget cached item- and user-side states and the int8 user-side copy (they belong
+        to the weights they were computed with; `model.training.train` calls this when it
+        changes the weights)."""
         with self._state_lock:
             self._item_states.clear()
             self._user_states_cache.clear()
+        if self.split is not None:
+            self.split.drop_quantized()
 
     def cached_items(self) -> int:
         """Item texts whose item-side states are cached."""

@@ -148,6 +148,7 @@ class SplitEncoder:
         self.split = n_layers - joint_layers
         self.layout = layout
         self.n_heads = int(model.config.num_attention_heads)
+        self._user_layers: Any = None
 
     def _embed(self, ids: torch.Tensor, start: int, token_type: int) -> torch.Tensor:
         emb = self.model.bert.embeddings
@@ -157,18 +158,45 @@ class SplitEncoder:
         x = x + emb.token_type_embeddings(types)
         return emb.dropout(emb.LayerNorm(x))  # type: ignore[no-any-return]
 
-    def _lower(self, ids: torch.Tensor, mask: torch.Tensor, start: int, token_type: int):  # type: ignore[no-untyped-def]
+    def quantize_user_side(self) -> None:
+        """Run the user side below the split with dynamically quantised int8 Linear layers
+        (a copy; the model's own weights and the item side stay as they are). For serving
+        only: on a 2-core AVX2 EPYC a 32-token user pass took ~19 ms in fp32, most of it
+        small matrix products that int8 runs ~1.8x faster. Training drops the copy
+        (`drop_quantized`)."""
+        import copy
+        import warnings
+
+        layers = copy.deepcopy(self.model.bert.encoder.layer[: self.split])
+        with warnings.catch_warnings():  # torch.ao's eager API warns it is moving to torchao
+            warnings.simplefilter("ignore")
+            self._user_layers = torch.ao.quantization.quantize_dynamic(
+                layers, {torch.nn.Linear}, dtype=torch.qint8
+            )
+
+    def drop_quantized(self) -> None:
+        self._user_layers = None
+
+    @property
+    def user_side_int8(self) -> bool:
+        return self._user_layers is not None
+
+    def _lower(  # type: ignore[no-untyped-def]
+        self, ids: torch.Tensor, mask: torch.Tensor, start: int, token_type: int, layers=None
+    ):
         """One segment alone through the layers below the split."""
         hidden = self._embed(ids, start, token_type)
         bias = _mask_bias(mask, hidden.dtype)
-        for layer in self.model.bert.encoder.layer[: self.split]:
+        for layer in layers if layers is not None else self.model.bert.encoder.layer[: self.split]:
             k, v = _kv(layer, hidden, self.n_heads)
             hidden = _layer(layer, hidden, k, v, bias, self.n_heads)
         return hidden
 
     def user_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, user_len, H) user segment states at the split."""
-        return self._lower(ids, mask, 0, 0)  # type: ignore[no-any-return]
+        """(B, user_len, H) user segment states at the split (int8 after
+        `quantize_user_side`, outside training)."""
+        layers = self._user_layers if not torch.is_grad_enabled() else None
+        return self._lower(ids, mask, 0, 0, layers)  # type: ignore[no-any-return]
 
     def item_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, item_len, H) item segment states at the split (depend on the item text only)."""

@@ -183,6 +183,8 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         # for the popular head of the catalogue after a hot swap.
         if reranker.split is None:
             return reranker
+        if config.model.user_side_int8:
+            reranker.quantize_user_side()
         index = holder.current.index if holder is not None and holder.ready else None
         warmed = reranker.warm_items(_warm_texts(config, index))
         if warmed:
