@@ -63,11 +63,12 @@ def bench_quality(
     items = read_item_catalog(config.offline_dir / ITEM_FEATURES_TABLE)
     events = OfflineEventLog(config.offline_dir).read()
     stamps = events["timestamp"]
-    train_start = pd.Timestamp(stamps.quantile(train_fraction))  # type: ignore[arg-type]
-    holdout_start = pd.Timestamp(stamps.quantile(1 - holdout_fraction))  # type: ignore[arg-type]
+    # Cut points on real event times (a quantile may fall between two events).
+    train_start = pd.Timestamp(stamps.iloc[int(len(stamps) * train_fraction)])
+    holdout_start = pd.Timestamp(stamps.iloc[int(len(stamps) * (1 - holdout_fraction))])
     windows = {
-        "train": Window(train_start.to_pydatetime(), holdout_start.to_pydatetime()),
-        "holdout": Window(holdout_start.to_pydatetime(), None),
+        "train": Window(train_start, holdout_start),
+        "holdout": Window(holdout_start, None),
     }
     positives = positives_in_windows(events, items, windows)
     tcfg = config.training

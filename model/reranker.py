@@ -382,12 +382,22 @@ class CrossEncoderReranker:
                 self._user_states_cache.popitem(last=False)
         return states
 
-    def serving_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits (N,) from `serving_inputs` (no grad by the caller's choice)."""
+    def serving_logits(
+        self, inputs: dict[str, torch.Tensor], user_cache: bool = True
+    ) -> torch.Tensor:
+        """Logits (N,) from `serving_inputs` (no grad by the caller's choice).
+
+        Args:
+            user_cache: use and fill the user-state cache; False always runs the user pass
+                (what a first request of a user costs; benchmarks measure that).
+        """
         if self.split is None:
             return self.logits(inputs)
         with self._autocast():
-            user = self._user_states(inputs)
+            if user_cache:
+                user = self._user_states(inputs)
+            else:
+                user = self.split.user_states(inputs["user_ids"], inputs["user_mask"])
             return self.split.joint_logits(
                 user, inputs["user_mask"], inputs["item_states"], inputs["item_mask"]
             )

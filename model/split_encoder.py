@@ -209,7 +209,8 @@ class SplitEncoder:
         states = self.item_states(ids, mask)
         if self.joint_layers > 1:
             return states
-        attn = self.model.bert.encoder.layer[-1].attention.self
+        last: Any = self.model.bert.encoder.layer[-1]
+        attn = last.attention.self
         return torch.cat([attn.key(states), attn.value(states)], dim=-1)
 
     def joint_logits(

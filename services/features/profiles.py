@@ -517,6 +517,8 @@ def _to_datetime(value: Any) -> datetime | None:
     """A tz-aware UTC datetime (Feast returns Timestamps, ints or datetimes), or None."""
     if _is_null(value):
         return None
+    if type(value) is datetime and value.tzinfo is UTC:  # the common case: already right
+        return value
     if isinstance(value, int | np.integer) and not isinstance(value, bool):
         return datetime.fromtimestamp(int(value), tz=UTC)
     return _utc_timestamp(value).to_pydatetime()

@@ -44,9 +44,10 @@ SWAP_DEADLINE_S = 60.0  # the holder polls every 0.2 s; a swap normally lands wi
 
 
 def _load_reranker(path: str) -> CrossEncoderReranker:
-    """The pretrained backbone becomes a tiny random BERT; registry versions load as saved."""
+    """The pretrained backbone becomes a tiny random BERT with the product's default split
+    architecture (one joint layer); registry versions load as saved."""
     if Path(path) == pretrained_path():
-        return CrossEncoderReranker.tiny(seed=0, max_length=MAX_LENGTH)
+        return CrossEncoderReranker.tiny(seed=0, max_length=MAX_LENGTH, joint_layers=1)
     return CrossEncoderReranker.from_pretrained(path, MAX_LENGTH, "cpu", "fp32")
 
 
@@ -211,6 +212,10 @@ def test_reflection_lists_the_services(stack: Stack, server: str, service: str) 
 
 def test_recommend_for_a_known_user(stack: Stack) -> None:
     reply = _recommend(stack, stack.user.user_id, 10, request_id="known-1")
+    reranker = stack.ranking.models.current.reranker
+    # The default serving path: split model, item states warmed at load, int8 user side.
+    assert reranker.architecture == "split-1-int8user"
+    assert reranker.cached_items() >= 100
 
     ids = [i.item_id for i in reply.items]
     assert len(ids) == 10 == len(set(ids))
