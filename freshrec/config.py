@@ -123,6 +123,7 @@ class UpdaterConfig(_Section):
 
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(50052, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off.")
     min_new_events: int = Field(50, ge=1, description="Fewer positives than this: skip update.")
     # Automatic updates (services/updater/triggers.py); signals in services/updater/drift.py.
     update_interval_seconds: float = Field(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
@@ -25,6 +26,51 @@ SERVED_RELEVANCE = Histogram(
     "Relevance of every candidate the re-ranker scored for a Recommend answer.",
     buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)),
 )
+
+
+# The split re-ranker's caches (model/reranker.py), read from the serving version at scrape time.
+USER_STATE_CACHE_HIT_RATE = Gauge(
+    "freshrec_user_state_cache_hit_rate",
+    "Share of re-ranks that found the user side cached, since the serving version loaded.",
+)
+ITEM_STATES_CACHED = Gauge(
+    "freshrec_item_states_cached", "Items whose re-ranker item side is cached (serving version)."
+)
+
+# The updater (served on `updater.metrics_port` when it is not 0).
+UPDATES = Counter("freshrec_updates_total", "Update jobs by final state.", ["state"])
+UPDATE_SECONDS = Histogram(
+    "freshrec_update_seconds",
+    "Wall time of update jobs (fine-tune, gate, publish).",
+    buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 3600),
+)
+DRIFT_SIGNAL = Gauge("freshrec_drift_signal", "Latest drift signals of the updater.", ["signal"])
+CHAMPION_INFO = Gauge("freshrec_champion_info", "1 for the re-ranker champion.", ["version"])
+
+
+def watch_reranker_caches(current: Callable[[], Any]) -> None:
+    """Point the cache gauges at `current()` (the serving re-ranker), read at scrape time."""
+
+    def hit_rate() -> float:
+        reranker = current()
+        total = reranker.user_cache_hits + reranker.user_cache_misses
+        return reranker.user_cache_hits / total if total else 0.0
+
+    USER_STATE_CACHE_HIT_RATE.set_function(hit_rate)
+    ITEM_STATES_CACHED.set_function(lambda: float(current().cached_items()))
+
+
+def observe_update(state: str, seconds: float, champion: str) -> None:
+    UPDATES.labels(state=state).inc()
+    UPDATE_SECONDS.observe(seconds)
+    if champion:
+        CHAMPION_INFO.clear()
+        CHAMPION_INFO.labels(version=champion).set(1)
+
+
+def observe_signals(signals: Mapping[str, float]) -> None:
+    for name, value in signals.items():
+        DRIFT_SIGNAL.labels(signal=name).set(value)
 
 
 def serve_metrics(port: int) -> None:

@@ -238,6 +238,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         workers=config.ranking.workers,
         credentials=credentials,
     )
+    metrics.watch_reranker_caches(lambda: holder.current.reranker)
     if config.ranking.metrics_port:
         metrics.serve_metrics(config.ranking.metrics_port)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from freshrec.config import FreshRecConfig
 from freshrec.v1 import updater_pb2, updater_pb2_grpc
+from services.common import metrics
 from services.common.auth import TokenAuthInterceptor, server_credentials, updater_token
 from services.common.server import ServerHandle, create_server
 from services.ingestion.offline_log import OfflineEventLog
@@ -72,6 +73,8 @@ def build_updater(
             "TriggerUpdate, Promote and Rollback on port %d are open to anyone who can reach it",
             handle.port,
         )
+    if config.updater.metrics_port:
+        metrics.serve_metrics(config.updater.metrics_port)
     handle.mark_serving()
     # Automatic updates (schedule, drift thresholds): a no-op thread when both are off.
     servicer.scheduler = TriggerScheduler(servicer, config.updater)

@@ -25,6 +25,7 @@ from freshrec.config import FreshRecConfig
 from freshrec.errors import FailedPrecondition, InvalidArgument
 from freshrec.records import ItemFeatures
 from freshrec.v1 import updater_pb2, updater_pb2_grpc
+from services.common import metrics
 from services.common.served_scores import SERVED_SCORES_DIR, read_served_scores
 from services.features.profiles import item_from_row
 from services.features.store import ITEM_FEATURES_TABLE
@@ -173,6 +174,8 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
             final = replace(status, state="failed", message=f"{type(exc).__name__}: {exc}")
         with self._lock:
             self._last, self._running = final, None
+        seconds = time.monotonic() - (self._last_started or time.monotonic())
+        metrics.observe_update(final.state, seconds, self.registry.champion("reranker") or "")
         self._done.set()
 
     def _start(self, reason: str, force: bool) -> tuple[JobStatus, threading.Thread]:
@@ -244,6 +247,7 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
         signals = drift_signals(
             events, end, window, created_at, category, periods, self._score_psi(periods)
         )
+        metrics.observe_signals(signals)
         return signals, pending
 
     def _score_psi(self, periods: Sequence[tuple[datetime, str]]) -> float | None:
