@@ -143,9 +143,10 @@ class CrossEncoderReranker:
         return f"split-{self.split.joint_layers}{suffix}"
 
     def quantize_user_side(self) -> None:
-        """Serve the user side of a split model with int8 Linear layers (no-op for a full
-        cross-encoder); see `SplitEncoder.quantize_user_side`."""
-        if self.split is not None:
+        """Serve the user side of a split model with int8 Linear layers on CPU (no-op for a
+        full cross-encoder, and on a GPU, where autocast fp16/bf16 is the fast path); see
+        `SplitEncoder.quantize_user_side`."""
+        if self.split is not None and self.device.type == "cpu":
             self.split.quantize_user_side()
             with self._state_lock:
                 self._user_states_cache.clear()

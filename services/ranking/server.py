@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -186,9 +187,15 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         if config.model.user_side_int8:
             reranker.quantize_user_side()
         index = holder.current.index if holder is not None and holder.ready else None
+        started = time.perf_counter()
         warmed = reranker.warm_items(_warm_texts(config, index))
         if warmed:
-            log.info("re-ranker %s: %d item states computed", path, warmed)
+            log.info(
+                "re-ranker %s: %d item states computed in %.1f s",
+                path,
+                warmed,
+                time.perf_counter() - started,
+            )
         return reranker
 
     holder = ModelHolder(
