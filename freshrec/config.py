@@ -104,6 +104,14 @@ class RankingConfig(_Section):
     exclude_purchased: bool = Field(True, description="Never recommend what the user bought.")
     registry_poll_seconds: float = Field(1.0, gt=0, description="How often to look for a champion.")
     workers: int = Field(8, ge=1, le=256, description="gRPC worker threads.")
+    rerank_batch: int = Field(
+        16,
+        ge=0,
+        le=256,
+        description="Most concurrent requests the re-rank micro-batcher scores in one model "
+        "call (one model thread; services/ranking/batching.py); 0 = no batcher, every gRPC "
+        "worker runs the model itself.",
+    )
     warm_item_states: int = Field(
         20000,
         ge=0,

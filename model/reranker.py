@@ -450,6 +450,59 @@ class CrossEncoderReranker:
         return out
 
     @torch.inference_mode()
+    def score_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[np.ndarray]:
+        """`score` for several requests at once (what a micro-batcher hands over).
+
+        For a split model the user passes that miss the user-state cache run as one batch
+        (one set of matrix products over all their tokens instead of one per request; small
+        products use these cores poorly); the joint layer then runs per request. A full
+        cross-encoder scores request by request.
+        """
+        if self.split is None or len(requests) < 2:
+            return [self.score(user, items) for user, items in requests]
+        if self.model.training:
+            self.model.eval()
+        self.warm_items([t for _, items in requests for t in items])
+        rows = [tuple(self._user_row(user)) for user, _ in requests]
+        missing = []
+        with self._state_lock:
+            for row in dict.fromkeys(rows):
+                if row in self._user_states_cache:
+                    self.user_cache_hits += 1
+                else:
+                    self.user_cache_misses += 1
+                    missing.append(row)
+        if missing:
+            ids, mask = self._segments([list(r) for r in missing])
+            with self._autocast():
+                states = self.split.user_states(ids, mask)
+            with self._state_lock:
+                for b, row in enumerate(missing):
+                    # Trimmed to the row's own tokens: equal to the row run alone (padding is
+                    # masked out of attention).
+                    self._user_states_cache[row] = states[b : b + 1, : len(row)]
+                while len(self._user_states_cache) > USER_STATE_CACHE_SIZE:
+                    self._user_states_cache.popitem(last=False)
+            cached = {row: self._user_states_cache.get(row) for row in missing}
+        else:
+            cached = {}
+        out = []
+        for (user, items), row in zip(requests, rows, strict=True):
+            if not items:
+                out.append(np.zeros(0, dtype=np.float32))
+                continue
+            inputs = self.serving_inputs(user, items)
+            state = cached.get(row)
+            with self._autocast():
+                if state is None:
+                    state = self._user_states(inputs)
+                logits = self.split.joint_logits(
+                    state, inputs["user_mask"], inputs["item_states"], inputs["item_mask"]
+                )
+            out.append(torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32))
+        return out
+
+    @torch.inference_mode()
     def score(self, user_text: str, item_texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Relevance of each item for one user context (the serving path: cached token ids;
         for a split model, cached item-side states and one user-side pass)."""

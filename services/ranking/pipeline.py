@@ -24,6 +24,7 @@ from model.reranker import CrossEncoderReranker
 from model.text import item_text, user_context_text
 from services.features.caching import FeatureCache
 from services.features.reader import FeatureReader
+from services.ranking.batching import RerankBatcher
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +148,19 @@ class RankingPipeline:
         settings: PipelineSettings,
         query_encoder: TextEncoder | None = None,
         cache: FeatureCache | None = None,
+        batcher: RerankBatcher | None = None,
     ) -> None:
         """Args:
         cache: last-known features to answer from (degraded) when `features` raises
             FeatureStoreUnavailable; without one, such answers fall back to popular items.
+        batcher: runs the re-ranker for concurrent requests together on one thread
+            (services/ranking/batching.py); without one, each request scores on its own.
         """
         self.features = features
         self.settings = settings
         self.query_encoder = query_encoder
         self.cache = cache
+        self.batcher = batcher
 
     # -- steps -------------------------------------------------------------------------------
     def fetch_user_profile(self, user_id: str) -> UserProfile | None:
@@ -200,11 +205,15 @@ class RankingPipeline:
         """Keep candidates the store knows and that are in stock."""
         return [(i, s) for i, s in candidates if i in items and items[i].in_stock]
 
-    @staticmethod
-    def rerank(models: ServingModels, user_text: str, candidates: list[ItemFeatures]) -> np.ndarray:
+    def rerank(
+        self, models: ServingModels, user_text: str, candidates: list[ItemFeatures]
+    ) -> np.ndarray:
         if not candidates:
             return np.zeros(0, dtype=np.float32)
-        return models.reranker.score(user_text, [item_text(i) for i in candidates])
+        texts = [item_text(i) for i in candidates]
+        if self.batcher is not None:
+            return self.batcher.score(models.reranker, user_text, texts)
+        return models.reranker.score(user_text, texts)
 
     def apply_weights(
         self, candidates: list[ItemFeatures], relevance: np.ndarray, stage: str

@@ -56,6 +56,7 @@ from services.ingestion.offline_log import OfflineEventLog
 from services.ingestion.pipeline import EventIngestor
 from services.ingestion.spool import EventSpool
 from services.jobs.bootstrap import read_online_store_choice
+from services.ranking.batching import RerankBatcher
 from services.ranking.models import ModelHolder
 from services.ranking.pipeline import PipelineSettings, RankingPipeline, RecommendInput
 from services.ranking.servicer import RankingServicer
@@ -219,7 +220,10 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         exclude_purchased=config.ranking.exclude_purchased,
     )
     encoder = TextEncoder.from_pretrained(config.model.base_model or None)
-    pipeline = RankingPipeline(reader, settings, encoder, cache=reader)
+    batcher = RerankBatcher(config.ranking.rerank_batch) if config.ranking.rerank_batch else None
+    if batcher is not None:
+        batcher.start()
+    pipeline = RankingPipeline(reader, settings, encoder, cache=reader, batcher=batcher)
     # Warm every model and client with one real request before reporting SERVING.
     pipeline.recommend(RecommendInput(user_id="__warmup__", k=1, query="warm up"), holder.current)
     score_log = ServedScoreLog(
@@ -262,6 +266,8 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     log.info("ranking service on port %d", handle.port)
     # score_log.stop runs after the server stopped: its last flush holds every answer.
     closers = [follower.stop, watcher.stop, dedup.close, score_log.stop]
+    if batcher is not None:
+        closers.insert(0, batcher.stop)
     return RankingApp(handle, holder, closers, ingestor, breaker)
 
 
