@@ -109,8 +109,8 @@ class RankingConfig(_Section):
         ge=0,
         le=256,
         description="Most concurrent requests the re-rank micro-batcher scores in one model "
-        "call (one model thread; services/ranking/batching.py); 0 = no batcher, every gRPC "
-        "worker runs the model itself.",
+        "call (at most one model call at a time; services/ranking/batching.py); 0 = no "
+        "batcher, every gRPC worker runs the model at once.",
     )
     warm_item_states: int = Field(
         20000,

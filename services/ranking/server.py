@@ -146,6 +146,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     credentials = server_credentials(config.security)
     if config.model.torch_threads:
         torch.set_num_threads(config.model.torch_threads)
+
     features = FeastFeatureStore(config.feature_repo_dir)
     features.start()
     online = read_online_store_choice(config)
@@ -221,8 +222,6 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     )
     encoder = TextEncoder.from_pretrained(config.model.base_model or None)
     batcher = RerankBatcher(config.ranking.rerank_batch) if config.ranking.rerank_batch else None
-    if batcher is not None:
-        batcher.start()
     pipeline = RankingPipeline(reader, settings, encoder, cache=reader, batcher=batcher)
     # Warm every model and client with one real request before reporting SERVING.
     pipeline.recommend(RecommendInput(user_id="__warmup__", k=1, query="warm up"), holder.current)
@@ -266,8 +265,6 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     log.info("ranking service on port %d", handle.port)
     # score_log.stop runs after the server stopped: its last flush holds every answer.
     closers = [follower.stop, watcher.stop, dedup.close, score_log.stop]
-    if batcher is not None:
-        closers.insert(0, batcher.stop)
     return RankingApp(handle, holder, closers, ingestor, breaker)
 
 
