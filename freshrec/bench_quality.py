@@ -45,12 +45,13 @@ def bench_quality(
     from model.index import RecallIndex
     from model.reranker import CrossEncoderReranker, pretrained_path
     from model.text import item_text, user_context_text
-    from model.training import TrainParams, make_pairs, train
+    from model.training import make_pairs, train
     from services.features.profiles import read_item_catalog
     from services.features.store import ITEM_FEATURES_TABLE
     from services.ingestion.offline_log import OfflineEventLog
     from services.registry import open_registry
     from services.updater.examples import Window, positives_in_windows, sample_mix
+    from services.updater.job import train_params
 
     config = load_config(workdir)
     registry = open_registry(config)
@@ -77,14 +78,7 @@ def bench_quality(
         positives["train"], None, tcfg.max_examples, tcfg.negatives_per_positive, 0.0, rng
     )
     pairs = make_pairs(train_pos, list(items.values()), tcfg.negatives_per_positive, rng)
-    params = TrainParams(
-        learning_rate=tcfg.learning_rate,
-        epochs=tcfg.epochs,
-        batch_size=tcfg.batch_size,
-        freeze_layers=tcfg.freeze_layers,
-        cpu_dtype=tcfg.cpu_dtype,
-        seed=tcfg.seed,
-    )
+    params = train_params(tcfg, from_parent=False)
     backbone = pretrained_path(config.model.base_model)
     joint = config.model.joint_layers or None
 

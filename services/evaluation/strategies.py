@@ -28,7 +28,7 @@ from freshrec.data.schema import EVENT_WEIGHTS
 from freshrec.records import ItemFeatures, UserProfile
 from model.index import RecallIndex
 from model.reranker import CrossEncoderReranker, pretrained_path
-from model.training import TrainParams, make_pairs, train
+from model.training import make_pairs, train
 from services.evaluation.protocol import Period
 from services.ranking.pipeline import (
     MAX_EXCLUDE,
@@ -38,7 +38,7 @@ from services.ranking.pipeline import (
 )
 from services.registry import ModelRegistry
 from services.updater.examples import Positive, Window, sample_mix
-from services.updater.job import run_training
+from services.updater.job import run_training, train_params
 
 RerankerLoader = Callable[[str], CrossEncoderReranker]
 
@@ -227,14 +227,7 @@ class RerankerTrainer:
         if not train_pos:
             return UpdateStats(seconds=time.perf_counter() - started)
         pairs = make_pairs(train_pos + replay_pos, catalog, tcfg.negatives_per_positive, rng)
-        params = TrainParams(
-            learning_rate=tcfg.incremental_learning_rate if from_parent else tcfg.learning_rate,
-            epochs=tcfg.epochs,
-            batch_size=tcfg.batch_size,
-            freeze_layers=tcfg.freeze_layers,
-            cpu_dtype=tcfg.cpu_dtype,
-            seed=seed,
-        )
+        params = train_params(tcfg, from_parent, seed)
         memory = _PeakRss()
         report = train(reranker, pairs, params, lambda _n, _loss: memory.sample())
         return UpdateStats(

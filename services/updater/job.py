@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from freshrec.config import FreshRecConfig
+from freshrec.config import FreshRecConfig, TrainingConfig
 from freshrec.records import ItemFeatures
 from model.artifacts import Manifest
 from model.reranker import CrossEncoderReranker, pretrained_path
@@ -48,6 +48,19 @@ class JobOutcome:
     examples: int = 0
     seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train_params(tcfg: TrainingConfig, from_parent: bool, seed: int | None = None) -> TrainParams:
+    """The fine-tuning hyper-parameters of `training.*`: `incremental_learning_rate` when
+    starting from a parent version, `learning_rate` from the pretrained backbone."""
+    return TrainParams(
+        learning_rate=tcfg.incremental_learning_rate if from_parent else tcfg.learning_rate,
+        epochs=tcfg.epochs,
+        batch_size=tcfg.batch_size,
+        freeze_layers=tcfg.freeze_layers,
+        cpu_dtype=tcfg.cpu_dtype,
+        seed=tcfg.seed if seed is None else seed,
+    )
 
 
 def _iso(ts: datetime | pd.Timestamp | None) -> str:
@@ -134,14 +147,7 @@ def run_training(
         champion = load(source)
         champion_metrics = evaluate(champion, groups)
         del champion
-    params = TrainParams(
-        learning_rate=tcfg.learning_rate if parent is None else tcfg.incremental_learning_rate,
-        epochs=tcfg.epochs,
-        batch_size=tcfg.batch_size,
-        freeze_layers=tcfg.freeze_layers,
-        cpu_dtype=tcfg.cpu_dtype,
-        seed=tcfg.seed,
-    )
+    params = train_params(tcfg, from_parent=parent is not None)
     with tqdm(
         total=len(pairs) * params.epochs, desc="fine-tune", unit="pair", disable=not progress
     ) as bar:
