@@ -31,6 +31,7 @@ from services.features.profiles import (
 )
 
 KEY_CACHE_SIZE = 500_000  # entity keys (~40 bytes each)
+DECODED_CACHE_SIZE = 200_000  # decoded item records by their raw bytes (~1 KB each)
 # HMGET of the same fields on every key, in one call (EVALSHA; redis-py loads it on NOSCRIPT).
 HMGET_MANY = (
     "local out = {} "
@@ -106,6 +107,7 @@ class RedisFeatureReader:
         self._project = b""
         self._keys: dict[tuple[str, str], bytes] = {}
         self._hmget_many: Any = None
+        self._decoded: dict[tuple[Any, ...], ItemFeatures] = {}
 
     def start(self) -> None:
         """Read feature_store.yaml and connect (one PING).
@@ -198,9 +200,20 @@ class RedisFeatureReader:
         replies = self._read([self._key("item_id", i) for i in unique], self._item_fields)
         out: dict[str, ItemFeatures] = {}
         for item_id, values in zip(unique, replies, strict=True):
-            row = self._decode(ITEM_FEATURES, values)
-            if row is not None:
-                out[item_id] = item_from_row({"item_id": item_id, **row})
+            # Decoding is a pure function of the bytes just read: the same bytes give the same
+            # (immutable) record, so repeat reads of an unchanged item skip protobuf decoding
+            # and conversion (~60% of a 50-item read). A changed item has new bytes.
+            memo_key = (item_id, *values)
+            item = self._decoded.get(memo_key)
+            if item is None:
+                row = self._decode(ITEM_FEATURES, values)
+                if row is None:
+                    continue
+                item = item_from_row({"item_id": item_id, **row})
+                if len(self._decoded) >= DECODED_CACHE_SIZE:
+                    self._decoded.clear()
+                self._decoded[memo_key] = item
+            out[item_id] = item
         return out
 
     def close(self) -> None:

@@ -324,6 +324,25 @@ def test_raw_redis_reader_matches_the_feast_sdk(on_redis: Prepared) -> None:
         raw.close()
 
 
+def test_raw_redis_reader_sees_a_changed_item_at_once(on_redis: Prepared) -> None:
+    """Decoded records are memoised by their raw bytes: a changed item must not come back
+    stale, and an unchanged one comes back as the same record."""
+    from services.features.redis_reader import RedisFeatureReader
+
+    raw = RedisFeatureReader(on_redis.config.feature_repo_dir)
+    raw.start()
+    try:
+        first = raw.get_items(["i1", "i2"])
+        assert raw.get_items(["i1", "i2"]) == first
+        changed = replace(first["i1"], price=first["i1"].price + 7.5, in_stock=False)
+        on_redis.reader.push_items([changed])
+        after = raw.get_items(["i1", "i2"])
+        assert after["i1"] == changed == on_redis.reader.get_items(["i1"])["i1"]
+        assert after["i2"] is first["i2"]  # unchanged bytes: the memoised record
+    finally:
+        raw.close()
+
+
 def test_raw_redis_reader_refuses_a_sqlite_repo_and_a_dead_redis(
     on_sqlite: Prepared, on_redis: Prepared, tmp_path: Path
 ) -> None:
