@@ -199,6 +199,8 @@ def bench_freshness(
             outcome = upd.TriggerUpdate(
                 updater_pb2.TriggerUpdateRequest(reason="bench freshness", wait=True), timeout=3600
             ).result
+            # Fine-tune + gate + publish, whatever the gate decides: what a rejected run took.
+            decision_s = round(time.perf_counter() - t_last, 1)
             serving_s = None
             if outcome.state == "promoted":
                 while time.perf_counter() - t_last < 600:
@@ -209,12 +211,16 @@ def bench_freshness(
                     time.sleep(0.2)
             result.update(
                 events_to_serving_s=serving_s,
+                events_to_decision_s=decision_s,
                 update_state=outcome.state,
                 update_message=outcome.message,
                 update_examples=outcome.examples,
                 version_before=before,
             )
-            say(f"events → new model serving: {serving_s} s ({outcome.state}: {outcome.message})")
+            say(
+                f"events → new model serving: {serving_s} s; gate decision after {decision_s} s "
+                f"({outcome.state}: {outcome.message})"
+            )
     finally:
         rank_app.stop()
         upd_app.stop()

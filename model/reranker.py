@@ -486,21 +486,25 @@ class CrossEncoderReranker:
             cached = {row: self._user_states_cache.get(row) for row in missing}
         else:
             cached = {}
-        out = []
-        for (user, items), row in zip(requests, rows, strict=True):
+        out: list[np.ndarray | None] = [None] * len(requests)
+        parts, slots = [], []
+        for r, ((user, items), row) in enumerate(zip(requests, rows, strict=True)):
             if not items:
-                out.append(np.zeros(0, dtype=np.float32))
+                out[r] = np.zeros(0, dtype=np.float32)
                 continue
             inputs = self.serving_inputs(user, items)
             state = cached.get(row)
             with self._autocast():
                 if state is None:
                     state = self._user_states(inputs)
-                logits = self.split.joint_logits(
-                    state, inputs["user_mask"], inputs["item_states"], inputs["item_mask"]
-                )
-            out.append(torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32))
-        return out
+            parts.append((state, inputs["user_mask"], inputs["item_states"], inputs["item_mask"]))
+            slots.append(r)
+        if parts:
+            with self._autocast():
+                logits = self.split.joint_logits_many(parts)
+            for r, value in zip(slots, logits, strict=True):
+                out[r] = torch.sigmoid(value.float()).cpu().numpy().astype(np.float32)
+        return [o if o is not None else np.zeros(0, dtype=np.float32) for o in out]
 
     @torch.inference_mode()
     def score(self, user_text: str, item_texts: Sequence[str], batch_size: int = 64) -> np.ndarray:

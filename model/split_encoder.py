@@ -99,7 +99,7 @@ def _after_attention(layer: Any, ctx: torch.Tensor, queries: torch.Tensor) -> to
     return out.LayerNorm(out.dropout(out.dense(inner)) + hidden)  # type: ignore[no-any-return]
 
 
-def _shared_query_layer(
+def _shared_query_attention(
     layer: Any,
     cls: torch.Tensor,
     user_kv: tuple[torch.Tensor, torch.Tensor],
@@ -107,8 +107,9 @@ def _shared_query_layer(
     item_kv: tuple[torch.Tensor, torch.Tensor],
     item_bias: torch.Tensor,
     n_heads: int,
-) -> torch.Tensor:
-    """The last layer for one user's [CLS] (1, 1, H) against N candidates, inference only.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last layer's attention for one user's [CLS] (1, 1, H) against N candidates,
+    inference only: (context (N, nh, 1, d), [CLS] expanded to (N, 1, H)).
 
     Every candidate's query is the same vector (the user side is candidate-independent below
     the split), so the softmax over [user keys, item keys] is taken in two parts: user scores
@@ -126,7 +127,7 @@ def _shared_query_layer(
     e_user, e_item = torch.exp(s_user - top), torch.exp(s_item - top)
     norm = e_user.sum(-1, keepdim=True) + e_item.sum(-1, keepdim=True)
     ctx = (e_user @ user_v + e_item @ item_v) / norm  # (N, nh, 1, d)
-    return _after_attention(layer, ctx, cls.expand(ctx.shape[0], -1, -1))
+    return ctx, cls.expand(ctx.shape[0], -1, -1)
 
 
 def _kv(layer: Any, hidden: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, ...]:
@@ -223,6 +224,8 @@ class SplitEncoder:
         """Logits (N,) of the top layers over user states (1 or N rows) and N items'
         `item_cache` rows."""
         n = cache.shape[0]
+        if self._shares_query(user):
+            return self._shared_query_logits([(user, user_mask, cache, item_mask)])[0]
         if user.shape[0] == 1 and n > 1:
             user_mask = user_mask.expand(n, -1)
         mask = torch.cat([user_mask, item_mask], dim=1)
@@ -234,17 +237,6 @@ class SplitEncoder:
             width = cache.shape[-1] // 2
             item_k = _heads(cache[..., :width].to(user_k.dtype), self.n_heads)
             item_v = _heads(cache[..., width:].to(user_v.dtype), self.n_heads)
-            if user.shape[0] == 1 and not torch.is_grad_enabled():
-                cls = _shared_query_layer(
-                    last,
-                    user[:, :1],
-                    (user_k, user_v),
-                    _mask_bias(user_mask[:1], user_k.dtype),
-                    (item_k, item_v),
-                    _mask_bias(item_mask, item_k.dtype),
-                    self.n_heads,
-                )
-                return self._head(cls)
             if user_k.shape[0] == 1 and n > 1:
                 user_k, user_v = user_k.expand(n, -1, -1, -1), user_v.expand(n, -1, -1, -1)
             k, v = torch.cat([user_k, item_k], dim=2), torch.cat([user_v, item_v], dim=2)
@@ -262,6 +254,46 @@ class SplitEncoder:
         # Last layer: the classifier reads [CLS] only, so only [CLS] queries.
         cls = _layer(last, cls_in, k, v, _mask_bias(mask, k.dtype), self.n_heads)
         return self._head(cls)
+
+    def _shares_query(self, user: torch.Tensor) -> bool:
+        """One user's states against its candidates at inference, one joint layer: every
+        candidate's [CLS] query is the same vector (`_shared_query_attention`)."""
+        return self.joint_layers == 1 and user.shape[0] == 1 and not torch.is_grad_enabled()
+
+    def joint_logits_many(
+        self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """`joint_logits` for several requests' (user, user_mask, cache, item_mask): the
+        attention per request, then the feed-forward and head over all their candidates in
+        one pass (one set of larger matrix products instead of one per request)."""
+        if all(self._shares_query(user) for user, *_ in parts):
+            return self._shared_query_logits(parts)
+        return [self.joint_logits(*part) for part in parts]
+
+    def _shared_query_logits(
+        self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        last = self.model.bert.encoder.layer[-1]
+        contexts, queries = [], []
+        for user, user_mask, cache, item_mask in parts:
+            user_k, user_v = _kv(last, user, self.n_heads)
+            width = cache.shape[-1] // 2
+            item_k = _heads(cache[..., :width].to(user_k.dtype), self.n_heads)
+            item_v = _heads(cache[..., width:].to(user_v.dtype), self.n_heads)
+            ctx, cls = _shared_query_attention(
+                last,
+                user[:, :1],
+                (user_k, user_v),
+                _mask_bias(user_mask, user_k.dtype),
+                (item_k, item_v),
+                _mask_bias(item_mask, item_k.dtype),
+                self.n_heads,
+            )
+            contexts.append(ctx)
+            queries.append(cls)
+        cls_out = _after_attention(last, torch.cat(contexts), torch.cat(queries))
+        logits = self._head(cls_out)
+        return list(logits.split([c.shape[0] for c in contexts]))
 
     def _head(self, cls: torch.Tensor) -> torch.Tensor:
         """Pooler + one-logit classifier on the [CLS] outputs (N, 1, H) -> (N,). The head runs
