@@ -201,16 +201,20 @@ def bench_freshness(
             ).result
             # Fine-tune + gate + publish, whatever the gate decides: what a rejected run took.
             decision_s = round(time.perf_counter() - t_last, 1)
-            serving_s = None
+            serving_s = forced_s = None
             if outcome.state == "promoted":
-                while time.perf_counter() - t_last < 600:
-                    reply = rank.Recommend(ranking_pb2.RecommendRequest(user_id=users[0], k=5))
-                    if reply.model_version == outcome.challenger_version:
-                        serving_s = round(time.perf_counter() - t_last, 1)
-                        break
-                    time.sleep(0.2)
+                serving_s = _wait_serving(rank, users[0], outcome.challenger_version, t_last)
+            elif outcome.state == "rejected" and outcome.challenger_version:
+                # The gate kept the champion (the right call, and no figure for the key
+                # above). For the latency of the path itself, an operator promotes the
+                # challenger (`Promote`, as `freshrec updater promote` does), reported apart.
+                upd.Promote(
+                    updater_pb2.PromoteRequest(version=outcome.challenger_version), timeout=60
+                )
+                forced_s = _wait_serving(rank, users[0], outcome.challenger_version, t_last)
             result.update(
                 events_to_serving_s=serving_s,
+                events_to_serving_operator_promoted_s=forced_s,
                 events_to_decision_s=decision_s,
                 update_state=outcome.state,
                 update_message=outcome.message,
@@ -219,7 +223,8 @@ def bench_freshness(
             )
             say(
                 f"events → new model serving: {serving_s} s; gate decision after {decision_s} s "
-                f"({outcome.state}: {outcome.message})"
+                f"({outcome.state}: {outcome.message}); serving after an operator promotion: "
+                f"{forced_s} s"
             )
     finally:
         rank_app.stop()
@@ -242,3 +247,15 @@ def bench_freshness(
             materialize_error=str(exc),
         )
     return result
+
+
+def _wait_serving(rank: Any, user: str, version: str, since: float) -> float | None:
+    """Seconds from `since` until Recommend answers with `version` (None after 600 s)."""
+    from freshrec.v1 import ranking_pb2
+
+    while time.perf_counter() - since < 600:
+        reply = rank.Recommend(ranking_pb2.RecommendRequest(user_id=user, k=5))
+        if reply.model_version == version:
+            return round(time.perf_counter() - since, 1)
+        time.sleep(0.2)
+    return None
