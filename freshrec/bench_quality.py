@@ -80,7 +80,7 @@ def bench_quality(
     pairs = make_pairs(train_pos, list(items.values()), tcfg.negatives_per_positive, rng)
     params = train_params(tcfg, from_parent=False)
     backbone = pretrained_path(config.model.base_model)
-    joint = config.model.joint_layers or None
+    joint = config.model.joint_layers
 
     def trained(joint_layers: int | None, dtype: Any) -> tuple[CrossEncoderReranker, float]:
         model = CrossEncoderReranker.from_pretrained(

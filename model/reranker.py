@@ -94,8 +94,8 @@ class CrossEncoderReranker:
     ) -> None:
         """Args:
         joint_layers: for a model without a recorded architecture (the pretrained backbone),
-            None = full cross-encoder, n = split with n joint top layers. A saved model's own
-            record wins.
+            None or 0 = full cross-encoder, n = split with n joint top layers. A saved model's
+            own record wins.
         """
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]
@@ -305,7 +305,7 @@ class CrossEncoderReranker:
             ids, mask = self._segments([self._item_row(t) for t in chunk])
             with self._autocast():
                 states = self.split.item_cache(ids, mask)
-            keep = states.to(self._state_dtype())
+            keep = states.to(self.item_state_dtype)
             lengths = mask.sum(dim=1).tolist()
             with self._state_lock:
                 for text, row, n in zip(chunk, keep, lengths, strict=True):
@@ -313,9 +313,6 @@ class CrossEncoderReranker:
                 while len(self._item_states) > ITEM_STATE_CACHE_SIZE:
                     self._item_states.popitem(last=False)
         return len(missing)
-
-    def _state_dtype(self) -> torch.dtype:
-        return self.item_state_dtype
 
     def clear_item_states(self) -> None:
         """Forget cached item- and user-side states and the int8 user-side copy (they belong
@@ -377,11 +374,14 @@ class CrossEncoderReranker:
                 return hit
             self.user_cache_misses += 1
         states = self.split.user_states(inputs["user_ids"], inputs["user_mask"])
+        self._remember_user_states({key: states})
+        return states
+
+    def _remember_user_states(self, states: dict[tuple[int, ...], torch.Tensor]) -> None:
         with self._state_lock:
-            self._user_states_cache[key] = states
+            self._user_states_cache.update(states)
             while len(self._user_states_cache) > USER_STATE_CACHE_SIZE:
                 self._user_states_cache.popitem(last=False)
-        return states
 
     def serving_logits(
         self, inputs: dict[str, torch.Tensor], user_cache: bool = True
@@ -455,7 +455,8 @@ class CrossEncoderReranker:
 
         For a split model the user passes that miss the user-state cache run as one batch
         (one set of matrix products over all their tokens instead of one per request; small
-        products use these cores poorly); the joint layer then runs per request. A full
+        products use these cores poorly), and the joint layer's feed-forward and head run over
+        all requests' candidates at once (`SplitEncoder.joint_logits_many`). A full
         cross-encoder scores request by request.
         """
         if self.split is None or len(requests) < 2:
@@ -464,28 +465,19 @@ class CrossEncoderReranker:
             self.model.eval()
         self.warm_items([t for _, items in requests for t in items])
         rows = [tuple(self._user_row(user)) for user, _ in requests]
-        missing = []
         with self._state_lock:
-            for row in dict.fromkeys(rows):
-                if row in self._user_states_cache:
-                    self.user_cache_hits += 1
-                else:
-                    self.user_cache_misses += 1
-                    missing.append(row)
+            missing = [r for r in dict.fromkeys(rows) if r not in self._user_states_cache]
+        fresh: dict[tuple[int, ...], torch.Tensor] = {}
         if missing:
             ids, mask = self._segments([list(r) for r in missing])
             with self._autocast():
                 states = self.split.user_states(ids, mask)
+            # Trimmed to the row's own tokens: equal to the row run alone (padding is masked
+            # out of attention).
+            fresh = {row: states[b : b + 1, : len(row)] for b, row in enumerate(missing)}
+            self._remember_user_states(fresh)
             with self._state_lock:
-                for b, row in enumerate(missing):
-                    # Trimmed to the row's own tokens: equal to the row run alone (padding is
-                    # masked out of attention).
-                    self._user_states_cache[row] = states[b : b + 1, : len(row)]
-                while len(self._user_states_cache) > USER_STATE_CACHE_SIZE:
-                    self._user_states_cache.popitem(last=False)
-            cached = {row: self._user_states_cache.get(row) for row in missing}
-        else:
-            cached = {}
+                self.user_cache_misses += len(missing)
         out: list[np.ndarray | None] = [None] * len(requests)
         parts, slots = [], []
         for r, ((user, items), row) in enumerate(zip(requests, rows, strict=True)):
@@ -493,9 +485,9 @@ class CrossEncoderReranker:
                 out[r] = np.zeros(0, dtype=np.float32)
                 continue
             inputs = self.serving_inputs(user, items)
-            state = cached.get(row)
-            with self._autocast():
-                if state is None:
+            state = fresh.get(row)
+            if state is None:  # cached before this batch: counted as a hit there
+                with self._autocast():
                     state = self._user_states(inputs)
             parts.append((state, inputs["user_mask"], inputs["item_states"], inputs["item_mask"]))
             slots.append(r)

@@ -182,13 +182,13 @@ class SplitEncoder:
     def user_side_int8(self) -> bool:
         return self._user_layers is not None
 
-    def _lower(  # type: ignore[no-untyped-def]
-        self, ids: torch.Tensor, mask: torch.Tensor, start: int, token_type: int, layers=None
-    ):
-        """One segment alone through the layers below the split."""
+    def _lower(
+        self, ids: torch.Tensor, mask: torch.Tensor, start: int, token_type: int, layers: Any
+    ) -> torch.Tensor:
+        """One segment alone through `layers` (the layers below the split, or their int8 copy)."""
         hidden = self._embed(ids, start, token_type)
         bias = _mask_bias(mask, hidden.dtype)
-        for layer in layers if layers is not None else self.model.bert.encoder.layer[: self.split]:
+        for layer in layers:
             k, v = _kv(layer, hidden, self.n_heads)
             hidden = _layer(layer, hidden, k, v, bias, self.n_heads)
         return hidden
@@ -196,12 +196,14 @@ class SplitEncoder:
     def user_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, user_len, H) user segment states at the split (int8 after
         `quantize_user_side`, outside training)."""
-        layers = self._user_layers if not torch.is_grad_enabled() else None
-        return self._lower(ids, mask, 0, 0, layers)  # type: ignore[no-any-return]
+        int8 = self._user_layers is not None and not torch.is_grad_enabled()
+        layers = self._user_layers if int8 else self.model.bert.encoder.layer[: self.split]
+        return self._lower(ids, mask, 0, 0, layers)
 
     def item_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, item_len, H) item segment states at the split (depend on the item text only)."""
-        return self._lower(ids, mask, self.layout.user_len, 1)  # type: ignore[no-any-return]
+        lower = self.model.bert.encoder.layer[: self.split]
+        return self._lower(ids, mask, self.layout.user_len, 1, lower)
 
     def item_cache(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """What serving caches per item: with one joint layer, that layer's keys and values of

@@ -182,16 +182,14 @@ def _default_loader(config: FreshRecConfig, tiny: bool, seed: int) -> Callable[[
     def load(path: str) -> CrossEncoderReranker:
         if tiny:
             if path == backbone:  # "from the pretrained backbone" = a fresh tiny model
-                return CrossEncoderReranker.tiny(
-                    seed=seed, joint_layers=config.model.joint_layers or None
-                )
+                return CrossEncoderReranker.tiny(seed=seed, joint_layers=config.model.joint_layers)
             return CrossEncoderReranker.from_pretrained(path, max_length=32, device="cpu")
         return CrossEncoderReranker.from_pretrained(
             path,
             config.model.max_length,
             config.model.device,
             config.model.rerank_dtype,
-            joint_layers=config.model.joint_layers or None,
+            joint_layers=config.model.joint_layers,
         )
 
     return load

@@ -15,7 +15,6 @@ arrived while a model call was running. No thread of its own, so nothing to star
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections.abc import Sequence
@@ -25,8 +24,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 LEAD_RETRY_S = 0.002
 

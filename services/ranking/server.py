@@ -180,7 +180,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
             config.model.max_length,
             config.model.device,
             config.model.rerank_dtype,
-            joint_layers=config.model.joint_layers or None,
+            joint_layers=config.model.joint_layers,
         )
         # Item-side states of a split re-ranker, before the version serves: no request pays
         # for the popular head of the catalogue after a hot swap.

@@ -98,7 +98,7 @@ def run_training(
             config.model.max_length,
             config.model.device,
             config.model.rerank_dtype,
-            joint_layers=config.model.joint_layers or None,
+            joint_layers=config.model.joint_layers,
         )
     )
     rng = np.random.default_rng(tcfg.seed)
