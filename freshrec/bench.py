@@ -22,6 +22,7 @@ import os
 import platform
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,7 @@ def bench_serving(
         "calls": len(latencies),
         "errors": errors,
         "candidates": candidates,
+        "popular_candidates": config.ranking.popular_candidates,
         "items": n_items,
         "k": k,
         "concurrency": concurrency,
@@ -176,7 +178,7 @@ def _stage_floors(
     import torch
 
     from model.embeddings import user_vector
-    from model.text import item_text, user_context_text
+    from model.text import ranking_item_text, user_context_text
     from services.features.feast_store import FeastFeatureStore
     from services.features.redis_reader import RedisFeatureReader
     from services.jobs.bootstrap import read_online_store_choice
@@ -211,11 +213,15 @@ def _stage_floors(
         search = partial(models.index.search, query, candidates, exclude)
         stages["faiss"].append(_median_ms(search, 3))
         ids = [i for i, _ in search()]
+        # The second recall source, as the pipeline adds it (pipeline.popular_extras).
+        extra = [i for i in models.index.popular if i not in set(ids) and i not in exclude]
+        ids += extra[: config.ranking.popular_candidates]
         stages["redis_raw"].append(_median_ms(partial(_read_both, raw, user, ids), 3))
         stages["feast_sdk"].append(_median_ms(partial(_read_both, sdk, user, ids), 3))
         identical &= _read_both(raw, user, ids) == _read_both(sdk, user, ids)
         items = raw.get_items(ids)
-        texts = [item_text(items[i]) for i in ids if i in items]
+        now = datetime.now(UTC)
+        texts = [ranking_item_text(items[i], now) for i in ids if i in items]
         context = user_context_text(profile)
         inputs = models.reranker.serving_inputs(context, texts)
         with torch.inference_mode():

@@ -39,12 +39,14 @@ def bench_quality(
     say: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Train both models and compare them; returns the JSON-able result."""
+    from freshrec.data.schema import EVENT_WEIGHTS
     from freshrec.records import UserProfile
     from model.embeddings import user_vector
     from model.evaluation import mean_metrics
     from model.index import RecallIndex
+    from model.popularity import PopularityClock
     from model.reranker import CrossEncoderReranker, pretrained_path
-    from model.text import item_text, user_context_text
+    from model.text import ranking_item_text, user_context_text
     from model.training import make_pairs, train
     from services.features.profiles import read_item_catalog
     from services.features.store import ITEM_FEATURES_TABLE
@@ -77,7 +79,11 @@ def bench_quality(
     train_pos, _ = sample_mix(
         positives["train"], None, tcfg.max_examples, tcfg.negatives_per_positive, 0.0, rng
     )
-    pairs = make_pairs(train_pos, list(items.values()), tcfg.negatives_per_positive, rng)
+    clock = PopularityClock.from_events(events, EVENT_WEIGHTS)
+    pairs = make_pairs(
+        train_pos, list(items.values()), tcfg.negatives_per_positive, rng, clock.stamp
+    )
+    start = holdout_start.to_pydatetime()  # candidates are read as serving had them then
     params = train_params(tcfg, from_parent=False)
     backbone = pretrained_path(config.model.base_model)
     joint = config.model.joint_layers
@@ -101,7 +107,7 @@ def bench_quality(
     # held at the hold-out start; relevant = their held-out positives.
     profiles: dict[str, UserProfile] = {}
     relevant: dict[str, set[str]] = {}
-    for profile, item in positives["holdout"]:
+    for profile, item, _at in positives["holdout"]:
         if profile is not None:
             profiles.setdefault(profile.user_id, profile)
             relevant.setdefault(profile.user_id, set()).add(item.item_id)
@@ -123,7 +129,7 @@ def bench_quality(
         hits = (relevant[user] - seen) & set(ids)
         if not hits:  # nothing to re-rank into place: the same for every re-ranker
             continue
-        texts = [item_text(items[i]) for i in ids]
+        texts = [ranking_item_text(clock.stamp(items[i], start), start) for i in ids]
         context = user_context_text(profile)
         for name, model in (("served", served), ("reference", reference)):
             scores = model.score(context, texts)

@@ -516,8 +516,23 @@ def eval_replay_cmd(
         int, typer.Option(help="Users evaluated per window (seeded sample; 0 = all).")
     ] = 60,
     train_examples: Annotated[
-        int, typer.Option(help="Training pairs per re-ranker update (0 = config max_examples).")
-    ] = 1000,
+        int,
+        typer.Option(
+            help="Training pairs per run from the backbone: bootstrap and each `full` retrain "
+            "(0 = config training.max_examples)."
+        ),
+    ] = 0,
+    incremental_examples: Annotated[
+        int,
+        typer.Option(
+            help="Training pairs per `incremental` update "
+            "(0 = config training.incremental_max_examples)."
+        ),
+    ] = 0,
+    popular_candidates: Annotated[
+        int,
+        typer.Option(help="Popular items re-ranked beside the FAISS candidates (0 = FAISS only)."),
+    ] = 20,
     report: Annotated[
         Path | None, typer.Option("--report", help="PNG report path (+ .json details).")
     ] = None,
@@ -556,6 +571,8 @@ def eval_replay_cmd(
             max_users_per_window=max_users or None,
             holdout_users=max_users or None,
             train_examples=train_examples or None,
+            incremental_examples=incremental_examples or None,
+            popular_candidates=popular_candidates,
             torch_threads=threads,
         )
     result = run_replay(data, config, settings, say=console.print)

@@ -60,7 +60,15 @@ class ModelConfig(_Section):
 class TrainingConfig(_Section):
     """Bounds for the first training run and for each incremental update."""
 
-    max_examples: int = Field(3000, ge=16, description="Training pairs per run (cap).")
+    max_examples: int = Field(
+        3000, ge=16, description="Training pairs per run from the pretrained backbone (cap)."
+    )
+    incremental_max_examples: int = Field(
+        400,
+        ge=16,
+        description="Training pairs per incremental update from the champion (cap): about 13% "
+        "of a full run's compute.",
+    )
     negatives_per_positive: int = Field(3, ge=1, le=20, description="Sampled negatives.")
     epochs: int = Field(1, ge=1, le=20, description="Passes over the examples.")
     batch_size: int = Field(32, ge=1, le=1024, description="Pairs per optimiser step.")
@@ -93,6 +101,13 @@ class RankingConfig(_Section):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off.")
     recall_candidates: int = Field(50, ge=1, le=2000, description="FAISS candidates re-ranked.")
+    popular_candidates: int = Field(
+        20,
+        ge=0,
+        le=500,
+        description="Popular items (the index's popularity list) re-ranked beside the FAISS "
+        "candidates: a second recall source; 0 = FAISS only.",
+    )
     max_k: int = Field(100, ge=1, le=1000, description="Largest k a caller may ask for.")
     exploration_slots: int = Field(1, ge=0, le=10, description="Exploration items per answer.")
     exploration_rate: float = Field(

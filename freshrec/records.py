@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,13 @@ class ItemFeatures:
     created_at: datetime | None = None
     in_stock: bool = True
     extra: dict[str, str] = field(default_factory=dict)
+
+
+class Example(NamedTuple):
+    """A training or evaluation positive: the user's profile just before the event, the item,
+    and the event's time (item signals such as popularity are read as known *before* it;
+    None = unknown, the item's features are used as they are)."""
+
+    profile: UserProfile | None
+    item: ItemFeatures
+    at: datetime | None = None

@@ -6,10 +6,15 @@ strongest categories carry most of the signal.
 
 from __future__ import annotations
 
+import math
+from datetime import datetime, timedelta
+
 from freshrec.records import ItemFeatures, UserProfile
 
 MAX_RECENT_TITLES = 5
 MAX_CATEGORIES = 3
+POPULARITY_LEVELS = 9  # popularity_7d buckets: 0..9 = min(9, floor(log2(1 + popularity_7d)))
+NEW_ITEM_DAYS = 14  # "new arrival" for items created at most this long before `now`
 
 
 def user_context_text(profile: UserProfile | None, query: str | None = None) -> str:
@@ -42,3 +47,35 @@ def item_text(item: ItemFeatures) -> str:
     if item.brand:
         head += f" by {item.brand}"
     return f"{head}. {item.text}".strip() if item.text else head
+
+
+def popularity_level(popularity_7d: float) -> int:
+    """The 7-day weighted event count on a log2 scale, 0..POPULARITY_LEVELS (1 event → 1,
+    3 → 2, 7 → 3, ... 511 or more → 9): coarse, so the text (and the re-ranker's cached item
+    states) changes only when an item's popularity changes by a factor of about two."""
+    if not popularity_7d > 0:
+        return 0
+    return min(POPULARITY_LEVELS, int(math.log2(1.0 + popularity_7d)))
+
+
+def ranking_item_text(item: ItemFeatures, now: datetime | None = None) -> str:
+    """The item side the re-ranker reads: fresh signals first (so truncation never cuts them),
+    then `item_text`. The recall embedding reads `item_text` alone: it must not move when
+    popularity does.
+
+    Args:
+        now: the request's time; with it, items created in the last NEW_ITEM_DAYS are marked
+            "new arrival" (a launch is news the text cannot otherwise carry).
+
+    Returns:
+        e.g. "popularity 5. new arrival. Aurora [shoes] by Kairo. Light."
+    """
+    head = f"popularity {popularity_level(item.popularity_7d)}."
+    created = item.created_at
+    if now is not None and created is not None:
+        if created.tzinfo is None and now.tzinfo is not None:
+            created = created.replace(tzinfo=now.tzinfo)
+        age = now - created
+        if timedelta(0) <= age <= timedelta(days=NEW_ITEM_DAYS):
+            head += " new arrival."
+    return f"{head} {item_text(item)}"

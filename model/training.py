@@ -15,15 +15,16 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from freshrec.records import ItemFeatures, UserProfile
+from freshrec.records import Example, ItemFeatures
 from model.device import CpuDtype, autocast_dtype
 from model.reranker import CrossEncoderReranker
-from model.text import item_text, user_context_text
+from model.text import ranking_item_text, user_context_text
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,14 @@ class TrainParams:
             raise ValueError(f"freeze_layers must be >= 0, got {self.freeze_layers}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
+
+
+# item, event time → the item as it was known then (e.g. `PopularityClock.stamp`)
+ItemAsOf = Callable[[ItemFeatures, datetime | None], ItemFeatures]
+
+
+def _text_at(item: ItemFeatures, at: datetime | None, as_of: ItemAsOf | None) -> str:
+    return ranking_item_text(as_of(item, at) if as_of is not None else item, at)
 
 
 @dataclass(frozen=True)
@@ -103,34 +112,45 @@ def sample_negatives(
 
 
 def make_pairs(
-    positives: Sequence[tuple[UserProfile | None, ItemFeatures]],
+    positives: Sequence[Example],
     catalog: Sequence[ItemFeatures],
     negatives_per_positive: int,
     rng: np.random.Generator,
+    as_of: ItemAsOf | None = None,
 ) -> list[Pair]:
-    """Text pairs: each positive (label 1) with sampled catalogue negatives (label 0)."""
+    """Text pairs: each positive (label 1) with sampled catalogue negatives (label 0).
+
+    Args:
+        as_of: when given, every item of a positive's group (the positive and its negatives)
+            is read as it was known at the positive's event time: the re-ranker must learn
+            from the signals serving would have had, never from the labels' own events.
+    """
     pairs: list[Pair] = []
-    for profile, item in positives:
+    for example in positives:
+        profile, item, at = Example(*example)
         user = user_context_text(profile)
-        pairs.append(Pair(user, item_text(item), 1.0))
+        pairs.append(Pair(user, _text_at(item, at, as_of), 1.0))
         avoid = {item.item_id, *(profile.recent_items if profile else ())}
         for neg in sample_negatives(catalog, avoid, negatives_per_positive, rng):
-            pairs.append(Pair(user, item_text(neg), 0.0))
+            pairs.append(Pair(user, _text_at(neg, at, as_of), 0.0))
     return pairs
 
 
 def make_eval_groups(
-    positives: Sequence[tuple[UserProfile | None, ItemFeatures]],
+    positives: Sequence[Example],
     catalog: Sequence[ItemFeatures],
     candidates_per_group: int,
     rng: np.random.Generator,
+    as_of: ItemAsOf | None = None,
 ) -> list[EvalGroup]:
-    """Held-out groups: the true item first, then `candidates_per_group - 1` negatives."""
+    """Held-out groups: the true item first, then `candidates_per_group - 1` negatives (items
+    read as of the positive's event time when `as_of` is given, as in `make_pairs`)."""
     groups = []
-    for profile, item in positives:
+    for example in positives:
+        profile, item, at = Example(*example)
         avoid = {item.item_id, *(profile.recent_items if profile else ())}
         negs = sample_negatives(catalog, avoid, candidates_per_group - 1, rng)
-        texts = (item_text(item), *(item_text(n) for n in negs))
+        texts = (_text_at(item, at, as_of), *(_text_at(n, at, as_of) for n in negs))
         groups.append(EvalGroup(user_context_text(profile), texts))
     return groups
 

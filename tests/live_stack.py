@@ -60,6 +60,7 @@ def shop_config(workdir: Path, redis_url: str, **ranking: Any) -> FreshRecConfig
         },
         training={
             "max_examples": 120,
+            "incremental_max_examples": 120,
             "batch_size": 16,
             "negatives_per_positive": 3,
             "freeze_layers": 0,

@@ -18,9 +18,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from freshrec.config import FreshRecConfig
-from freshrec.data.schema import Dataset
+from freshrec.data.schema import EVENT_WEIGHTS, Dataset
 from model.evaluation import METRIC_NAMES, catalogue_coverage, mean_metrics, share_of
 from model.index import RecallIndex
+from model.popularity import PopularityClock
 from model.reranker import CrossEncoderReranker, pretrained_path
 from model.text import item_text
 from services.evaluation.protocol import (
@@ -66,9 +67,12 @@ class ReplaySettings:
     holdout_fraction: float = 0.05  # share of all events: the early holdout slice
     k: int = 10
     recall_candidates: int = 50  # the serving default (RankingConfig.recall_candidates)
+    popular_candidates: int = 20  # the serving default (RankingConfig.popular_candidates)
     max_users_per_window: int | None = 60  # seeded sample of active users; None = all
     holdout_users: int | None = 60
     train_examples: int | None = None  # pairs per training run; None = config's max_examples
+    # pairs per incremental update; None = config's training.incremental_max_examples
+    incremental_examples: int | None = None
     popularity_days: float = 7.0
     als_factors: int = 64
     als_iterations: int = 15
@@ -86,10 +90,17 @@ class ReplaySettings:
             raise ValueError(
                 f"recall_candidates must be >= k ({self.k}), got {self.recall_candidates}"
             )
-        for name in ("max_users_per_window", "holdout_users", "train_examples"):
+        for name in (
+            "max_users_per_window",
+            "holdout_users",
+            "train_examples",
+            "incremental_examples",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if self.popular_candidates < 0:
+            raise ValueError(f"popular_candidates must be >= 0, got {self.popular_candidates}")
         if self.popularity_days <= 0:
             raise ValueError(f"popularity_days must be > 0, got {self.popularity_days}")
 
@@ -262,14 +273,21 @@ def _run_replay(
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ValueError(f"strategies must be among {', '.join(STRATEGIES)}, got {unknown}")
+    budgets: dict[str, int] = {}
     if settings.train_examples is not None:
-        training = config.training.model_copy(update={"max_examples": settings.train_examples})
+        budgets["max_examples"] = settings.train_examples
+    if settings.incremental_examples is not None:
+        budgets["incremental_max_examples"] = settings.incremental_examples
+    if budgets:
+        training = config.training.model_copy(update=budgets)
         config = config.model_copy(update={"training": training})
     events = dataset.interactions.sort_values("timestamp", kind="stable").reset_index(drop=True)
     split = split_periods(
         events, settings.windows, settings.bootstrap_fraction, settings.holdout_fraction
     )
     items = item_catalogue(dataset)
+    # popularity_7d as the daily batch would have materialised it at any instant
+    clock = PopularityClock.from_events(events, EVENT_WEIGHTS)
     created = {i: pd.Timestamp(f.created_at) if f.created_at else None for i, f in items.items()}
     item_ids = list(items)
     needs_recall = any(s in (*RERANKED, "recall-only") for s in strategies)
@@ -309,7 +327,9 @@ def _run_replay(
         positives = positives_in_windows(events, items, {p.name: p.window for p in split.all})
         bootstrap["positives_seconds"] = round(time.perf_counter() - t0, 2)
         trainer = RerankerTrainer(
-            config, loader or _default_loader(config, settings.tiny_model, settings.seed)
+            config,
+            loader or _default_loader(config, settings.tiny_model, settings.seed),
+            clock.stamp,
         )
         existing = {i: items[i] for i in exists_at(boot_end)}
         say("bootstrap: training the first re-ranker (services.updater.job.run_training)")
@@ -367,14 +387,19 @@ def _run_replay(
             if new_ids:  # items created since the last point: recallable from their text now
                 index = index.with_changes(upserts={i: vectors[i] for i in new_ids})
             index = with_popular(index, popular)
+            now = start.to_pydatetime()
             pipeline = RankingPipeline(
-                InMemoryFeatureStore(state.profiles.values(), items.values()),
+                InMemoryFeatureStore(
+                    state.profiles.values(), (clock.stamp(items[i], start) for i in existing)
+                ),
                 PipelineSettings(
                     recall_candidates=settings.recall_candidates,
+                    popular_candidates=settings.popular_candidates,
                     max_k=max(100, settings.k),
                     exploration_slots=0,
                     exploration_rate=0.0,
                 ),
+                now=lambda: now,
             )
         new_items = frozenset(
             i
@@ -526,9 +551,11 @@ QUICK_SETTINGS = ReplaySettings(
     max_users_per_window=20,
     holdout_users=20,
     train_examples=64,
+    incremental_examples=16,
     als_factors=8,
     als_iterations=3,
     tiny_model=True,
     recall_candidates=20,
+    popular_candidates=10,
     torch_threads=1,
 )

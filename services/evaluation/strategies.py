@@ -28,7 +28,7 @@ from freshrec.data.schema import EVENT_WEIGHTS
 from freshrec.records import ItemFeatures, UserProfile
 from model.index import RecallIndex
 from model.reranker import CrossEncoderReranker, pretrained_path
-from model.training import make_pairs, train
+from model.training import ItemAsOf, make_pairs, train
 from services.evaluation.protocol import Period
 from services.ranking.pipeline import (
     MAX_EXCLUDE,
@@ -189,13 +189,16 @@ class RerankerTrainer:
     """Fine-tunes re-rankers with the updater's example selection and hyper-parameters.
 
     The selection mirrors `services.updater.job.run_training`: at most
-    `max_examples // (1 + negatives_per_positive)` positives, of which `replay_fraction` come
-    from older history when there is a replay set, each with sampled catalogue negatives;
-    `learning_rate` from the backbone, `incremental_learning_rate` from a parent model.
+    `budget // (1 + negatives_per_positive)` positives (budget: `max_examples` from the
+    backbone, `incremental_max_examples` from a parent), of which `replay_fraction` come from
+    older history when there is a replay set, each with sampled catalogue negatives, every item
+    read as known before the positive's event (`as_of`); `learning_rate` from the backbone,
+    `incremental_learning_rate` from a parent model.
     """
 
     config: FreshRecConfig
     load: RerankerLoader
+    as_of: ItemAsOf | None = None
 
     @property
     def tcfg(self) -> TrainingConfig:
@@ -219,14 +222,16 @@ class RerankerTrainer:
         train_pos, replay_pos = sample_mix(
             list(new),
             list(replay) if replay is not None else None,
-            tcfg.max_examples,
+            tcfg.incremental_max_examples if from_parent else tcfg.max_examples,
             tcfg.negatives_per_positive,
             tcfg.replay_fraction,
             rng,
         )
         if not train_pos:
             return UpdateStats(seconds=time.perf_counter() - started)
-        pairs = make_pairs(train_pos + replay_pos, catalog, tcfg.negatives_per_positive, rng)
+        pairs = make_pairs(
+            train_pos + replay_pos, catalog, tcfg.negatives_per_positive, rng, self.as_of
+        )
         params = train_params(tcfg, from_parent, seed)
         memory = _PeakRss()
         report = train(reranker, pairs, params, lambda _n, _loss: memory.sample())

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from freshrec.records import ItemFeatures, UserProfile
 from model.embeddings import TextEncoder, user_vector
 from model.index import RecallIndex
 from model.reranker import CrossEncoderReranker
-from model.text import item_text, user_context_text
+from model.text import ranking_item_text, user_context_text
 from services.features.caching import FeatureCache
 from services.features.reader import FeatureReader
 from services.ranking.batching import RerankBatcher
@@ -87,6 +88,7 @@ class Recommendation:
 @dataclass(frozen=True)
 class PipelineSettings:
     recall_candidates: int = 50
+    popular_candidates: int = 0  # popular items re-ranked beside the FAISS candidates
     max_k: int = 100
     exploration_slots: int = 1
     exploration_rate: float = 0.1
@@ -149,18 +151,22 @@ class RankingPipeline:
         query_encoder: TextEncoder | None = None,
         cache: FeatureCache | None = None,
         batcher: RerankBatcher | None = None,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         """Args:
         cache: last-known features to answer from (degraded) when `features` raises
             FeatureStoreUnavailable; without one, such answers fall back to popular items.
         batcher: runs the re-ranker for concurrent requests together on one thread
             (services/ranking/batching.py); without one, each request scores on its own.
+        now: the request time the re-ranker's item text is read at ("new arrival");
+            default the wall clock (the replay evaluation passes its simulated time).
         """
         self.features = features
         self.settings = settings
         self.query_encoder = query_encoder
         self.cache = cache
         self.batcher = batcher
+        self.now = now or (lambda: datetime.now(UTC))
 
     # -- steps -------------------------------------------------------------------------------
     def fetch_user_profile(self, user_id: str) -> UserProfile | None:
@@ -180,7 +186,24 @@ class RankingPipeline:
         vec = user_vector(models.index.vectors_of(recent), query_vec)
         if vec is None:
             return []
-        return models.index.search(vec, self.settings.recall_candidates, exclude)
+        found = models.index.search(vec, self.settings.recall_candidates, exclude)
+        return found + self.popular_extras(models, found, exclude)
+
+    def popular_extras(
+        self, models: ServingModels, found: list[tuple[str, float]], exclude: frozenset[str]
+    ) -> list[tuple[str, float]]:
+        """The second recall source: up to `popular_candidates` of the index's popular items
+        that FAISS did not return, in popularity order, scored just below the last FAISS
+        candidate (so recall order, and a recall-only answer, keep FAISS first). Text
+        similarity alone never proposes what everyone is buying this week; the re-ranker,
+        which reads each item's popularity, decides whether this user should see it."""
+        n = self.settings.popular_candidates
+        if n <= 0 or not found:
+            return []
+        have = {i for i, _ in found}
+        floor = min(s for _, s in found)
+        extras = [i for i in models.index.popular if i not in have and i not in exclude][:n]
+        return [(item, floor - 1e-3 * (r + 1)) for r, item in enumerate(extras)]
 
     def fetch_item_features(self, item_ids: list[str]) -> dict[str, ItemFeatures]:
         return self.features.get_items(item_ids)
@@ -210,7 +233,8 @@ class RankingPipeline:
     ) -> np.ndarray:
         if not candidates:
             return np.zeros(0, dtype=np.float32)
-        texts = [item_text(i) for i in candidates]
+        now = self.now()
+        texts = [ranking_item_text(i, now) for i in candidates]
         if self.batcher is not None:
             return self.batcher.score(models.reranker, user_text, texts)
         return models.reranker.score(user_text, texts)

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from freshrec.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, ranking_pb2_
 from model.embeddings import TextEncoder
 from model.index import RecallIndex
 from model.reranker import CrossEncoderReranker
-from model.text import item_text
+from model.text import ranking_item_text
 from services.catalog.apply import apply_changes
 from services.catalog.changes import (
     ChangeFollower,
@@ -214,6 +214,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         )
     settings = PipelineSettings(
         recall_candidates=config.ranking.recall_candidates,
+        popular_candidates=config.ranking.popular_candidates,
         max_k=config.ranking.max_k,
         exploration_slots=config.ranking.exploration_slots,
         exploration_rate=config.ranking.exploration_rate,
@@ -278,7 +279,8 @@ def _warm_texts(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:
     catalogue = read_item_catalog(table)
     head = [i for i in (index.popular if index is not None else []) if i in catalogue]
     order = list(dict.fromkeys([*head, *catalogue]))[:limit]
-    return [item_text(catalogue[i]) for i in order]
+    now = datetime.now(UTC)
+    return [ranking_item_text(catalogue[i], now) for i in order]
 
 
 def _hot_path_reader(

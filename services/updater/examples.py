@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 
 from freshrec.data.schema import POSITIVE_EVENT_TYPES
-from freshrec.records import ItemFeatures, UserProfile
+from freshrec.records import Example, ItemFeatures, UserProfile
 from services.features.profiles import update_profile
 
-Positive = tuple[UserProfile | None, ItemFeatures]
+Positive = Example  # (profile just before the event, item, event time)
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def positives_in_windows(
         windows: name -> Window; windows may overlap.
 
     Returns:
-        name -> positives in time order.
+        name -> positives (profile before, item, event time) in time order.
     """
     out: dict[str, list[Positive]] = {name: [] for name in windows}
     if events.empty:
@@ -72,7 +72,7 @@ def positives_in_windows(
         if kind in POSITIVE_EVENT_TYPES and item_id in items:
             for name, flags in in_window.items():
                 if flags[pos]:
-                    out[name].append((before, items[item_id]))
+                    out[name].append(Example(before, items[item_id], stamps[pos].to_pydatetime()))
         profiles[user] = update_profile(before, user, [(item_id, kind, stamps[pos])], items)
     return out
 

@@ -21,8 +21,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from freshrec.config import FreshRecConfig, TrainingConfig
+from freshrec.data.schema import EVENT_WEIGHTS
 from freshrec.records import ItemFeatures
 from model.artifacts import Manifest
+from model.popularity import PopularityClock
 from model.reranker import CrossEncoderReranker, pretrained_path
 from model.training import TrainParams, evaluate, make_eval_groups, make_pairs, train
 from services.registry import ModelRegistry
@@ -109,7 +111,7 @@ def run_training(
     train_pos, replay_pos = sample_mix(
         positives["train"],
         positives["replay"] if replay_window is not None else None,
-        tcfg.max_examples,
+        tcfg.incremental_max_examples if parent is not None else tcfg.max_examples,
         tcfg.negatives_per_positive,
         tcfg.replay_fraction,
         rng,
@@ -132,9 +134,13 @@ def run_training(
             ),
         )
     catalog: Sequence[ItemFeatures] = list(items.values())
-    pairs = make_pairs(train_pos + replay_pos, catalog, tcfg.negatives_per_positive, rng)
+    # Items as known before each event (popularity_7d), never from the labels' own events.
+    clock = PopularityClock.from_events(events, EVENT_WEIGHTS)
+    pairs = make_pairs(
+        train_pos + replay_pos, catalog, tcfg.negatives_per_positive, rng, clock.stamp
+    )
     groups = make_eval_groups(
-        holdout_pos, catalog, EVAL_CANDIDATES, np.random.default_rng(tcfg.seed + 1)
+        holdout_pos, catalog, EVAL_CANDIDATES, np.random.default_rng(tcfg.seed + 1), clock.stamp
     )
     source = (
         str(registry.path("reranker", parent))

@@ -31,7 +31,7 @@ from live_stack import Stack, event, load_tiny_reranker, running_stack
 
 from freshrec.clients import channel, ranking_stub
 from freshrec.v1 import ranking_pb2, updater_pb2
-from model.text import item_text, user_context_text
+from model.text import ranking_item_text, user_context_text
 from services.registry import HISTORY, ModelRegistry
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
@@ -275,7 +275,8 @@ def _rescore_sample(stack: Stack, sample: list[Call]) -> tuple[list[str], int, i
         if not ids:
             continue
         features = stack.features.get_items(ids)
-        texts = [item_text(features[i]) for i in ids]
+        now = datetime.now(UTC)
+        texts = [ranking_item_text(features[i], now) for i in ids]
         got = np.array([r for _, r, stage in c.items if stage == ranking_pb2.STAGE_RECALL])
         user_text = user_context_text(profiles[c.user_id], None)
         fits = [

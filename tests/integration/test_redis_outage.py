@@ -167,7 +167,12 @@ def test_ranking_survives_a_redis_outage_and_loses_no_event(
             "rerank_dtype": "fp32",
             "torch_threads": 1,
         },
-        training={"max_examples": 60, "batch_size": 16, "negatives_per_positive": 3},
+        training={
+            "max_examples": 60,
+            "incremental_max_examples": 60,
+            "batch_size": 16,
+            "negatives_per_positive": 3,
+        },
         ranking={"registry_poll_seconds": 1.0, "exploration_rate": 0.0, "workers": 4},
     )
     dataset = generate_shop(seed=11, n_items=120, n_users=30, days=20, events_per_user=30)

@@ -236,7 +236,12 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             "rerank_dtype": "fp32",
             "torch_threads": 1,
         },
-        training={"max_examples": 64, "batch_size": 16, "freeze_layers": 0},
+        training={
+            "max_examples": 64,
+            "incremental_max_examples": 64,
+            "batch_size": 16,
+            "freeze_layers": 0,
+        },
         # A trigger is answered quickly ("skipped"): this file tests access, not training.
         updater={"min_new_events": 1_000_000},
         ranking={"registry_poll_seconds": 0.2, "exploration_rate": 0.0, "workers": 4},

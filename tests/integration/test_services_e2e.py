@@ -87,6 +87,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         },
         training={
             "max_examples": 120,
+            "incremental_max_examples": 120,
             "batch_size": 16,
             "negatives_per_positive": 3,
             "freeze_layers": 0,

@@ -44,7 +44,12 @@ def updater(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         redis_url=redis_url,
         online_store="redis",
         model={"max_length": MAX_LENGTH, "device": "cpu", "rerank_dtype": "fp32"},
-        training={"max_examples": 64, "batch_size": 16, "freeze_layers": 0},
+        training={
+            "max_examples": 64,
+            "incremental_max_examples": 64,
+            "batch_size": 16,
+            "freeze_layers": 0,
+        },
         updater={
             "min_new_events": 5,
             "drift_check_seconds": 0.2,

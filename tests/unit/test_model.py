@@ -20,7 +20,7 @@ from model.artifacts import MANIFEST, Manifest, read_manifest, seal, verify
 from model.embeddings import RECENCY_DECAY, user_vector
 from model.index import IDS_FILE, RecallIndex
 from model.reranker import CrossEncoderReranker
-from model.text import item_text, user_context_text
+from model.text import item_text, ranking_item_text, user_context_text
 from model.training import (
     EvalGroup,
     Pair,
@@ -284,10 +284,10 @@ def test_make_pairs_labels_positives_and_avoids_recent_items_as_negatives() -> N
 
     assert len(pairs) == 8
     assert [p.label for p in pairs] == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
-    assert pairs[0].item_text == item_text(CATALOG[0])
+    assert pairs[0].item_text == ranking_item_text(CATALOG[0])
     assert pairs[0].user_text == user_context_text(profile)
     assert pairs[4].user_text == "new visitor."
-    forbidden = {item_text(CATALOG[i]) for i in (0, 3, 4)}
+    forbidden = {ranking_item_text(CATALOG[i]) for i in (0, 3, 4)}
     assert not forbidden & {p.item_text for p in pairs[1:4]}
 
 
@@ -295,7 +295,7 @@ def test_make_eval_groups_put_the_true_item_first() -> None:
     groups = make_eval_groups([(None, CATALOG[5])], CATALOG, 4, np.random.default_rng(2))
 
     assert len(groups) == 1
-    assert groups[0].candidates[0] == item_text(CATALOG[5])
+    assert groups[0].candidates[0] == ranking_item_text(CATALOG[5])
     assert len(groups[0].candidates) == 4 == len(set(groups[0].candidates))
 
 

@@ -14,6 +14,7 @@ import torch
 from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable, InvalidArgument
 from freshrec.records import ItemFeatures, UserProfile
 from model.artifacts import Manifest
+from model.embeddings import user_vector
 from model.index import RecallIndex
 from model.reranker import CrossEncoderReranker
 from services.features.reader import InMemoryFeatureStore
@@ -153,13 +154,15 @@ def test_known_user_excludes_recent_purchased_requested_and_out_of_stock(
 
 
 def test_scores_come_from_the_reranker(models: ServingModels) -> None:
-    from model.text import item_text, user_context_text
+    from model.text import ranking_item_text, user_context_text
 
-    result = _pipeline().recommend(RecommendInput("u1", 5), models)
+    pipeline = _pipeline()
+    result = pipeline.recommend(RecommendInput("u1", 5), models)
 
     by_id = {i.item_id: i for i in ITEMS}
+    now = pipeline.now()
     expected = models.reranker.score(
-        user_context_text(USER), [item_text(by_id[s.item_id]) for s in result.items]
+        user_context_text(USER), [ranking_item_text(by_id[s.item_id], now) for s in result.items]
     )
     np.testing.assert_allclose([s.relevance for s in result.items], expected, rtol=1e-6)
 
@@ -444,3 +447,42 @@ def test_pipeline_answers_from_the_snapshot_it_was_given(
     assert (old.model_version, new.model_version) == ("v0001", "v0002")
     # v0002's head adds 1 to every logit: each of its relevances is higher.
     assert min(s.relevance for s in new.items) > max(s.relevance for s in old.items)
+
+
+# -- the second recall source: popular items beside FAISS ----------------------------------
+
+
+def test_popular_candidates_join_faiss_after_it_in_popularity_order(
+    models: ServingModels,
+) -> None:
+    pipeline = _pipeline(recall_candidates=5, popular_candidates=4)
+    exclude = frozenset({"i07", "i00"})
+
+    found = pipeline.recall_candidates(models, USER, None, exclude)
+
+    faiss = models.index.search(user_vector(models.index.vectors_of(USER.recent_items)), 5, exclude)
+    assert found[:5] == faiss
+    extras = [i for i, _ in found[5:]]
+    expected = [i for i in POPULAR if i not in exclude and i not in {i for i, _ in faiss}][:4]
+    assert extras == expected and len(extras) == 4
+    scores = [s for _, s in found]
+    assert scores == sorted(scores, reverse=True)  # recall order keeps FAISS first
+
+
+def test_popular_candidates_off_means_faiss_only(models: ServingModels) -> None:
+    pipeline = _pipeline(recall_candidates=5, popular_candidates=0)
+
+    assert len(pipeline.recall_candidates(models, USER, None, frozenset())) == 5
+
+
+def test_popular_candidates_are_reranked_and_filtered_like_the_rest(
+    models: ServingModels,
+) -> None:
+    result = _pipeline(recall_candidates=3, popular_candidates=6).recommend(
+        RecommendInput("u1", 7), models
+    )
+
+    ids = [s.item_id for s in result.items]
+    assert all(s.stage == STAGE_RECALL for s in result.items)  # re-ranked, not a fallback
+    assert OUT_OF_STOCK not in ids  # i05 is popular but out of stock
+    assert not {"i00", "i03", "i06", "i09"} & set(ids)  # recent and purchased
