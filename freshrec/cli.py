@@ -123,13 +123,29 @@ def materialize(
     fast: Annotated[
         bool, typer.Option(help="Write Feast's Redis layout directly (same values, faster).")
     ] = False,
+    refresh_popularity: Annotated[
+        bool,
+        typer.Option(
+            help="First recompute item popularity (7/30 days) from the offline event log: "
+            "the re-ranker reads it."
+        ),
+    ] = True,
 ) -> None:
     """Load the offline feature tables into the online store (for a scheduled job)."""
     from datetime import UTC, datetime
 
     from services.features.store import materialize as run
+    from services.features.store import refresh_popularity as refresh
 
-    report = run(_config(workdir), datetime.now(UTC), fast=fast)
+    config = _config(workdir)
+    now = datetime.now(UTC)
+    if refresh_popularity:
+        done = refresh(config, now)
+        console.print(
+            f"item popularity: {done['items']:,} items from {done['events']:,} events "
+            f"in {done['seconds']:.1f} s"
+        )
+    report = run(config, now, fast=fast)
     for view, info in report["views"].items():
         console.print(f"{view}: {info['rows']:,} rows in {info['seconds']:.1f} s")
 

@@ -181,13 +181,9 @@ def build_item_features(
     """
     cutoff = _utc_timestamp(as_of)
     _check_event_types(interactions["event_type"])
-    ts = interactions["timestamp"]
-    weight = interactions["event_type"].map(EVENT_WEIGHTS).astype("float64")
 
     def popularity(days: int) -> pd.Series:
-        in_window = (ts > cutoff - pd.Timedelta(days=days)) & (ts <= cutoff)
-        per_item = weight[in_window].groupby(interactions.loc[in_window, "item_id"]).sum()
-        return items["item_id"].map(per_item).fillna(0.0).astype("float32")
+        return _popularity(items["item_id"], interactions, cutoff, days)
 
     out = pd.DataFrame(
         {
@@ -206,6 +202,37 @@ def build_item_features(
     out["event_timestamp"] = cutoff
     out["event_timestamp"] = out["event_timestamp"].astype("datetime64[ns, UTC]")
     return out.reset_index(drop=True)[list(ITEM_FEATURE_COLUMNS)]
+
+
+def _popularity(
+    item_ids: pd.Series, interactions: pd.DataFrame, cutoff: pd.Timestamp, days: int
+) -> pd.Series:
+    """EVENT_WEIGHTS-weighted events per item with timestamp in (cutoff - days, cutoff]."""
+    ts = pd.to_datetime(interactions["timestamp"], utc=True)
+    weight = interactions["event_type"].map(EVENT_WEIGHTS).astype("float64")
+    in_window = (ts > cutoff - pd.Timedelta(days=days)) & (ts <= cutoff)
+    per_item = weight[in_window].groupby(interactions.loc[in_window, "item_id"].astype(str)).sum()
+    return item_ids.astype(str).map(per_item).fillna(0.0).astype("float32")
+
+
+def refresh_item_popularity(
+    item_rows: pd.DataFrame, interactions: pd.DataFrame, as_of: datetime
+) -> pd.DataFrame:
+    """The item feature rows with popularity_7d/30d recomputed as of `as_of` (the same
+    windows as `build_item_features`) and every row stamped `as_of`, so the next
+    materialisation loads them. Other columns are kept as they are.
+
+    Raises:
+        ValueError: an event_type outside EVENT_TYPES.
+    """
+    cutoff = _utc_timestamp(as_of)
+    _check_event_types(interactions["event_type"])
+    out = item_rows.copy()
+    for days in (7, 30):
+        out[f"popularity_{days}d"] = _popularity(out["item_id"], interactions, cutoff, days)
+    out["event_timestamp"] = cutoff
+    out["event_timestamp"] = out["event_timestamp"].astype("datetime64[ns, UTC]")
+    return out.reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,7 +33,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from freshrec.config import FreshRecConfig
-from freshrec.errors import FeatureStoreUnavailable
+from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -400,6 +400,38 @@ def write_offline_tables(
         frame.to_parquet(tmp, index=False)
         tmp.replace(path)
     return paths
+
+
+def refresh_popularity(config: FreshRecConfig, as_of: datetime) -> dict[str, Any]:
+    """Recompute every item's popularity_7d/30d from the offline event log as of `as_of` and
+    rewrite the offline item table (atomic replace), rows stamped `as_of`; the next
+    `materialize` loads them. The re-ranker reads popularity, so a scheduled materialisation
+    must carry fresh values or serving drifts from what training saw (point-in-time values).
+
+    Returns:
+        {"items": rows rewritten, "events": events read, "seconds": s}.
+
+    Raises:
+        FailedPrecondition: no offline item table (run `freshrec init` first).
+    """
+    from services.features.profiles import refresh_item_popularity
+    from services.ingestion.offline_log import OfflineEventLog
+
+    started = time.perf_counter()
+    path = config.offline_dir / ITEM_FEATURES_TABLE
+    if not path.exists():
+        raise FailedPrecondition(f"no offline item table at {path}: run `freshrec init` first")
+    as_of = as_of.replace(tzinfo=UTC) if as_of.tzinfo is None else as_of.astimezone(UTC)
+    events = OfflineEventLog(config.offline_dir).read(since=as_of - timedelta(days=31))
+    rows = refresh_item_popularity(pd.read_parquet(path), events, as_of)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    rows.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return {
+        "items": len(rows),
+        "events": len(events),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 def materialize(
