@@ -60,6 +60,25 @@ class TrainParams:
 ItemAsOf = Callable[[ItemFeatures, datetime | None], ItemFeatures]
 
 
+# example, how many, rng → negatives for it (e.g. `model.negatives.ServingLikeNegatives`)
+NegativeSampler = Callable[[Example, int, np.random.Generator], list[ItemFeatures]]
+
+
+def _negatives(
+    example: Example,
+    catalog: Sequence[ItemFeatures],
+    n: int,
+    rng: np.random.Generator,
+    sampler: NegativeSampler | None,
+) -> list[ItemFeatures]:
+    if sampler is not None:
+        return sampler(example, n, rng)
+    profile, item = example[0], example[1]
+    return sample_negatives(
+        catalog, {item.item_id, *(profile.recent_items if profile else ())}, n, rng
+    )
+
+
 def _text_at(item: ItemFeatures, at: datetime | None, as_of: ItemAsOf | None) -> str:
     return ranking_item_text(as_of(item, at) if as_of is not None else item, at)
 
@@ -117,6 +136,7 @@ def make_pairs(
     negatives_per_positive: int,
     rng: np.random.Generator,
     as_of: ItemAsOf | None = None,
+    negatives: NegativeSampler | None = None,
 ) -> list[Pair]:
     """Text pairs: each positive (label 1) with sampled catalogue negatives (label 0).
 
@@ -124,14 +144,18 @@ def make_pairs(
         as_of: when given, every item of a positive's group (the positive and its negatives)
             is read as it was known at the positive's event time: the re-ranker must learn
             from the signals serving would have had, never from the labels' own events.
+        negatives: draws each positive's negatives; default uniform from `catalog` (never
+            the positive nor the user's recent items).
     """
     pairs: list[Pair] = []
     for example in positives:
         profile, item, at = Example(*example)
         user = user_context_text(profile)
         pairs.append(Pair(user, _text_at(item, at, as_of), 1.0))
-        avoid = {item.item_id, *(profile.recent_items if profile else ())}
-        for neg in sample_negatives(catalog, avoid, negatives_per_positive, rng):
+        drawn = _negatives(
+            Example(profile, item, at), catalog, negatives_per_positive, rng, negatives
+        )
+        for neg in drawn:
             pairs.append(Pair(user, _text_at(neg, at, as_of), 0.0))
     return pairs
 
@@ -142,14 +166,16 @@ def make_eval_groups(
     candidates_per_group: int,
     rng: np.random.Generator,
     as_of: ItemAsOf | None = None,
+    negatives: NegativeSampler | None = None,
 ) -> list[EvalGroup]:
     """Held-out groups: the true item first, then `candidates_per_group - 1` negatives (items
     read as of the positive's event time when `as_of` is given, as in `make_pairs`)."""
     groups = []
     for example in positives:
         profile, item, at = Example(*example)
-        avoid = {item.item_id, *(profile.recent_items if profile else ())}
-        negs = sample_negatives(catalog, avoid, candidates_per_group - 1, rng)
+        negs = _negatives(
+            Example(profile, item, at), catalog, candidates_per_group - 1, rng, negatives
+        )
         texts = (_text_at(item, at, as_of), *(_text_at(n, at, as_of) for n in negs))
         groups.append(EvalGroup(user_context_text(profile), texts))
     return groups

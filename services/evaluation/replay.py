@@ -330,6 +330,8 @@ def _run_replay(
             config,
             loader or _default_loader(config, settings.tiny_model, settings.seed),
             clock.stamp,
+            events,
+            index,
         )
         existing = {i: items[i] for i in exists_at(boot_end)}
         say("bootstrap: training the first re-ranker (services.updater.job.run_training)")
@@ -387,6 +389,8 @@ def _run_replay(
             if new_ids:  # items created since the last point: recallable from their text now
                 index = index.with_changes(upserts={i: vectors[i] for i in new_ids})
             index = with_popular(index, popular)
+            if trainer is not None:
+                trainer.index = index  # hard negatives come from what serving recalls now
             now = start.to_pydatetime()
             pipeline = RankingPipeline(
                 InMemoryFeatureStore(

@@ -24,9 +24,10 @@ import pandas as pd
 import psutil
 
 from freshrec.config import FreshRecConfig, TrainingConfig
-from freshrec.data.schema import EVENT_WEIGHTS
+from freshrec.data.schema import EVENT_WEIGHTS, POSITIVE_EVENT_TYPES
 from freshrec.records import ItemFeatures, UserProfile
 from model.index import RecallIndex
+from model.negatives import ServingLikeNegatives
 from model.reranker import CrossEncoderReranker, pretrained_path
 from model.training import ItemAsOf, make_pairs, train
 from services.evaluation.protocol import Period
@@ -199,6 +200,8 @@ class RerankerTrainer:
     config: FreshRecConfig
     load: RerankerLoader
     as_of: ItemAsOf | None = None
+    events: pd.DataFrame | None = None  # for popular negatives (all events; drawn before `at`)
+    index: RecallIndex | None = None  # the current recall index, for hard negatives
 
     @property
     def tcfg(self) -> TrainingConfig:
@@ -229,8 +232,9 @@ class RerankerTrainer:
         )
         if not train_pos:
             return UpdateStats(seconds=time.perf_counter() - started)
+        sampler = self.negatives(catalog)
         pairs = make_pairs(
-            train_pos + replay_pos, catalog, tcfg.negatives_per_positive, rng, self.as_of
+            train_pos + replay_pos, catalog, tcfg.negatives_per_positive, rng, self.as_of, sampler
         )
         params = train_params(tcfg, from_parent, seed)
         memory = _PeakRss()
@@ -242,6 +246,21 @@ class RerankerTrainer:
             peak_rss_mb=memory.mb,
             positives=len(train_pos),
             replay_positives=len(replay_pos),
+        )
+
+    def negatives(self, catalog: Sequence[ItemFeatures]) -> ServingLikeNegatives:
+        """The updater's negative sampler over the replay's current index and events."""
+        events = (
+            self.events
+            if self.events is not None
+            else pd.DataFrame(columns=["item_id", "event_type", "timestamp"])
+        )
+        return ServingLikeNegatives.from_events(
+            catalog,
+            self.index,
+            events,
+            POSITIVE_EVENT_TYPES,
+            self.config.ranking.recall_candidates,
         )
 
     def bootstrap(
@@ -273,6 +292,7 @@ class RerankerTrainer:
                 reason="replay evaluation bootstrap",
                 load_reranker=self.load,
                 progress=False,
+                index=self.index,
             )
             if outcome.state != "promoted":
                 raise ValueError(f"bootstrap training did not produce a model: {outcome.message}")

@@ -21,9 +21,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from freshrec.config import FreshRecConfig, TrainingConfig
-from freshrec.data.schema import EVENT_WEIGHTS
+from freshrec.data.schema import EVENT_WEIGHTS, POSITIVE_EVENT_TYPES
 from freshrec.records import ItemFeatures
 from model.artifacts import Manifest
+from model.index import RecallIndex
+from model.negatives import ServingLikeNegatives
 from model.popularity import PopularityClock
 from model.reranker import CrossEncoderReranker, pretrained_path
 from model.training import TrainParams, evaluate, make_eval_groups, make_pairs, train
@@ -82,6 +84,7 @@ def run_training(
     load_reranker: RerankerFactory | None = None,
     force_promote: bool = False,
     progress: bool = True,
+    index: RecallIndex | None = None,
 ) -> JobOutcome:
     """Train a challenger on `train_window` (+ replay), gate it on `holdout_window`, publish.
 
@@ -91,6 +94,8 @@ def run_training(
         parent: the champion version to start from; None = the pretrained backbone.
         load_reranker: path -> re-ranker (tests pass a tiny-model factory).
         force_promote: promote even if the gate says no (operator override; recorded).
+        index: the recall index hard negatives come from; default the registry's champion
+            index (none: negatives are popular and random only).
     """
     started = time.perf_counter()
     tcfg = config.training
@@ -134,13 +139,26 @@ def run_training(
             ),
         )
     catalog: Sequence[ItemFeatures] = list(items.values())
-    # Items as known before each event (popularity_7d), never from the labels' own events.
+    # Items as known before each event (popularity_7d), never from the labels' own events;
+    # negatives drawn like serving's candidates (FAISS neighbours, popular, random), for the
+    # training pairs and for the gate's groups alike.
     clock = PopularityClock.from_events(events, EVENT_WEIGHTS)
-    pairs = make_pairs(
-        train_pos + replay_pos, catalog, tcfg.negatives_per_positive, rng, clock.stamp
+    if index is None and (index_version := registry.champion("index")) is not None:
+        index = RecallIndex.load(registry.path("index", index_version))
+    sampler = ServingLikeNegatives.from_events(
+        catalog, index, events, POSITIVE_EVENT_TYPES, config.ranking.recall_candidates
     )
+    pairs = make_pairs(
+        train_pos + replay_pos, catalog, tcfg.negatives_per_positive, rng, clock.stamp, sampler
+    )
+    negatives_drawn = dict(sampler.drawn)
     groups = make_eval_groups(
-        holdout_pos, catalog, EVAL_CANDIDATES, np.random.default_rng(tcfg.seed + 1), clock.stamp
+        holdout_pos,
+        catalog,
+        EVAL_CANDIDATES,
+        np.random.default_rng(tcfg.seed + 1),
+        clock.stamp,
+        sampler,
     )
     source = (
         str(registry.path("reranker", parent))
@@ -190,6 +208,7 @@ def run_training(
                     "final_loss": report.final_loss,
                     "learning_rate": params.learning_rate,
                     "freeze_layers": params.freeze_layers,
+                    "negatives": negatives_drawn,
                 },
                 reason=reason,
             ),
