@@ -28,7 +28,6 @@ import pandas as pd
 from freshrec.records import Example, ItemFeatures
 from model.embeddings import user_vector
 from model.index import RecallIndex
-from model.training import sample_negatives
 
 SOURCES = ("hard", "popular", "random")
 
@@ -97,8 +96,15 @@ class ServingLikeNegatives:
                     break
             if pick is None:
                 source = "random"
-                more = sample_negatives(self.catalog, avoid | chosen, 1, rng)
-                pick = more[0] if more else None
+                for _ in range(10 * n + 10):
+                    candidate = self.catalog[int(rng.integers(len(self.catalog)))]
+                    if (
+                        candidate.item_id not in avoid
+                        and candidate.item_id not in chosen
+                        and _existed(candidate, at)
+                    ):
+                        pick = candidate
+                        break
             if pick is not None:
                 out.append(pick)
                 chosen.add(pick.item_id)
