@@ -529,8 +529,12 @@ def eval_replay_cmd(
         bool, typer.Option("--quick", help="Tiny shop, 2 windows, tiny model (seconds; tests).")
     ] = False,
     max_users: Annotated[
-        int, typer.Option(help="Users evaluated per window (seeded sample; 0 = all).")
-    ] = 60,
+        int,
+        typer.Option(
+            help="Users evaluated per window (0 = every active user, the protocol; "
+            "N = a seeded sample of N, faster)."
+        ),
+    ] = 0,
     train_examples: Annotated[
         int,
         typer.Option(

@@ -30,6 +30,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from model.blend import ScoreBlend
 from model.device import CpuDtype, autocast_dtype, resolve_device
 from model.split_encoder import (
     JOINT_LAYERS_ATTR,
@@ -111,6 +112,8 @@ class CrossEncoderReranker:
         self._user_states_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.user_cache_hits = 0
         self.user_cache_misses = 0
+        # BERT's logit blended with the item's fresh signals (model/blend.py); None = BERT alone
+        self.blend: ScoreBlend | None = None
         recorded = getattr(model.config, JOINT_LAYERS_ATTR, None)
         joint = int(recorded) if recorded is not None else joint_layers
         self.split: SplitEncoder | None = None
@@ -174,7 +177,11 @@ class CrossEncoderReranker:
         backbone = any(key.startswith("classifier.") for key in info["missing_keys"])
         if not backbone and getattr(model.config, JOINT_LAYERS_ATTR, None) is None:
             setattr(model.config, JOINT_LAYERS_ATTR, 0)
-        return cls(model, tokenizer, max_length, resolve_device(device), cpu_dtype, joint_layers)
+        reranker = cls(
+            model, tokenizer, max_length, resolve_device(device), cpu_dtype, joint_layers
+        )
+        reranker.blend = None if backbone else ScoreBlend.load(Path(path))
+        return reranker
 
     @classmethod
     def tiny(
@@ -446,8 +453,15 @@ class CrossEncoderReranker:
         for start in range(0, len(item_texts), batch_size):
             stop = start + batch_size
             batch = self.encode_pairs(user_texts[start:stop], item_texts[start:stop])
-            out[start:stop] = torch.sigmoid(self.logits(batch)).cpu().numpy()
+            out[start:stop] = self._relevance(self.logits(batch), item_texts[start:stop])
         return out
+
+    def _relevance(self, logits: torch.Tensor, item_texts: Sequence[str]) -> np.ndarray:
+        """Probabilities from BERT's logits, through the blend when the version has one."""
+        if self.blend is not None:
+            blended = self.blend.logits(logits.float().cpu().numpy(), item_texts)
+            logits = torch.from_numpy(blended)
+        return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
 
     @torch.inference_mode()
     def score_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[np.ndarray]:
@@ -495,7 +509,7 @@ class CrossEncoderReranker:
             with self._autocast():
                 logits = self.split.joint_logits_many(parts)
             for r, value in zip(slots, logits, strict=True):
-                out[r] = torch.sigmoid(value.float()).cpu().numpy().astype(np.float32)
+                out[r] = self._relevance(value, requests[r][1])
         return [o if o is not None else np.zeros(0, dtype=np.float32) for o in out]
 
     @torch.inference_mode()
@@ -508,9 +522,9 @@ class CrossEncoderReranker:
         if self.split is not None:  # the per-candidate work is small: one user pass for all
             batch_size = max(len(item_texts), 1)
         for start in range(0, len(item_texts), batch_size):
-            inputs = self.serving_inputs(user_text, item_texts[start : start + batch_size])
-            logits = self.serving_logits(inputs).float()
-            out[start : start + batch_size] = torch.sigmoid(logits).cpu().numpy()
+            chunk = item_texts[start : start + batch_size]
+            inputs = self.serving_inputs(user_text, chunk)
+            out[start : start + batch_size] = self._relevance(self.serving_logits(inputs), chunk)
         return out
 
     def save(self, directory: Path) -> list[Path]:
@@ -518,4 +532,6 @@ class CrossEncoderReranker:
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(directory), safe_serialization=True)
         self.tokenizer.save_pretrained(str(directory))
+        if self.blend is not None:
+            self.blend.save(directory)
         return sorted(p for p in directory.iterdir() if p.is_file())

@@ -13,7 +13,7 @@ from freshrec.records import ItemFeatures, UserProfile
 
 MAX_RECENT_TITLES = 5
 MAX_CATEGORIES = 3
-POPULARITY_LEVELS = 9  # popularity_7d buckets: 0..9 = min(9, floor(log2(1 + popularity_7d)))
+POPULARITY_LEVELS = 19  # popularity_7d buckets: min(19, floor(2 log2(1 + popularity_7d)))
 NEW_ITEM_DAYS = 14  # "new arrival" for items created at most this long before `now`
 
 
@@ -50,12 +50,12 @@ def item_text(item: ItemFeatures) -> str:
 
 
 def popularity_level(popularity_7d: float) -> int:
-    """The 7-day weighted event count on a log2 scale, 0..POPULARITY_LEVELS (1 event → 1,
-    3 → 2, 7 → 3, ... 511 or more → 9): coarse, so the text (and the re-ranker's cached item
-    states) changes only when an item's popularity changes by a factor of about two."""
+    """The 7-day weighted event count in half-octaves, 0..POPULARITY_LEVELS (1 event → 2,
+    3 → 4, 7 → 6, 100 → 13, 724 or more → 19): coarse enough that the text (and the
+    re-ranker's cached item states) changes only when popularity moves by a factor of ~1.4."""
     if not popularity_7d > 0:
         return 0
-    return min(POPULARITY_LEVELS, int(math.log2(1.0 + popularity_7d)))
+    return min(POPULARITY_LEVELS, int(2.0 * math.log2(1.0 + popularity_7d)))
 
 
 def ranking_item_text(item: ItemFeatures, now: datetime | None = None) -> str:

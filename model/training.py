@@ -22,6 +22,7 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from freshrec.records import Example, ItemFeatures
+from model.blend import fit_blend_progressive
 from model.device import CpuDtype, autocast_dtype
 from model.reranker import CrossEncoderReranker
 from model.text import ranking_item_text, user_context_text
@@ -40,6 +41,8 @@ class TrainParams:
     max_seconds: float | None = None  # stop early (after a step) once this budget is spent
     cpu_dtype: CpuDtype = "fp32"
     seed: int = 13
+    # refit the score blend (model/blend.py) on this run's progressive-validation logits
+    fit_blend: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.learning_rate < 1:
@@ -108,6 +111,11 @@ class TrainReport:
     device: str
     stopped_early: bool
     world_size: int = 1
+    # Each pair's logit as the model scored it in the first pass just before learning from it
+    # (progressive validation: an out-of-sample score); NaN where not scored on this rank.
+    progressive_logits: np.ndarray | None = None
+    # When in that pass: the share of the pass's steps already taken (0 = the first step).
+    progressive_position: np.ndarray | None = None
 
 
 def sample_negatives(
@@ -283,17 +291,23 @@ def train(
     loss_fn = torch.nn.BCEWithLogitsLoss()
     started = time.perf_counter()
     processed, steps, last_loss, stopped = 0, 0, float("nan"), False
+    progressive = np.full(len(pairs), np.nan, dtype=np.float32)
+    position = np.full(len(pairs), np.nan, dtype=np.float32)
     model.train()
     try:
-        for _ in range(params.epochs):
+        for epoch in range(params.epochs):
             order = shard_indices(len(pairs), rank, world_size, rng)
             for start in range(0, len(order), params.batch_size):
-                chunk = [pairs[i] for i in order[start : start + params.batch_size]]
+                picked = order[start : start + params.batch_size]
+                chunk = [pairs[i] for i in picked]
                 batch = reranker.encode_pairs(
                     [p.user_text for p in chunk], [p.item_text for p in chunk]
                 )
                 labels = torch.tensor([p.label for p in chunk], device=device)
                 logits = forward(batch)
+                if epoch == 0:
+                    progressive[picked] = logits.detach().float().cpu().numpy()
+                    position[picked] = steps / steps_per_epoch
                 loss = loss_fn(logits, labels)
                 optimiser.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -320,6 +334,17 @@ def train(
         total = torch.tensor([processed], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(total)
         processed = int(total.item())
+    if params.fit_blend:
+        # The parent's blend is the prior: a small update moves it only as far as its data says.
+        fitted = fit_blend_progressive(
+            progressive,
+            position,
+            [p.item_text for p in pairs],
+            np.array([p.label for p in pairs]),
+            prior=reranker.blend,
+        )
+        if fitted is not None:
+            reranker.blend = fitted
     return TrainReport(
         examples_processed=processed,
         steps=steps,
@@ -329,6 +354,8 @@ def train(
         device=str(device),
         stopped_early=stopped,
         world_size=world_size,
+        progressive_logits=progressive,
+        progressive_position=position,
     )
 
 

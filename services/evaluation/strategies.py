@@ -54,9 +54,11 @@ class UpdateStats:
     peak_rss_mb: float = 0.0
     positives: int = 0
     replay_positives: int = 0
+    blend: tuple[float, ...] = ()  # the model's score blend after the update (bert, pop, new, b)
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, Any]:
         return {
+            "blend": list(self.blend),
             "seconds": round(self.seconds, 3),
             "examples_processed": self.examples_processed,
             "trainable_params": self.trainable_params,
@@ -246,6 +248,7 @@ class RerankerTrainer:
             peak_rss_mb=memory.mb,
             positives=len(train_pos),
             replay_positives=len(replay_pos),
+            blend=tuple(float(v) for v in reranker.blend.weights) if reranker.blend else (),
         )
 
     def negatives(self, catalog: Sequence[ItemFeatures]) -> ServingLikeNegatives:

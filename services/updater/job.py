@@ -13,7 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 import numpy as np
@@ -209,6 +209,7 @@ def run_training(
                     "learning_rate": params.learning_rate,
                     "freeze_layers": params.freeze_layers,
                     "negatives": negatives_drawn,
+                    "blend": asdict(challenger.blend) if challenger.blend else None,
                 },
                 reason=reason,
             ),

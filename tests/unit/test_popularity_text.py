@@ -72,17 +72,8 @@ def test_the_clock_agrees_with_a_brute_force_count() -> None:
 
 
 def test_popularity_levels_are_log2_buckets() -> None:
-    assert [popularity_level(p) for p in (0, -1, 0.5, 1, 3, 7, 100, 511, 10**6)] == [
-        0,
-        0,
-        0,
-        1,
-        2,
-        3,
-        6,
-        9,
-        9,
-    ]
+    levels = [popularity_level(p) for p in (0, -1, 0.5, 1, 3, 7, 100, 723, 724, 10**6)]
+    assert levels == [0, 0, 1, 2, 4, 6, 13, 18, 19, 19]
 
 
 def test_ranking_text_leads_with_the_fresh_signals() -> None:
@@ -90,10 +81,10 @@ def test_ranking_text_leads_with_the_fresh_signals() -> None:
         "i", title="Aurora", text="Light.", category="shoes", popularity_7d=40, created_at=T0
     )
 
-    assert ranking_item_text(item) == "popularity 5. " + item_text(item)
-    assert ranking_item_text(item, T0 + 3 * DAY) == "popularity 5. new arrival. " + item_text(item)
-    assert ranking_item_text(item, T0 + 15 * DAY) == "popularity 5. " + item_text(item)
-    assert ranking_item_text(item, T0 - DAY) == "popularity 5. " + item_text(item)  # not yet
+    assert ranking_item_text(item) == "popularity 10. " + item_text(item)
+    assert ranking_item_text(item, T0 + 3 * DAY) == "popularity 10. new arrival. " + item_text(item)
+    assert ranking_item_text(item, T0 + 15 * DAY) == "popularity 10. " + item_text(item)
+    assert ranking_item_text(item, T0 - DAY) == "popularity 10. " + item_text(item)  # not yet
 
 
 def test_pairs_read_items_as_known_before_the_event() -> None:
@@ -116,7 +107,7 @@ def test_pairs_read_items_as_known_before_the_event() -> None:
     )
 
     assert pairs[0].item_text == "popularity 0. Hit"
-    assert pairs[1].item_text == "popularity 3. Other"  # 7 clicks two days before
+    assert pairs[1].item_text == "popularity 6. Other"  # 7 clicks two days before
     groups = make_eval_groups(
         [Example(profile, hit, event_at + 2 * DAY)],
         [hit, other],
@@ -124,4 +115,4 @@ def test_pairs_read_items_as_known_before_the_event() -> None:
         np.random.default_rng(0),
         clock.stamp,
     )
-    assert groups[0].candidates == ("popularity 5. Hit", "popularity 3. Other")  # 3 + 29 = 32
+    assert groups[0].candidates == ("popularity 10. Hit", "popularity 6. Other")  # 3 + 29 = 32

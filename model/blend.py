@@ -1,0 +1,145 @@
+"""The re-ranker's last step: BERT's logit blended with the item's fresh signals.
+
+relevance = sigmoid(w_bert · bert_logit + w_pop · popularity_level + w_new · new_arrival + b)
+
+BERT reads the same signals as text ("popularity 13. new arrival. ..."), and can learn how they
+interact with the user's taste; but a few thousand fine-tuning pairs through frozen lower
+layers teach it a weak, blurred version of the strongest single fact in a shop's log: how
+popular an item is right now. A four-weight logistic layer on top (the "wide" part of a
+wide-and-deep ranker) learns that fact exactly and says how much BERT adds beside it
+(`w_bert`). The features are parsed back from the text the re-ranker scores
+(`model.text.ranking_item_text`), so every scoring path — serving, micro-batches, the gate —
+applies the same blend without carrying features beside the text.
+
+Fitted by L2-regularised logistic regression (Newton's method; four weights do not need a
+library), on *progressive-validation* logits: each pair's BERT logit as the model scored it
+in its single training pass just before learning from it (`TrainReport.progressive_logits`),
+so the blend never sees BERT's logits on data BERT had already fitted. An incremental update
+refits it with the parent's weights as the prior (the regulariser pulls towards them).
+Pure numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model.text import POPULARITY_LEVELS
+
+BLEND_FILE = "blend.json"
+_SIGNALS = re.compile(r"^popularity (\d+)\.( new arrival\.)?")
+
+
+def signal_features(item_texts: Sequence[str]) -> np.ndarray:
+    """(n, 2) float64: popularity level scaled to [0, 1], new-arrival flag; zeros for a text
+    without the signals prefix (e.g. a version trained before it existed)."""
+    out = np.zeros((len(item_texts), 2), dtype=np.float64)
+    for row, text in enumerate(item_texts):
+        match = _SIGNALS.match(text)
+        if match:
+            out[row, 0] = int(match.group(1)) / POPULARITY_LEVELS
+            out[row, 1] = 1.0 if match.group(2) else 0.0
+    return out
+
+
+@dataclass(frozen=True)
+class ScoreBlend:
+    """Weights of the blend; the identity (BERT alone) is (1, 0, 0, 0)."""
+
+    bert: float = 1.0
+    popularity: float = 0.0
+    new_arrival: float = 0.0
+    bias: float = 0.0
+    fitted_on: int = 0  # pairs the weights were fitted on (0 = identity, never fitted)
+
+    @property
+    def weights(self) -> np.ndarray:
+        return np.array([self.bert, self.popularity, self.new_arrival, self.bias])
+
+    def logits(self, bert_logits: np.ndarray, item_texts: Sequence[str]) -> np.ndarray:
+        """Blended logits, float32, aligned with `item_texts`."""
+        x = _design(np.asarray(bert_logits, dtype=np.float64), signal_features(item_texts))
+        return (x @ self.weights).astype(np.float32)
+
+    def save(self, directory: Path) -> Path:
+        path = directory / BLEND_FILE
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> ScoreBlend | None:
+        path = directory / BLEND_FILE
+        if not path.exists():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+
+def _design(bert_logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+    return np.column_stack([bert_logits, features, np.ones(len(bert_logits))])
+
+
+def fit_blend(
+    bert_logits: np.ndarray,
+    item_texts: Sequence[str],
+    labels: np.ndarray,
+    prior: ScoreBlend | None = None,
+    l2: float = 1.0,
+    iterations: int = 25,
+) -> ScoreBlend:
+    """Logistic regression of `labels` on (bert_logit, signals, 1), the L2 penalty pulling the
+    weights towards `prior` (default the identity). Non-finite logits are skipped.
+
+    Raises:
+        ValueError: mismatched lengths, or fewer than 8 usable pairs.
+    """
+    z = np.asarray(bert_logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    if not len(z) == len(item_texts) == len(y):
+        raise ValueError(
+            f"bert_logits, item_texts and labels must have one length, got "
+            f"{len(z)}, {len(item_texts)}, {len(y)}"
+        )
+    keep = np.isfinite(z)
+    if int(keep.sum()) < 8:
+        raise ValueError(f"need at least 8 pairs with a logit to fit a blend, got {keep.sum()}")
+    x = _design(z[keep], signal_features([t for t, k in zip(item_texts, keep, strict=True) if k]))
+    y = y[keep]
+    centre = (prior or ScoreBlend()).weights
+    penalty = np.full(4, l2)
+    penalty[3] = 1e-6  # the bias is not pulled anywhere
+    w = centre.copy()
+    for _ in range(iterations):  # Newton steps on the penalised negative log-likelihood
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
+        grad = x.T @ (p - y) + penalty * (w - centre)
+        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if float(np.max(np.abs(step))) < 1e-8:
+            break
+    bert, popularity, new_arrival, bias = (round(float(v), 6) for v in w)
+    return ScoreBlend(bert, popularity, new_arrival, bias, fitted_on=len(y))
+
+
+def fit_blend_progressive(
+    report_logits: np.ndarray | None,
+    report_position: np.ndarray | None,
+    item_texts: Sequence[str],
+    labels: np.ndarray,
+    prior: ScoreBlend | None = None,
+    from_position: float = 0.5,
+) -> ScoreBlend | None:
+    """`fit_blend` on the progressive-validation logits of one training pass, from
+    `from_position` of the pass on (the model's first steps say little about the final one);
+    None when too few pairs were scored there (the caller keeps its current blend)."""
+    if report_logits is None or report_position is None:
+        return None
+    keep = np.isfinite(report_logits) & (report_position >= from_position)
+    if int(keep.sum()) < 32:
+        return None
+    texts = [t for t, k in zip(item_texts, keep, strict=True) if k]
+    return fit_blend(report_logits[keep], texts, np.asarray(labels)[keep], prior)
