@@ -381,6 +381,15 @@ def test_updater_lifecycle(stack: Stack) -> None:
     assert versions.champion_version == result.champion_version == after
     v2 = next(v for v in versions.versions if v.version == "v0002")
     assert v2.parent == "v0001" and v2.reason == "e2e" and "ndcg@10" in v2.metrics
+    # Negatives like serving's candidates (the champion index's FAISS neighbours among them),
+    # and a score blend fitted on this run, saved beside the weights.
+    registry = ModelRegistry(stack.config.registry_dir)
+    training = registry.manifest("reranker", "v0002").training
+    drawn = training["negatives"]
+    positives = training["positives"] + training["replay_positives"]
+    assert sum(drawn.values()) == 3 * positives and drawn["hard"] > 0, drawn
+    assert training["blend"]["fitted_on"] > 0, training["blend"]
+    assert (registry.path("reranker", "v0002") / "blend.json").exists()
     status = upd.GetStatus(updater_pb2.GetStatusRequest(), timeout=10)
     assert status.champion_version == after
     assert (status.last.job_id, status.last.state) == (result.job_id, result.state)
