@@ -311,6 +311,7 @@ class RerankerTrainer:
             examples_processed=outcome.examples,
             trainable_params=trainable,
             peak_rss_mb=memory.mb,
+            blend=tuple(float(v) for v in model.blend.weights) if model.blend else (),
         )
         return model, stats, outcome.message
 
