@@ -46,6 +46,7 @@ def bench_freshness(
     # A fresh workdir and Feast project every run: the benchmark adds items and events, and a
     # second run must not find them already there.
     from services.jobs.bootstrap import bootstrap, read_online_store_choice, remove_workdir
+    from model.embeddings import user_vector
     from services.ranking.server import build_ranking
     from services.updater.server import build_updater
 
@@ -123,12 +124,16 @@ def bench_freshness(
                 profile = feast.get_user_profile(user)
                 if profile is None or not profile.recent_items:
                     continue
-                # A matching item by construction: a twin of the user's latest item. Its
-                # vector weighs most in the user's recall query, so FAISS must return it. (The
-                # top *re-ranked* item, used before, may be one of the popular candidates,
-                # whose twin text is nowhere near this user's query.)
-                first = profile.recent_items[0]
-                model = feast.get_items([first]).get(first)
+                # A matching item by construction: a twin of the user's first FAISS
+                # candidate (the serving query over the serving index), so FAISS must return
+                # the twin too. (The top *re-ranked* item, used before, may now be one of the
+                # popular candidates, whose twin text is nowhere near this user's query.)
+                index = rank_app.models.current.index
+                query = user_vector(index.vectors_of(profile.recent_items))
+                seen = frozenset(profile.recent_items) | frozenset(profile.purchased_items)
+                found_first = index.search(query, 1, seen) if query is not None else []
+                first = found_first[0][0] if found_first else None
+                model = feast.get_items([first]).get(first) if first else None
                 if model is None:
                     continue
                 new_id = f"bench-new-{uuid.uuid4().hex[:10]}"
