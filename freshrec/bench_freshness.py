@@ -41,12 +41,12 @@ def bench_freshness(
     from freshrec.clients import channel, ranking_stub, updater_stub
     from freshrec.data import load_dataset
     from freshrec.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, updater_pb2
+    from model.embeddings import user_vector
     from services.features.feast_store import FeastFeatureStore
 
     # A fresh workdir and Feast project every run: the benchmark adds items and events, and a
     # second run must not find them already there.
     from services.jobs.bootstrap import bootstrap, read_online_store_choice, remove_workdir
-    from model.embeddings import user_vector
     from services.ranking.server import build_ranking
     from services.updater.server import build_updater
 
