@@ -143,7 +143,6 @@ class RedisFeatureReader:
         # test_redis_outage). One immediate retry covers a dropped idle connection.
         client = redis.Redis(
             socket_timeout=self.socket_timeout,
-            socket_connect_timeout=self.socket_timeout,
             retry=Retry(NoBackoff(), 1),
             **kwargs,
         )
