@@ -214,7 +214,8 @@ def _stage_floors(
         stages["faiss"].append(_median_ms(search, 3))
         ids = [i for i, _ in search()]
         # The second recall source, as the pipeline adds it (pipeline.popular_extras).
-        extra = [i for i in models.index.popular if i not in set(ids) and i not in exclude]
+        have = set(ids)
+        extra = [i for i in models.index.popular if i not in have and i not in exclude]
         ids += extra[: config.ranking.popular_candidates]
         stages["redis_raw"].append(_median_ms(partial(_read_both, raw, user, ids), 3))
         stages["feast_sdk"].append(_median_ms(partial(_read_both, sdk, user, ids), 3))

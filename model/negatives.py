@@ -28,6 +28,7 @@ import pandas as pd
 from freshrec.records import Example, ItemFeatures
 from model.embeddings import user_vector
 from model.index import RecallIndex
+from model.popularity import utc
 
 SOURCES = ("hard", "popular", "random")
 
@@ -122,9 +123,7 @@ class ServingLikeNegatives:
     def _popular_draw(self, at: datetime | None, rng: np.random.Generator) -> ItemFeatures | None:
         if at is None or len(self.event_ns) == 0:
             return None
-        end_ns = (
-            pd.Timestamp(at).value if pd.Timestamp(at).tzinfo else pd.Timestamp(at, tz="UTC").value
-        )
+        end_ns = utc(at).value
         start_ns = end_ns - int(self.popularity_days * 86_400 * 10**9)
         lo = int(np.searchsorted(self.event_ns, start_ns, side="left"))
         hi = int(np.searchsorted(self.event_ns, end_ns, side="left"))  # strictly before `at`
@@ -136,10 +135,4 @@ class ServingLikeNegatives:
 def _existed(item: ItemFeatures, at: datetime | None) -> bool:
     if at is None or item.created_at is None:
         return True
-    created = pd.Timestamp(item.created_at)
-    moment = pd.Timestamp(at)
-    if created.tzinfo is None:
-        created = created.tz_localize("UTC")
-    if moment.tzinfo is None:
-        moment = moment.tz_localize("UTC")
-    return created <= moment
+    return utc(item.created_at) <= utc(at)

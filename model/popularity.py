@@ -24,11 +24,14 @@ from freshrec.records import ItemFeatures
 DAY_NS = 86_400 * 10**9
 
 
-def _day(t: datetime | pd.Timestamp) -> int:
+def utc(t: datetime | pd.Timestamp) -> pd.Timestamp:
+    """`t` as a tz-aware pandas Timestamp; naive values are read as UTC."""
     stamp = pd.Timestamp(t)
-    if stamp.tzinfo is None:
-        stamp = stamp.tz_localize("UTC")
-    return int(stamp.value // DAY_NS)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp
+
+
+def _day(t: datetime | pd.Timestamp) -> int:
+    return int(utc(t).value // DAY_NS)
 
 
 @dataclass(frozen=True)
