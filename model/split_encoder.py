@@ -197,8 +197,13 @@ class SplitEncoder:
         """(B, user_len, H) user segment states at the split (int8 after
         `quantize_user_side`, outside training)."""
         int8 = self._user_layers is not None and not torch.is_grad_enabled()
-        layers = self._user_layers if int8 else self.model.bert.encoder.layer[: self.split]
-        return self._lower(ids, mask, 0, 0, layers)
+        if not int8:
+            return self._lower(ids, mask, 0, 0, self.model.bert.encoder.layer[: self.split])
+        # Dynamically quantised Linear layers take fp32 activations only: under a bf16
+        # autocast (the default on CPUs with bf16 hardware) they would fail, so the int8 pass
+        # runs in fp32 and the joint layer above casts its input as usual.
+        with torch.autocast(ids.device.type, enabled=False):
+            return self._lower(ids, mask, 0, 0, self._user_layers)
 
     def item_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, item_len, H) item segment states at the split (depend on the item text only)."""

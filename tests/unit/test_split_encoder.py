@@ -102,6 +102,21 @@ def test_fp16_item_cache_moves_scores_by_less_than_1e_3() -> None:
     assert next(iter(half._item_states.values())).dtype == torch.float16
 
 
+@pytest.mark.parametrize("cpu_dtype", ["fp32", "bf16"])
+def test_int8_user_side_serves_under_every_cpu_dtype(cpu_dtype: str) -> None:
+    # The serving default on CPUs with bf16 hardware is a bf16 autocast; dynamically quantised
+    # Linear layers take fp32 only, so the int8 user pass must run outside the autocast.
+    exact = _split(joint=1)
+    served = _split(joint=1)
+    served.cpu_dtype = cpu_dtype  # type: ignore[assignment]
+    served.quantize_user_side()
+    for user in USERS:
+        got = served.score(user, ITEMS)
+        assert got.dtype == np.float32 and np.isfinite(got).all()
+        # int8 weights and (for bf16) a ~3-digit joint layer: close to fp32, not equal.
+        np.testing.assert_allclose(got, exact.score(user, ITEMS), atol=0.05)
+
+
 def test_item_states_do_not_depend_on_the_other_segment() -> None:
     reranker = _split(joint=1)
     assert reranker.split is not None
