@@ -157,6 +157,10 @@ def _torch_threads() -> int:
 
 
 def _median_ms(fn: Any, repeat: int) -> float:
+    """Median of `repeat` timed calls after one untimed call: the stages are timed one after
+    another per user, and the first call after the ~1 s reference cross-encoder runs on cold
+    caches (measured: the forward floor doubled without the warm-up call)."""
+    fn()
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
