@@ -479,6 +479,31 @@ def bench_serving_cmd(
         print(json.dumps(result))
 
 
+@bench_app.command("recall")
+def bench_recall_cmd(
+    workdir: WorkdirOpt = Path(".freshrec/bench-recall"),
+    items: Annotated[
+        int, typer.Option(help="Catalogue size (the synthetic shop's catalogue).", min=1)
+    ] = 100_000,
+    queries: Annotated[int, typer.Option(help="Simulated user queries.", min=1)] = 1000,
+    k: Annotated[int, typer.Option(help="Recall depth (recall@k vs exact search).", min=1)] = 100,
+    json_out: Annotated[bool, typer.Option("--json", help="Last line: one JSON object.")] = False,
+) -> None:
+    """FAISS recall at catalogue scale: p50/p99 per query, recall@k vs exact search, RSS."""
+    _logging()
+    logging.getLogger().setLevel(logging.WARNING)
+    from freshrec.bench_recall import bench_recall
+
+    result = bench_recall(workdir, items, queries, k, say=console.print)
+    console.print(
+        f"{result['index']} over {result['items']:,} items: p50 {result['p50_ms']} ms, "
+        f"p99 {result['p99_ms']} ms, recall@{k} {result[f'recall@{k}']}, "
+        f"RSS {result['rss_mb']} MiB"
+    )
+    if json_out:
+        print(json.dumps(result))
+
+
 @bench_app.command("quality")
 def bench_quality_cmd(
     workdir: WorkdirOpt = Path(".freshrec/bench"),

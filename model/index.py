@@ -42,9 +42,14 @@ class RecallIndex:
 
     @classmethod
     def build(
-        cls, vectors: np.ndarray, item_ids: Sequence[str], popular: Sequence[str] = ()
+        cls,
+        vectors: np.ndarray,
+        item_ids: Sequence[str],
+        popular: Sequence[str] = (),
+        exact_limit: int = EXACT_LIMIT,
     ) -> RecallIndex:
-        """Index `vectors` (rows L2-normalised, aligned with `item_ids`).
+        """Index `vectors` (rows L2-normalised, aligned with `item_ids`): exact up to
+        `exact_limit` items, HNSW above.
 
         Raises:
             ValueError: shapes disagree or ids repeat.
@@ -55,7 +60,7 @@ class RecallIndex:
             raise ValueError("item_ids must be unique")
         dim = vectors.shape[1]
         index: faiss.Index
-        if len(item_ids) <= EXACT_LIMIT:
+        if len(item_ids) <= exact_limit:
             index = faiss.IndexFlatIP(dim)
         else:
             index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)

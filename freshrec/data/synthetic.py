@@ -383,6 +383,19 @@ def generate_shop(
     return Dataset(name="synthetic", items=items, interactions=events, notes=notes)
 
 
+def generate_catalogue(seed: int = 7, n_items: int = 2000, days: int = 60) -> pd.DataFrame:
+    """The catalogue `generate_shop` makes with the same arguments, without simulating events
+    (catalogue-scale benchmarks: `freshrec bench recall`).
+
+    Raises:
+        InvalidArgument: a size argument is out of range.
+    """
+    _check_range("n_items", n_items, 1)
+    _check_range("days", days, 1)
+    catalogue = _make_catalogue(np.random.default_rng(seed), n_items, days)
+    return catalogue.frame[list(ITEM_COLUMNS)].reset_index(drop=True)
+
+
 def _check_range(name: str, value: int, low: int) -> None:
     if int(value) != value or value < low:
         raise InvalidArgument(f"{name} must be an integer >= {low}, got {value}")

@@ -1,0 +1,217 @@
+"""`freshrec bench recall`: the FAISS stage at catalogue scale, on real item embeddings.
+
+Issue #3's scale target: at 1M items, recall stays within 10 ms p99 with recall@100 ≥ 0.95
+against exact search, and the ranking service's memory is known at 100k and 1M items. The
+serving benchmark cannot answer it alone: its catalogue is whatever the workdir was
+bootstrapped with, and embedding a million items is an offline job of its own. So:
+
+1. The synthetic shop's catalogue at `--items` N (`generate_catalogue`, no events), each item's
+   text embedded by the serving recall encoder (the same `TextEncoder` and `item_text` as
+   bootstrap): real embeddings of real-looking product text, clustered as a shop's are.
+   They are cached under the workdir (`cache/recall-<N>-<seed>-<model>.npy`): the embedding is
+   the expensive part (~190 items/s on 2 cores with bf16 hardware, ~55 tokens an item).
+2. The index as serving builds it (`RecallIndex.build`: exact inner product up to
+   `EXACT_LIMIT`, HNSW above), timed.
+3. Queries as serving makes them: a user is the recency-weighted mean of 1-10 items they
+   engaged with (`user_vector`), drawn from one or two categories (shoppers' tastes are
+   topical); those items are excluded, as the pipeline excludes a user's recent items.
+4. For each HNSW `efSearch` in the sweep: single-query latency of `RecallIndex.search` (the
+   serving call, exclusions included), p50/p99, and recall@k against exact search (a matrix
+   product over every vector, same exclusions). The serving default (`efSearch` the index
+   is built with) is what the top-level keys report.
+5. Memory: the process RSS after the index is built with the encoder loaded (what a ranking
+   replica holds besides the re-ranker and its caches), and the index's own size.
+
+Pure measurement: nothing here writes to Redis or the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Say = Callable[[str], Any]
+
+
+def topical_queries(
+    vectors: np.ndarray,
+    categories: Sequence[str],
+    n_queries: int,
+    rng: np.random.Generator,
+    max_history: int = 10,
+) -> list[tuple[np.ndarray, list[int]]]:
+    """(query vector, positions of the user's history) for `n_queries` simulated users: 1 or
+    2 categories each, 1..`max_history` items from them, most recent first."""
+    from model.embeddings import user_vector
+
+    by_category: dict[str, list[int]] = {}
+    for pos, category in enumerate(categories):
+        by_category.setdefault(category, []).append(pos)
+    names = sorted(by_category)
+    out: list[tuple[np.ndarray, list[int]]] = []
+    while len(out) < n_queries:
+        tastes = rng.choice(
+            len(names), size=min(len(names), int(rng.integers(1, 3))), replace=False
+        )
+        pool = [p for t in tastes for p in by_category[names[int(t)]]]
+        size = min(len(pool), int(rng.integers(1, max_history + 1)))
+        history = [pool[int(i)] for i in rng.choice(len(pool), size=size, replace=False)]
+        query = user_vector([vectors[p] for p in history])
+        if query is not None:
+            out.append((query, history))
+    return out
+
+
+def exact_top_k(
+    vectors: np.ndarray, queries: list[tuple[np.ndarray, list[int]]], k: int
+) -> list[set[int]]:
+    """Exact top-k positions by inner product for each query, its history excluded."""
+    out: list[set[int]] = []
+    batch = 256
+    for start in range(0, len(queries), batch):
+        chunk = queries[start : start + batch]
+        scores = np.stack([q for q, _ in chunk]) @ vectors.T  # (b, n)
+        for row, (_, history) in enumerate(chunk):
+            scores[row, history] = -np.inf
+        top = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, :k]
+        out.extend(set(int(p) for p in row) for row in top)
+    return out
+
+
+def measure_search(
+    index: Any,
+    ids: Sequence[str],
+    queries: list[tuple[np.ndarray, list[int]]],
+    truth: list[set[int]],
+    k: int,
+) -> dict[str, float]:
+    """Latency of `RecallIndex.search` per query (the serving call) and recall@k vs `truth`."""
+    position = {item_id: pos for pos, item_id in enumerate(ids)}
+    times, hits = [], 0
+    for (query, history), exact in zip(queries, truth, strict=True):
+        exclude = frozenset(ids[p] for p in history)
+        t = time.perf_counter()
+        found = index.search(query, k, exclude)
+        times.append((time.perf_counter() - t) * 1e3)
+        hits += len({position[i] for i, _ in found} & exact)
+    arr = np.asarray(times)
+    return {
+        "p50_ms": round(float(np.percentile(arr, 50)), 3),
+        "p99_ms": round(float(np.percentile(arr, 99)), 3),
+        f"recall@{k}": round(hits / (k * len(queries)), 4),
+    }
+
+
+def _embeddings(
+    texts: list[str], cache: Path, say: Say, progress: bool
+) -> tuple[np.ndarray, float | None]:
+    """The recall encoder's vectors for `texts`, from `cache` when present; (vectors, seconds
+    spent embedding now or None when read from the cache)."""
+    from tqdm import tqdm
+
+    from model.embeddings import TextEncoder
+
+    if cache.exists():
+        say(f"embeddings from {cache}")
+        return np.load(cache), None
+    encoder = TextEncoder.from_pretrained()
+    started = time.perf_counter()
+    with tqdm(total=len(texts), desc="embed items", unit="item", disable=not progress) as bar:
+        vectors = encoder.encode(texts, progress=bar.update)
+    seconds = time.perf_counter() - started
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(".partial.npy")
+    np.save(partial, vectors)
+    os.replace(partial, cache)
+    return vectors, seconds
+
+
+def bench_recall(
+    workdir: Path,
+    items: int,
+    queries: int = 1000,
+    k: int = 100,
+    ef_search: Sequence[int] = (32, 64, 128, 256),
+    seed: int = 7,
+    say: Say = print,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the benchmark (module docstring); returns the JSON-able result."""
+    import faiss
+    import psutil
+    import torch
+
+    from freshrec.data.synthetic import generate_catalogue
+    from freshrec.records import ItemFeatures
+    from model.index import RecallIndex
+    from model.reranker import pretrained_path
+    from model.text import item_text
+
+    started = time.perf_counter()
+    frame = generate_catalogue(seed, items)
+    ids = frame["item_id"].astype(str).tolist()
+    categories = frame["category"].astype(str).tolist()
+    columns = ("item_id", "title", "description", "category", "brand")
+    texts = [
+        item_text(ItemFeatures(item_id, title, text=text, category=category, brand=brand))
+        for item_id, title, text, category, brand in zip(
+            *(frame[c].astype(str).tolist() for c in columns), strict=True
+        )
+    ]
+    model_tag = hashlib.blake2b(str(pretrained_path()).encode(), digest_size=4).hexdigest()
+    cache = workdir / "cache" / f"recall-{items}-{seed}-{model_tag}.npy"
+    vectors, embed_s = _embeddings(texts, cache, say, progress)
+    rss_encoder = psutil.Process().memory_info().rss
+
+    t = time.perf_counter()
+    index = RecallIndex.build(vectors, ids)
+    build_s = time.perf_counter() - t
+    kind = type(index.index).__name__
+    say(f"{kind} over {items:,} items built in {build_s:.1f} s")
+    rng = np.random.default_rng(seed)
+    sample = topical_queries(vectors, categories, queries, rng)
+    truth = exact_top_k(vectors, sample, k)
+    hnsw = getattr(index.index, "hnsw", None)
+    default_ef = int(hnsw.efSearch) if hnsw is not None else None
+    sweep = []
+    for ef in sorted(set(ef_search) | ({default_ef} if default_ef else set())) if hnsw else [0]:
+        if hnsw is not None:
+            hnsw.efSearch = ef
+        index.search(sample[0][0], k)  # warm
+        row = {"ef_search": ef or None, **measure_search(index, ids, sample, truth, k)}
+        sweep.append(row)
+        say(f"  efSearch {ef or '-'}: {row}")
+    if hnsw is not None:
+        hnsw.efSearch = default_ef
+    chosen = next(r for r in sweep if r["ef_search"] == default_ef)
+    index_bytes = int(faiss.serialize_index(index.index).nbytes)
+    return {
+        "items": items,
+        "queries": len(sample),
+        "k": k,
+        "index": kind,
+        "ef_search": default_ef,
+        "p50_ms": chosen["p50_ms"],
+        "p99_ms": chosen["p99_ms"],
+        f"recall@{k}": chosen[f"recall@{k}"],
+        "sweep": sweep,
+        "build_s": round(build_s, 1),
+        "embed_s": round(embed_s, 1) if embed_s is not None else None,
+        "embed_items_per_s": round(items / embed_s, 1) if embed_s else None,
+        "index_mb": round(index_bytes / 2**20, 1),
+        "rss_mb": round(max(rss_encoder, psutil.Process().memory_info().rss) / 2**20, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": {
+            "cores": os.cpu_count(),
+            "torch_threads": int(torch.get_num_threads()),
+            "faiss_threads": int(faiss.omp_get_max_threads()),
+            "cpu": platform.processor() or platform.machine(),
+        },
+    }

@@ -1,0 +1,61 @@
+"""The pieces of `freshrec bench recall`: simulated queries, exact truth, recall@k."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from freshrec.bench_recall import exact_top_k, measure_search, topical_queries
+from freshrec.data.synthetic import generate_catalogue, generate_shop
+from model.index import RecallIndex
+
+
+def _clustered(n: int, dim: int, clusters: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    label = rng.integers(0, clusters, n)
+    vectors = centres[label] + 0.5 * rng.standard_normal((n, dim))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors.astype(np.float32), [f"c{c}" for c in label]
+
+
+def test_generate_catalogue_is_the_shops_catalogue() -> None:
+    shop = generate_shop(seed=3, n_items=50, n_users=5, days=5, events_per_user=5)
+    pd.testing.assert_frame_equal(generate_catalogue(seed=3, n_items=50, days=5), shop.items)
+
+
+def test_topical_queries_are_unit_vectors_of_one_or_two_categories() -> None:
+    vectors, categories = _clustered(500, 16, 8, seed=1)
+    queries = topical_queries(vectors, categories, 40, np.random.default_rng(0))
+    assert len(queries) == 40
+    for query, history in queries:
+        assert abs(float(np.linalg.norm(query)) - 1.0) < 1e-5
+        assert 1 <= len(history) <= 10 and len(set(history)) == len(history)
+        assert 1 <= len({categories[p] for p in history}) <= 2
+
+
+def test_exact_search_scores_one_and_excludes_the_history() -> None:
+    vectors, categories = _clustered(800, 16, 8, seed=2)
+    ids = [f"i{p}" for p in range(len(vectors))]
+    queries = topical_queries(vectors, categories, 30, np.random.default_rng(1))
+    truth = exact_top_k(vectors, queries, 20)
+    for (_, history), exact in zip(queries, truth, strict=True):
+        assert len(exact) == 20 and not exact & set(history)
+    exact_index = RecallIndex.build(vectors, ids)
+    assert measure_search(exact_index, ids, queries, truth, 20)["recall@20"] == 1.0
+
+
+def test_hnsw_recall_is_measured_not_assumed() -> None:
+    vectors, categories = _clustered(3000, 16, 10, seed=3)
+    ids = [f"i{p}" for p in range(len(vectors))]
+    queries = topical_queries(vectors, categories, 50, np.random.default_rng(2))
+    truth = exact_top_k(vectors, queries, 50)
+    hnsw = RecallIndex.build(vectors, ids, exact_limit=100)
+    assert type(hnsw.index).__name__ == "IndexHNSWFlat"
+    hnsw.index.hnsw.efSearch = 1  # a starved search misses neighbours ...
+    starved = measure_search(hnsw, ids, queries, truth, 50)["recall@50"]
+    hnsw.index.hnsw.efSearch = 400  # ... a generous one finds almost all
+    generous = measure_search(hnsw, ids, queries, truth, 50)
+    assert 0.0 < starved < generous["recall@50"] <= 1.0
+    assert generous["recall@50"] > 0.9
+    assert generous["p99_ms"] >= generous["p50_ms"] > 0
