@@ -52,9 +52,10 @@ def test_hnsw_recall_is_measured_not_assumed() -> None:
     truth = exact_top_k(vectors, queries, 50)
     hnsw = RecallIndex.build(vectors, ids, exact_limit=100)
     assert type(hnsw.index).__name__ == "IndexHNSWFlat"
-    hnsw.index.hnsw.efSearch = 1  # a starved search misses neighbours ...
+    params = hnsw.index.hnsw  # type: ignore[attr-defined]
+    params.efSearch = 1  # a starved search misses neighbours ...
     starved = measure_search(hnsw, ids, queries, truth, 50)["recall@50"]
-    hnsw.index.hnsw.efSearch = 400  # ... a generous one finds almost all
+    params.efSearch = 400  # ... a generous one finds almost all
     generous = measure_search(hnsw, ids, queries, truth, 50)
     assert 0.0 < starved < generous["recall@50"] <= 1.0
     assert generous["recall@50"] > 0.9
