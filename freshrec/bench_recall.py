@@ -5,7 +5,9 @@ against exact search, and the ranking service's memory is known at 100k and 1M i
 serving benchmark cannot answer it alone: its catalogue is whatever the workdir was
 bootstrapped with, and embedding a million items is an offline job of its own. So:
 
-1. The synthetic shop's catalogue at `--items` N (`generate_catalogue`, no events), each item's
+1. In an initialised workdir (e.g. one `freshrec bench serving --items N` bootstrapped): the
+   vectors of its serving index and its catalogue's categories (`--items` is ignored).
+   Otherwise the synthetic shop's catalogue at `--items` N (`generate_catalogue`, no events), each item's
    text embedded by the serving recall encoder (the same `TextEncoder` and `item_text` as
    bootstrap): real embeddings of real-looking product text, clustered as a shop's are.
    They are cached under the workdir (`cache/recall-<N>-<seed>-<model>.npy`): the embedding is
@@ -133,6 +135,53 @@ def _embeddings(
     return vectors, seconds
 
 
+def _served_vectors(workdir: Path) -> tuple[np.ndarray, list[str], list[str]] | None:
+    """(vectors, ids, categories) of the champion index of an initialised workdir, or None."""
+    from freshrec.config import load_config
+    from model.index import RecallIndex
+    from services.features.profiles import read_item_catalog
+    from services.features.store import ITEM_FEATURES_TABLE
+    from services.registry import open_registry
+
+    if not (workdir / "freshrec.json").exists():
+        return None
+    config = load_config(workdir)
+    registry = open_registry(config)
+    version = registry.champion("index")
+    if version is None:
+        return None
+    index = RecallIndex.load(registry.path("index", version))
+    vectors = index.index.reconstruct_n(0, index.index.ntotal)
+    catalog = read_item_catalog(config.offline_dir / ITEM_FEATURES_TABLE)
+    categories = [catalog[i].category if i in catalog else "" for i in index.item_ids]
+    return vectors, list(index.item_ids), categories
+
+
+def _synthetic_vectors(
+    workdir: Path, items: int, seed: int, say: Say, progress: bool
+) -> tuple[np.ndarray, list[str], list[str], float | None]:
+    """The synthetic catalogue of `items` items, embedded (or read from the cache)."""
+    from freshrec.data.synthetic import generate_catalogue
+    from freshrec.records import ItemFeatures
+    from model.reranker import pretrained_path
+    from model.text import item_text
+
+    frame = generate_catalogue(seed, items)
+    ids = frame["item_id"].astype(str).tolist()
+    categories = frame["category"].astype(str).tolist()
+    columns = ("item_id", "title", "description", "category", "brand")
+    texts = [
+        item_text(ItemFeatures(item_id, title, text=text, category=category, brand=brand))
+        for item_id, title, text, category, brand in zip(
+            *(frame[c].astype(str).tolist() for c in columns), strict=True
+        )
+    ]
+    model_tag = hashlib.blake2b(str(pretrained_path()).encode(), digest_size=4).hexdigest()
+    cache = workdir / "cache" / f"recall-{items}-{seed}-{model_tag}.npy"
+    vectors, embed_s = _embeddings(texts, cache, say, progress)
+    return vectors, ids, categories, embed_s
+
+
 def bench_recall(
     workdir: Path,
     items: int,
@@ -148,26 +197,16 @@ def bench_recall(
     import psutil
     import torch
 
-    from freshrec.data.synthetic import generate_catalogue
-    from freshrec.records import ItemFeatures
     from model.index import RecallIndex
-    from model.reranker import pretrained_path
-    from model.text import item_text
 
     started = time.perf_counter()
-    frame = generate_catalogue(seed, items)
-    ids = frame["item_id"].astype(str).tolist()
-    categories = frame["category"].astype(str).tolist()
-    columns = ("item_id", "title", "description", "category", "brand")
-    texts = [
-        item_text(ItemFeatures(item_id, title, text=text, category=category, brand=brand))
-        for item_id, title, text, category, brand in zip(
-            *(frame[c].astype(str).tolist() for c in columns), strict=True
-        )
-    ]
-    model_tag = hashlib.blake2b(str(pretrained_path()).encode(), digest_size=4).hexdigest()
-    cache = workdir / "cache" / f"recall-{items}-{seed}-{model_tag}.npy"
-    vectors, embed_s = _embeddings(texts, cache, say, progress)
+    served = _served_vectors(workdir)
+    if served is not None:  # the workdir's serving index: its own vectors and catalogue
+        vectors, ids, categories = served
+        items, embed_s = len(ids), None
+        say(f"the serving index of {workdir}: {items:,} items")
+    else:
+        vectors, ids, categories, embed_s = _synthetic_vectors(workdir, items, seed, say, progress)
     rss_encoder = psutil.Process().memory_info().rss
 
     t = time.perf_counter()

@@ -483,7 +483,12 @@ def bench_serving_cmd(
 def bench_recall_cmd(
     workdir: WorkdirOpt = Path(".freshrec/bench-recall"),
     items: Annotated[
-        int, typer.Option(help="Catalogue size (the synthetic shop's catalogue).", min=1)
+        int,
+        typer.Option(
+            help="Catalogue size of the synthetic catalogue embedded for the run (an "
+            "initialised workdir is measured on its own serving index instead).",
+            min=1,
+        ),
     ] = 100_000,
     queries: Annotated[int, typer.Option(help="Simulated user queries.", min=1)] = 1000,
     k: Annotated[int, typer.Option(help="Recall depth (recall@k vs exact search).", min=1)] = 100,

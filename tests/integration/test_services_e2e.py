@@ -518,3 +518,23 @@ def test_catalog_bad_input_is_invalid_argument(stack: Stack) -> None:
     with pytest.raises(grpc.RpcError) as err:
         cat.RemoveItems(catalog_pb2.RemoveItemsRequest(item_ids=[""]), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_bench_recall_measures_the_workdirs_serving_index(stack: Stack) -> None:
+    from freshrec.bench_recall import bench_recall
+    from model.index import RecallIndex
+    from services.registry import open_registry
+
+    registry = open_registry(stack.config)
+    version = registry.champion("index")
+    assert version is not None
+    served = RecallIndex.load(registry.path("index", version))
+    result = bench_recall(
+        stack.config.workdir, items=1, queries=40, k=10, say=lambda _m: None, progress=False
+    )
+    # The serving index's own vectors, not a synthetic catalogue of `items` items.
+    assert result["items"] == served.index.ntotal and result["embed_s"] is None
+    # A small catalogue is searched exactly: recall is 1 by construction, and the bench must see it.
+    assert result["index"] == "IndexFlatIP" and result["recall@10"] == 1.0
+    assert result["queries"] == 40 and result["p99_ms"] >= result["p50_ms"] > 0
+    assert result["rss_mb"] > 0 and result["index_mb"] > 0
