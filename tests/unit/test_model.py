@@ -540,3 +540,41 @@ def test_cached_token_encoding_equals_the_tokenizer_including_truncation() -> No
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_text_encoder_embeds_each_distinct_text_once_and_keeps_the_callers_order() -> None:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from model.embeddings import TextEncoder
+    from model.reranker import pretrained_path
+
+    torch.manual_seed(0)
+    config = BertConfig(  # type: ignore[call-arg]
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    encoder = TextEncoder(
+        BertModel(config), AutoTokenizer.from_pretrained(str(pretrained_path())), bf16=False
+    )
+    texts = ["a long product text about board games", "short", "mid length text", "short"]
+    calls: list[int] = []
+    done: list[int] = []
+    original = encoder.model.forward
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(int(kwargs["input_ids"].shape[0]))
+        return original(*args, **kwargs)
+
+    encoder.model.forward = counting  # type: ignore[method-assign]
+    got = encoder.encode(texts, batch_size=2, progress=done.append)
+    assert sum(calls) == 3 and sum(done) == len(texts)  # "short" once; progress counts all 4
+    np.testing.assert_allclose(got[1], got[3])
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    # Each row equals the text embedded alone: neither dedup nor length order moves it.
+    for text, row in zip(texts, got, strict=True):
+        np.testing.assert_allclose(encoder.encode([text])[0], row, atol=1e-5)
+    assert encoder.encode([]).shape == (0, 32)
