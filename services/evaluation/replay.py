@@ -23,7 +23,8 @@ from model.evaluation import METRIC_NAMES, catalogue_coverage, mean_metrics, sha
 from model.index import RecallIndex
 from model.popularity import PopularityClock
 from model.reranker import CrossEncoderReranker, pretrained_path
-from model.text import item_text
+from model.text import item_text, ranking_item_text, user_context_text
+from services.evaluation.pairwise import holdout_pairs, mean_auc
 from services.evaluation.protocol import (
     FeatureState,
     Period,
@@ -70,6 +71,7 @@ class ReplaySettings:
     popular_candidates: int = 20  # the serving default (RankingConfig.popular_candidates)
     max_users_per_window: int | None = 60  # seeded sample of active users; None = all
     holdout_users: int | None = 60
+    holdout_negatives: int = 50  # random catalogue items per holdout user (pairwise forgetting)
     train_examples: int | None = None  # pairs per training run; None = config's max_examples
     # pairs per incremental update; None = config's training.incremental_max_examples
     incremental_examples: int | None = None
@@ -101,6 +103,8 @@ class ReplaySettings:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         if self.popular_candidates < 0:
             raise ValueError(f"popular_candidates must be >= 0, got {self.popular_candidates}")
+        if self.holdout_negatives < 1:
+            raise ValueError(f"holdout_negatives must be >= 1, got {self.holdout_negatives}")
         if self.popularity_days <= 0:
             raise ValueError(f"popularity_days must be > 0, got {self.popularity_days}")
 
@@ -453,6 +457,36 @@ def _run_replay(
     for strategy in active:
         if strategy.name in FORGETTING_STRATEGIES:
             forget_before[strategy.name] = score(holdout_ctx, strategy.recommend(holdout_ctx))
+    # The same question asked of the re-ranker alone, on many more comparisons
+    # (services/evaluation/pairwise.py): fixed pairs, texts and contexts; only models change.
+    holdout_start = split.holdout.start
+    assert holdout_start is not None
+    holdout_now = holdout_start.to_pydatetime()
+
+    def holdout_text(item_id: str) -> str | None:
+        c = created.get(item_id)
+        if item_id not in items or (c is not None and c > holdout_start):
+            return None
+        return ranking_item_text(clock.stamp(items[item_id], holdout_start), holdout_now)
+
+    pair_groups = holdout_pairs(
+        holdout_ctx.relevant,
+        {u: user_context_text(holdout_ctx.profiles.get(u)) for u in holdout_ctx.relevant},
+        holdout_ctx.recommendable,
+        holdout_ctx.exclusions,
+        holdout_text,
+        settings.holdout_negatives,
+        settings.seed,
+    )
+    forgetting["holdout"]["pair_users"] = len(pair_groups)
+    forgetting["holdout"]["pairs"] = sum(
+        g.positives * (len(g.item_texts) - g.positives) for g in pair_groups
+    )
+    auc_before = {
+        name: mean_auc(model.score, pair_groups)
+        for name, model in strategy_models(active).items()
+        if name in FORGETTING_STRATEGIES
+    }
 
     def feed(
         period: Period, trainable: bool, history: tuple[str, ...], seed: int
@@ -529,6 +563,20 @@ def _run_replay(
             "ratio": round(after[metric] / before[metric], 4) if before[metric] else None,
             "has_model": strategy.name in models_now,
         }
+        model_now = models_now.get(strategy.name)
+        auc_then = auc_before.get(strategy.name)
+        if model_now is not None and auc_then is not None:
+            auc_now = mean_auc(model_now.score, pair_groups)
+            assert auc_now is not None
+            forgetting[strategy.name].update(
+                auc_after_bootstrap=round(auc_then, 6),
+                auc_after_last=round(auc_now, 6),
+                auc_ratio=round(auc_now / auc_then, 4) if auc_then else None,
+                # Above chance (0.5): how much of what the model knew about these users it kept.
+                auc_lift_ratio=round((auc_now - 0.5) / (auc_then - 0.5), 4)
+                if auc_then != 0.5
+                else None,
+            )
     return ReplayResult(
         dataset=dataset.name,
         split=split,

@@ -91,4 +91,18 @@ def print_table(result: ReplayResult, console: Any) -> None:
     console.print(table)
     ratios = ", ".join(f"{k} {v}" for k, v in result.ratios().items())
     console.print(f"ratios: {ratios}")
+    holdout = result.forgetting.get("holdout", {})
+    parts = []
+    for name, f in result.forgetting.items():
+        if name == "holdout":
+            continue
+        part = f"{name} ndcg ×{f.get('ratio')}"
+        if "auc_ratio" in f:
+            part += f", auc {f['auc_after_bootstrap']:.4f} → {f['auc_after_last']:.4f}"
+            part += f" (×{f['auc_ratio']}, lift ×{f['auc_lift_ratio']})"
+        parts.append(part)
+    console.print(
+        f"forgetting on the early holdout ({holdout.get('users')} users; "
+        f"{holdout.get('pairs', 0):,} pairs): " + "; ".join(parts)
+    )
     console.print(f"wall time {result.wall_seconds:.0f} s")

@@ -82,6 +82,16 @@ def test_json_structure_and_ranges(quick: tuple[Dataset, ReplayResult]) -> None:
     for name in ("stale", "incremental", "full", "recall-only"):
         assert 0.0 <= forgetting[name]["ndcg@10_after_last"] <= 1.0
     assert forgetting["stale"]["ratio"] in (None, 1.0)  # never retrained: nothing forgotten
+    # The pairwise measure: fixed pairs scored by each model after bootstrap and at the end.
+    assert forgetting["holdout"]["pair_users"] > 0 and forgetting["holdout"]["pairs"] > 0
+    for name in ("stale", "incremental", "full"):
+        assert 0.0 <= forgetting[name]["auc_after_last"] <= 1.0
+    assert forgetting["stale"]["auc_after_last"] == forgetting["stale"]["auc_after_bootstrap"]
+    assert forgetting["stale"]["auc_ratio"] == 1.0
+    # Every trained strategy starts from the same bootstrap model, so the same AUC.
+    starts = {forgetting[n]["auc_after_bootstrap"] for n in ("stale", "incremental", "full")}
+    assert len(starts) == 1
+    assert "auc_after_last" not in forgetting["recall-only"]  # no re-ranker to ask
 
 
 def test_oracle_scores_one(quick: tuple[Dataset, ReplayResult]) -> None:
