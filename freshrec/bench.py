@@ -59,7 +59,9 @@ def bench_serving(
         say(f"no models in {workdir}: bootstrapping a synthetic shop of {items:,} items first")
         shop = load_dataset("synthetic", workdir / "cache", n_items=items)
         bootstrap(config, shop, announce=say)
-    app = build_ranking(config, port=0)
+    started_at = time.perf_counter()
+    app = build_ranking(config, port=0)  # loads the champion and warms its item states
+    startup_s = time.perf_counter() - started_at
     users = (
         pd.read_parquet(config.offline_dir / "user_profile.parquet", columns=["user_id"])["user_id"]
         .astype(str)
@@ -137,6 +139,8 @@ def bench_serving(
         "model_dtype": config.model.rerank_dtype,
         "architecture": architecture,
         "cached_item_states": cached_states,
+        "warm_item_states": config.ranking.warm_item_states,
+        "startup_s": round(startup_s, 1),
         "max_length": config.model.max_length,
     }
 

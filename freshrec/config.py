@@ -131,7 +131,8 @@ class RankingConfig(_Section):
         20000,
         ge=0,
         description="Items (most popular first) whose item-side states a split re-ranker "
-        "computes when a version loads, before it serves; the rest are computed on first use.",
+        "computes when a version loads, before it serves; the rest are computed on first use. "
+        "The state cache holds max(50,000, this) items (~25-50 KB each).",
     )
     score_log_seconds: float = Field(
         10,

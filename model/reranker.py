@@ -113,6 +113,9 @@ class CrossEncoderReranker:
         # from fp16 at every request cost ~1.2 ms on 2 cores.
         compute = autocast_dtype(self.device, cpu_dtype)
         self.item_state_dtype = torch.bfloat16 if compute == torch.bfloat16 else torch.float16
+        # Item texts whose states are kept (least recently used out first); serving raises it
+        # to its warm-up count so a warmed catalogue is not evicted by its own warm-up.
+        self.item_state_capacity = ITEM_STATE_CACHE_SIZE
         self._user_states_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.user_cache_hits = 0
         self.user_cache_misses = 0
@@ -321,7 +324,7 @@ class CrossEncoderReranker:
             with self._state_lock:
                 for text, row, n in zip(chunk, keep, lengths, strict=True):
                     self._item_states[text] = row[: int(n)].clone()
-                while len(self._item_states) > ITEM_STATE_CACHE_SIZE:
+                while len(self._item_states) > self.item_state_capacity:
                     self._item_states.popitem(last=False)
         return len(missing)
 

@@ -188,6 +188,9 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
             return reranker
         if config.model.user_side_int8:
             reranker.quantize_user_side()
+        reranker.item_state_capacity = max(
+            reranker.item_state_capacity, config.ranking.warm_item_states
+        )
         index = holder.current.index if holder is not None and holder.ready else None
         started = time.perf_counter()
         warmed = reranker.warm_items(_warm_texts(config, index))
