@@ -100,8 +100,7 @@ def bench_quality(
     reference, reference_s = trained(None, "fp32")
     say(f"training the served architecture ({'split-' + str(joint) if joint else 'cross'})")
     served, served_s = trained(joint, config.model.rerank_dtype)
-    if config.model.user_side_int8:
-        served.quantize_user_side()
+    served.prepare_serving(config.model.user_side_int8, config.model.item_states_int8)
 
     # Held-out users: the profile before a user's first held-out positive is the one serving
     # held at the hold-out start; relevant = their held-out positives.

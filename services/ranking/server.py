@@ -186,8 +186,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         # for the popular head of the catalogue after a hot swap.
         if reranker.split is None:
             return reranker
-        if config.model.user_side_int8:
-            reranker.quantize_user_side()
+        reranker.prepare_serving(config.model.user_side_int8, config.model.item_states_int8)
         reranker.item_state_capacity = max(
             reranker.item_state_capacity, config.ranking.warm_item_states
         )

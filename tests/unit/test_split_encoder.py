@@ -117,6 +117,21 @@ def test_int8_user_side_serves_under_every_cpu_dtype(cpu_dtype: str) -> None:
         np.testing.assert_allclose(got, exact.score(user, ITEMS), atol=0.05)
 
 
+def test_int8_item_states_halve_the_cache_and_keep_scores_close() -> None:
+    exact, served = _split(joint=1), _split(joint=1)
+    served.prepare_serving(user_side_int8=False, item_states_int8=True)
+    assert served.item_states_int8
+    for user in USERS:
+        np.testing.assert_allclose(served.score(user, ITEMS), exact.score(user, ITEMS), atol=2e-3)
+    q, scales = next(iter(served._item_states.values()))
+    assert q.dtype == torch.int8 and scales.dtype == torch.float32
+    assert scales.shape == (q.shape[0], 2)  # keys and values scaled apart, per token
+    # A batch of requests (micro-batching) reads the same int8 cache.
+    batched = served.score_many([(u, ITEMS) for u in USERS])
+    for user, got in zip(USERS, batched, strict=True):
+        np.testing.assert_allclose(got, served.score(user, ITEMS), atol=1e-6)
+
+
 def test_item_states_do_not_depend_on_the_other_segment() -> None:
     reranker = _split(joint=1)
     assert reranker.split is not None
