@@ -108,6 +108,7 @@ def bench_serving(
     hit_rate = hits / (hits + misses) if hits + misses else 0.0
     floors = _stage_floors(config, app.models.current, users, candidates)
     architecture = app.models.current.reranker.architecture
+    item_states_int8 = app.models.current.reranker.item_states_int8
     cached_states = app.models.current.reranker.cached_items()
     app.stop()
     arr = np.asarray(latencies) if latencies else np.asarray([float("nan")])
@@ -138,6 +139,7 @@ def bench_serving(
         },
         "model_dtype": config.model.rerank_dtype,
         "architecture": architecture,
+        "item_states_int8": item_states_int8,
         "cached_item_states": cached_states,
         "warm_item_states": config.ranking.warm_item_states,
         "startup_s": round(startup_s, 1),

@@ -148,6 +148,7 @@ def bench_quality(
         "candidates": candidates,
         "training_pairs": len(pairs),
         "architecture": served.architecture,
+        "item_states_int8": served.item_states_int8,
         "served_dtype": config.model.rerank_dtype,
         "train_seconds": {"served": round(served_s, 1), "reference": round(reference_s, 1)},
         "holdout_start": holdout_start.isoformat(),
