@@ -543,23 +543,10 @@ def test_cached_token_encoding_equals_the_tokenizer_including_truncation() -> No
 
 
 def test_text_encoder_embeds_each_distinct_text_once_and_keeps_the_callers_order() -> None:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     from model.embeddings import TextEncoder
-    from model.reranker import pretrained_path
 
-    torch.manual_seed(0)
-    config = BertConfig(  # type: ignore[call-arg]
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    encoder = TextEncoder(
-        BertModel(config), AutoTokenizer.from_pretrained(str(pretrained_path())), bf16=False
-    )
+    tiny = CrossEncoderReranker.tiny(seed=0)  # its BERT body serves as a tiny bi-encoder
+    encoder = TextEncoder(tiny.model.bert, tiny.tokenizer, bf16=False)
     texts = ["a long product text about board games", "short", "mid length text", "short"]
     calls: list[int] = []
     done: list[int] = []
