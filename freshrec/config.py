@@ -43,10 +43,11 @@ class ModelConfig(_Section):
         "measures what it costs). Training always runs in full precision.",
     )
     item_states_int8: bool = Field(
-        True,
+        False,
         description="Keep a split re-ranker's cached item-side states in int8 with a scale "
-        "per token and block (half the memory of bf16/fp16: a 100k-item catalogue warmed "
-        "whole held ~6 GB of RSS in bf16); `freshrec bench quality` measures what it costs.",
+        "per token and block: half the tensor bytes of bf16/fp16, NDCG@10 unchanged in "
+        "`freshrec bench quality`, ~0.3 ms more per request; but with glibc's default "
+        "malloc the RSS saved was nil (docs/performance.md), so off by default.",
     )
     joint_layers: int = Field(
         1,

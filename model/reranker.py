@@ -346,17 +346,23 @@ class CrossEncoderReranker:
         if self.model.training:
             self.model.eval()
         missing = list(dict.fromkeys(t for t in item_texts if t not in self._item_states))
+        # In order of token count: a batch pads little, and each item's cached rows are a view
+        # into its batch's one tensor (below), which then holds little padding.
+        missing.sort(key=lambda t: len(self._item_row(t)))
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
             ids, mask = self._segments([self._item_row(t) for t in chunk])
             with self._autocast():
                 states = self.split.item_cache(ids, mask)
             lengths = mask.sum(dim=1).tolist()
+            # Measured RSS growth warming 20k synthetic items (glibc malloc, 2 cores): int8 as
+            # per-item copies 2.6 GB for 0.47 GB of states (the heap fragments among the
+            # quantisation's temporaries), as views into the batch's tensor 1.0 GB; bf16 as
+            # copies 1.1 GB for 0.94 GB, as views 1.9 GB. Hence views for int8, copies for 16 bits.
             if self.item_states_int8:
                 packed = _quantize_blocks(states.float(), self.model.config.hidden_size)
                 rows: list[Any] = [
-                    (q[: int(n)].clone(), sc[: int(n)].clone())
-                    for q, sc, n in zip(*packed, lengths, strict=True)
+                    (q[: int(n)], sc[: int(n)]) for q, sc, n in zip(*packed, lengths, strict=True)
                 ]
             else:
                 keep = states.to(self.item_state_dtype)

@@ -57,9 +57,6 @@ def shop_config(workdir: Path, redis_url: str, **ranking: Any) -> FreshRecConfig
             "device": "cpu",
             "rerank_dtype": "fp32",
             "torch_threads": 1,
-            # The hot-swap chaos test re-scores answers to name the version that made them
-            # (to 1e-4): int8 item states (~1e-3, tested in test_split_encoder) would blur it.
-            "item_states_int8": False,
         },
         training={
             "max_examples": 120,
