@@ -161,21 +161,23 @@ def _synthetic_vectors(
     workdir: Path, items: int, seed: int, say: Say, progress: bool
 ) -> tuple[np.ndarray, list[str], list[str], float | None]:
     """The synthetic catalogue of `items` items, embedded (or read from the cache)."""
+    import pandas as pd
+
+    from freshrec.data.schema import INTERACTION_COLUMNS
     from freshrec.data.synthetic import generate_catalogue
-    from freshrec.records import ItemFeatures
     from model.reranker import pretrained_path
     from model.text import item_text
+    from services.features.profiles import build_item_features, item_from_row
 
     frame = generate_catalogue(seed, items)
-    ids = frame["item_id"].astype(str).tolist()
-    categories = frame["category"].astype(str).tolist()
-    columns = ("item_id", "title", "description", "category", "brand")
-    texts = [
-        item_text(ItemFeatures(item_id, title, text=text, category=category, brand=brand))
-        for item_id, title, text, category, brand in zip(
-            *(frame[c].astype(str).tolist() for c in columns), strict=True
-        )
-    ]
+    # The rows bootstrap embeds (canonical items -> feature rows -> ItemFeatures), no events.
+    rows = build_item_features(
+        frame, pd.DataFrame(columns=list(INTERACTION_COLUMNS)), pd.Timestamp.now(tz="UTC")
+    ).to_dict("records")
+    catalog = [item_from_row(row) for row in rows]
+    ids = [item.item_id for item in catalog]
+    categories = [item.category for item in catalog]
+    texts = [item_text(item) for item in catalog]
     model_tag = hashlib.blake2b(str(pretrained_path()).encode(), digest_size=4).hexdigest()
     cache = workdir / "cache" / f"recall-{items}-{seed}-{model_tag}.npy"
     vectors, embed_s = _embeddings(texts, cache, say, progress)

@@ -174,8 +174,8 @@ class CrossEncoderReranker:
     def quantize_item_states(self) -> None:
         """Keep cached item-side states in int8 with one fp32 scale per token and per
         `hidden_size` block (a split model's keys and values are scaled apart): half the
-        memory of 16 bits (a 100k-item catalogue warmed whole held ~6 GB in bf16), dequantised
-        in one step per request. Forgets the states cached so far."""
+        tensor bytes of 16 bits (measured RSS did not follow; docs/performance.md),
+        dequantised in one step per request. Forgets the states cached so far."""
         with self._state_lock:
             self.item_state_dtype = torch.int8
             self._item_states.clear()
@@ -346,8 +346,8 @@ class CrossEncoderReranker:
         if self.model.training:
             self.model.eval()
         missing = list(dict.fromkeys(t for t in item_texts if t not in self._item_states))
-        # In order of token count: a batch pads little, and each item's cached rows are a view
-        # into its batch's one tensor (below), which then holds little padding.
+        # In order of token count: a batch pads little (and an int8 batch tensor, which its
+        # items' cached rows are views into, holds little padding).
         missing.sort(key=lambda t: len(self._item_row(t)))
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
