@@ -35,7 +35,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -171,9 +171,12 @@ def _synthetic_vectors(
 
     frame = generate_catalogue(seed, items)
     # The rows bootstrap embeds (canonical items -> feature rows -> ItemFeatures), no events.
-    rows = build_item_features(
-        frame, pd.DataFrame(columns=list(INTERACTION_COLUMNS)), pd.Timestamp.now(tz="UTC")
-    ).to_dict("records")
+    rows = cast(
+        list[dict[str, Any]],
+        build_item_features(
+            frame, pd.DataFrame(columns=list(INTERACTION_COLUMNS)), pd.Timestamp.now(tz="UTC")
+        ).to_dict("records"),
+    )
     catalog = [item_from_row(row) for row in rows]
     ids = [item.item_id for item in catalog]
     categories = [item.category for item in catalog]
