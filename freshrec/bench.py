@@ -106,7 +106,10 @@ def bench_serving(
     reranker = app.models.current.reranker
     hits, misses = reranker.user_cache_hits, reranker.user_cache_misses
     hit_rate = hits / (hits + misses) if hits + misses else 0.0
-    floors = _stage_floors(config, app.models.current, users, candidates)
+    # On the service's torch thread: a forward pass measured on another thread would pay for
+    # a second OpenMP team (services/ranking/compute.py) that serving never has.
+    assert app.worker is not None
+    floors = app.worker.call(_stage_floors, config, app.models.current, users, candidates)
     architecture = app.models.current.reranker.architecture
     item_states_int8 = app.models.current.reranker.item_states_int8
     cached_states = app.models.current.reranker.cached_items()

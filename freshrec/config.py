@@ -131,8 +131,8 @@ class RankingConfig(_Section):
         ge=0,
         le=256,
         description="Most concurrent requests the re-rank micro-batcher scores in one model "
-        "call (at most one model call at a time; services/ranking/batching.py); 0 = no "
-        "batcher, every gRPC worker runs the model at once.",
+        "call (one model call at a time, on the service's one torch thread; "
+        "services/ranking/batching.py); 0 or 1 = each request scored alone.",
     )
     warm_item_states: int = Field(
         20000,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,6 +18,15 @@ from model.device import cpu_has_fast_bf16
 from model.reranker import pretrained_path
 
 RECENCY_DECAY = 0.85
+
+
+class Embedder(Protocol):
+    """What serving needs of a text encoder (`TextEncoder`, or one that runs it elsewhere)."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode(self, texts: Sequence[str], batch_size: int = 128) -> np.ndarray: ...
 
 
 class TextEncoder:

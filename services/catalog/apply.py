@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from model.embeddings import TextEncoder
+from model.embeddings import Embedder
 from model.text import item_text
 from services.catalog.changes import CatalogChange
 
@@ -31,7 +31,7 @@ def net_changes(changes: Sequence[CatalogChange]) -> tuple[dict[str, CatalogChan
 
 
 def apply_changes(
-    changes: Sequence[CatalogChange], encoder: TextEncoder, target: CatalogTarget
+    changes: Sequence[CatalogChange], encoder: Embedder, target: CatalogTarget
 ) -> None:
     """Embed upserted items' text (the same text the index was built from) and apply."""
     upserts, removals = net_changes(changes)

@@ -1,31 +1,29 @@
 """Micro-batching of the re-rank stage: concurrent requests share one model call.
 
-gRPC answers each request on its own worker thread. Left alone, eight of them run the
+gRPC answers each request on its own worker thread. Left alone, eight of them would run the
 re-ranker at once on two cores: each forward pass spreads over torch's intra-op threads, the
 threads oversubscribe the cores, and throughput falls below what one client gets (measured:
-26 req/s at concurrency 8 vs 37 at concurrency 1). Here at most one model call runs at a time,
-made by whichever waiting request takes the lead (a combining / leader-follower scheme): the
-leader scores every request waiting at that moment (up to `max_batch`) in one call
-(`CrossEncoderReranker.score_many`, which batches their user passes), and goes on until the
-queue is empty; the others wait for their result. A request that arrives while the model is
-idle leads at once and runs alone in its own thread, as without the batcher (a separate model
-thread measured 50% slower at concurrency 1 here); batches form only from requests that
-arrived while a model call was running. No thread of its own, so nothing to start or stop.
+26 req/s at concurrency 8 vs 37 at concurrency 1). And every request thread that runs torch
+gets an OpenMP team of its own, which slows every forward pass in the process
+(services/ranking/compute.py). So the model runs on one thread, the `TorchWorker`: a request
+queues its job and hands the worker a drain; the worker scores every job waiting at that
+moment (up to `max_batch`) in one call (`CrossEncoderReranker.score_many`, which batches their
+user passes), and goes on until the queue is empty; each request waits for its result. A request
+that arrives while the model is idle is scored at once, alone; batches form only from requests
+that arrived while a model call was running.
 """
 
 from __future__ import annotations
 
 import queue
-import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-LEAD_RETRY_S = 0.002
+from services.ranking.compute import TorchWorker
 
 
 class BatchScorer(Protocol):
@@ -43,14 +41,18 @@ class _Job:
 
 
 class RerankBatcher:
-    """At most one model call at a time; waiting requests scored together (module docstring)."""
+    """One model call at a time, on the worker; waiting requests scored together (module
+    docstring)."""
 
-    def __init__(self, max_batch: int = 16) -> None:
+    def __init__(self, max_batch: int = 16, worker: TorchWorker | None = None) -> None:
+        """Args:
+        worker: the thread that runs the model; None = a worker of the batcher's own.
+        """
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
+        self.worker = worker or TorchWorker()
         self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._model = threading.Lock()  # held by the leader while it scores
         self.batches = 0
         self.requests = 0
 
@@ -62,18 +64,10 @@ class RerankBatcher:
         """
         job = _Job(scorer, user_text, item_texts)
         self._queue.put(job)
-        while True:
-            if self._model.acquire(blocking=False):
-                try:
-                    self._drain()
-                finally:
-                    self._model.release()
-            try:
-                # A leader that took its last batch just before this job was queued leaves
-                # it behind: wake up shortly and lead.
-                return job.done.result(timeout=LEAD_RETRY_S)
-            except FutureTimeout:
-                continue
+        # Every queued job is followed by a drain on the worker, so some drain that starts
+        # after the put takes it; drains that find the queue empty return at once.
+        self.worker.submit(self._drain)
+        return job.done.result()
 
     def _drain(self) -> None:
         while True:

@@ -18,6 +18,7 @@ import numpy as np
 from freshrec.errors import ArtifactError, FailedPrecondition, NotFound
 from model.index import RecallIndex
 from model.reranker import CrossEncoderReranker
+from services.ranking.compute import in_passing_thread
 from services.ranking.pipeline import ServingModels
 from services.registry import ModelRegistry
 
@@ -74,7 +75,9 @@ class ModelHolder:
             path = self.registry.path(kind, version)
             if kind == "index":
                 return RecallIndex.load(path)
-            return self.load_reranker(str(path))
+            # On a thread that ends with the load: its torch threads go with it
+            # (services/ranking/compute.py).
+            return in_passing_thread(self.load_reranker, str(path))
         except (ArtifactError, NotFound, OSError, ValueError, RuntimeError) as exc:
             raise ArtifactError(f"{kind} {version} refused: {exc}") from exc
 

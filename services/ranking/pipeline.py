@@ -19,7 +19,7 @@ import numpy as np
 
 from freshrec.errors import FeatureStoreUnavailable, InvalidArgument
 from freshrec.records import ItemFeatures, UserProfile
-from model.embeddings import TextEncoder, user_vector
+from model.embeddings import Embedder, user_vector
 from model.index import RecallIndex
 from model.reranker import CrossEncoderReranker
 from model.text import ranking_item_text, user_context_text
@@ -148,7 +148,7 @@ class RankingPipeline:
         self,
         features: FeatureReader,
         settings: PipelineSettings,
-        query_encoder: TextEncoder | None = None,
+        query_encoder: Embedder | None = None,
         cache: FeatureCache | None = None,
         batcher: RerankBatcher | None = None,
         now: Callable[[], datetime] | None = None,
@@ -156,8 +156,9 @@ class RankingPipeline:
         """Args:
         cache: last-known features to answer from (degraded) when `features` raises
             FeatureStoreUnavailable; without one, such answers fall back to popular items.
-        batcher: runs the re-ranker for concurrent requests together on one thread
-            (services/ranking/batching.py); without one, each request scores on its own.
+        batcher: runs the re-ranker on one thread, concurrent requests together
+            (services/ranking/batching.py); without one, each request scores on its own
+            thread (in-process users: the replay evaluation, benchmarks).
         now: the request time the re-ranker's item text is read at ("new arrival");
             default the wall clock (the replay evaluation passes its simulated time).
         """

@@ -57,6 +57,7 @@ from services.ingestion.pipeline import EventIngestor
 from services.ingestion.spool import EventSpool
 from services.jobs.bootstrap import read_online_store_choice
 from services.ranking.batching import RerankBatcher
+from services.ranking.compute import TorchWorker, WorkerEncoder, in_passing_thread
 from services.ranking.models import ModelHolder
 from services.ranking.pipeline import PipelineSettings, RankingPipeline, RecommendInput
 from services.ranking.servicer import RankingServicer
@@ -118,6 +119,7 @@ class RankingApp:
     closers: list[Any] = field(default_factory=list)
     ingestor: EventIngestor | None = None
     breaker: CircuitBreaker | None = None
+    worker: TorchWorker | None = None  # the one thread that runs torch (compute.py)
 
     @property
     def port(self) -> int:
@@ -223,8 +225,12 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         category_weights=dict(config.ranking.category_weights),
         exclude_purchased=config.ranking.exclude_purchased,
     )
-    encoder = TextEncoder.from_pretrained(config.model.base_model or None)
-    batcher = RerankBatcher(config.ranking.rerank_batch) if config.ranking.rerank_batch else None
+    # Every torch call of the request path runs on this one thread (services/ranking/compute.py).
+    worker = TorchWorker(threads=config.model.torch_threads or None)
+    encoder = WorkerEncoder(
+        in_passing_thread(TextEncoder.from_pretrained, config.model.base_model or None), worker
+    )
+    batcher = RerankBatcher(max(config.ranking.rerank_batch, 1), worker)
     pipeline = RankingPipeline(reader, settings, encoder, cache=reader, batcher=batcher)
     # Warm every model and client with one real request before reporting SERVING.
     pipeline.recommend(RecommendInput(user_id="__warmup__", k=1, query="warm up"), holder.current)
@@ -267,8 +273,8 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     handle.mark_serving()
     log.info("ranking service on port %d", handle.port)
     # score_log.stop runs after the server stopped: its last flush holds every answer.
-    closers = [follower.stop, watcher.stop, dedup.close, score_log.stop]
-    return RankingApp(handle, holder, closers, ingestor, breaker)
+    closers = [follower.stop, watcher.stop, dedup.close, score_log.stop, worker.close]
+    return RankingApp(handle, holder, closers, ingestor, breaker, worker)
 
 
 def _warm_texts(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:

@@ -4,6 +4,7 @@ and of the ModelHolder against a real registry in tmp_path."""
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -356,6 +357,26 @@ def test_holder_loads_the_champions(
     )
     assert holder.refresh() is False  # nothing changed
     assert holder.current is current
+
+
+def test_holder_loads_on_a_thread_that_ends_with_the_load(
+    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
+) -> None:
+    """Loading and warming a version runs torch; on a passing thread its OpenMP team goes
+    with it, and the holder's long-lived poll thread never holds one (compute.py)."""
+    threads: list[threading.Thread] = []
+
+    def loader(path: str) -> CrossEncoderReranker:
+        threads.append(threading.current_thread())
+        return _loader(path)
+
+    holder = ModelHolder(registry, loader)
+    assert holder.refresh() is True
+    registry.promote("reranker", _publish_reranker(registry, _different_reranker(tiny_reranker)))
+    assert holder.refresh() is True
+
+    assert len(threads) == 2
+    assert all(t is not threading.current_thread() and not t.is_alive() for t in threads)
 
 
 def test_holder_swaps_on_promote(

@@ -77,7 +77,9 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_answers(
     assert scorer.most_at_once == 1  # never two model calls at once
 
 
-def test_a_lone_request_runs_at_once_in_its_own_thread(batcher: RerankBatcher) -> None:
+def test_every_model_call_runs_on_the_worker_thread(batcher: RerankBatcher) -> None:
+    """One torch thread in the process (services/ranking/compute.py): a request thread never
+    runs the model, alone or in a batch."""
     seen: list[str] = []
 
     class Recorder(SlowScorer):
@@ -85,10 +87,13 @@ def test_a_lone_request_runs_at_once_in_its_own_thread(batcher: RerankBatcher) -
             seen.append(threading.current_thread().name)
             return super().score_many(requests)
 
-    scorer = Recorder(seconds=0.0)
-    batcher.score(scorer, "u", ITEMS)
-    assert scorer.batches == [1]
-    assert seen == [threading.current_thread().name]
+    scorer = Recorder(seconds=0.01)
+    assert batcher.score(scorer, "u", ITEMS).tolist() == [1.0, 2.0, 3.0]
+    assert scorer.batches == [1]  # a lone request is scored at once, alone
+    _concurrently(6, lambda i: batcher.score(scorer, "u", ITEMS))
+    assert sum(scorer.batches) == 7
+    assert len(set(seen)) == 1 and seen[0].startswith("freshrec-torch")
+    assert seen[0] != threading.current_thread().name
 
 
 def test_a_failing_batch_raises_in_every_request_of_it(batcher: RerankBatcher) -> None:
