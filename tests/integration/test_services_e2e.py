@@ -538,3 +538,25 @@ def test_bench_recall_measures_the_workdirs_serving_index(stack: Stack) -> None:
     assert result["index"] == "IndexFlatIP" and result["recall@10"] == 1.0
     assert result["queries"] == 40 and result["p99_ms"] >= result["p50_ms"] > 0
     assert result["rss_mb"] > 0 and result["index_mb"] > 0
+
+
+def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) -> None:
+    from freshrec.bench import bench_serving
+
+    result = bench_serving(
+        stack.config.workdir, candidates=20, concurrency=2, duration=2.0, say=lambda _m: None
+    )
+    assert result["errors"] == 0 and result["calls"] > 0 and result["qps"] > 0
+    assert result["p99_ms"] >= result["p50_ms"] > 0
+    assert result["candidates"] == 20 and result["items"] == len(stack.catalog)
+    # Target 4's second ratio is only meaningful on identical values, and the bench checks it.
+    assert result["feature_values_identical"] is True
+    stages = result["stages_ms"]
+    assert {"faiss", "redis_raw", "feast_sdk", "forward", "forward_user_cached"} <= stages.keys()
+    assert result["feature_fetch_speedup_vs_feast_sdk"] == round(
+        stages["feast_sdk"] / stages["redis_raw"], 2
+    )
+    # overhead_ratio and overhead_ms describe the same p50 against the same floor sum.
+    floor = result["p50_ms"] - result["overhead_ms"]
+    assert floor > 0
+    assert abs(result["p50_ms"] / floor - result["overhead_ratio"]) < 0.02
