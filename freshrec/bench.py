@@ -53,9 +53,9 @@ def bench_serving(
     from services.ranking.server import build_ranking
     from services.registry import open_registry
 
-    config = load_config(
-        workdir, ranking={"recall_candidates": candidates, "exploration_rate": 0.0}
-    )
+    # Exploration stays as the workdir configures it (default: 10% of answers carry a random
+    # item, one more feature read): the bench measures the service a storefront would call.
+    config = load_config(workdir, ranking={"recall_candidates": candidates})
     if open_registry(config).champion("reranker") is None:
         say(f"no models in {workdir}: bootstrapping a synthetic shop of {items:,} items first")
         shop = load_dataset("synthetic", workdir / "cache", n_items=items)
@@ -127,6 +127,7 @@ def bench_serving(
         "popular_candidates": config.ranking.popular_candidates,
         "items": n_items,
         "k": k,
+        "exploration_rate": config.ranking.exploration_rate,
         "concurrency": concurrency,
         "duration_s": round(elapsed, 1),
         "rss_mb": round(max(rss_before, psutil.Process().memory_info().rss) / 2**20, 1),

@@ -83,6 +83,36 @@ class RecallIndex:
             return self.item_ids
         return [i for i in self.item_ids if i not in self.removed] + list(self.overlay_ids)
 
+    def sample(
+        self, rng: np.random.Generator, n: int, exclude: frozenset[str] | set[str] = frozenset()
+    ) -> list[str]:
+        """Up to `n` distinct live ids not in `exclude`, drawn uniformly at random.
+
+        Draws positions and rejects excluded or removed ones, so a draw costs O(n) however
+        large the catalogue (a list of every live id per exploration request cost O(catalogue):
+        ~4 ms at 100k items, ~40 ms at 1M). When rejections pile up (a small catalogue mostly
+        excluded) it falls back to drawing from the full list of what is left.
+        """
+        if n <= 0:
+            return []
+        base, total = len(self.item_ids), len(self.item_ids) + len(self.overlay_ids)
+        chosen: list[str] = []
+        seen: set[str] = set()
+        for _ in range(16 * n + 16):
+            if len(chosen) == n or total == 0:
+                break
+            pos = int(rng.integers(total))
+            item = self.item_ids[pos] if pos < base else self.overlay_ids[pos - base]
+            if item in seen or item in exclude or (pos < base and item in self.removed):
+                continue
+            seen.add(item)
+            chosen.append(item)
+        if len(chosen) < n:
+            pool = [i for i in self.live_ids() if i not in exclude and i not in seen]
+            picks = rng.choice(len(pool), size=min(n - len(chosen), len(pool)), replace=False)
+            chosen += [pool[int(p)] for p in picks]
+        return chosen
+
     def vectors_of(self, item_ids: Iterable[str]) -> list[np.ndarray]:
         """Stored vectors of the known ids, in the given order (unknown ids skipped)."""
         out = []

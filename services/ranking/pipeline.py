@@ -280,17 +280,17 @@ class RankingPipeline:
         if slots <= 0 or rng.random() >= self.settings.exploration_rate:
             return top
         taken = {s.item_id for s in top} | exclude
-        pool = [i for i in models.index.live_ids() if i not in taken]
-        if not pool:
+        # A few spares, in the same feature read: a drawn item may be out of stock or in a
+        # blocked category, and the slot should still be filled.
+        chosen = models.index.sample(rng, 3 * slots + 2, taken)
+        if not chosen:
             return top
-        picks = rng.choice(len(pool), size=min(slots, len(pool)), replace=False)
-        chosen = [pool[int(p)] for p in picks]
         features = self.fetch_item_features_or_cached(chosen, [] if reasons is None else reasons)
         explore = [
             ScoredItem(i, 0.0, 0.0, 1.0, STAGE_EXPLORATION, features[i].title, features[i].category)
             for i in chosen
             if i in features and features[i].in_stock and not self._blocked(features[i])
-        ]
+        ][:slots]
         keep = k - len(explore)
         return top[:keep] + explore
 

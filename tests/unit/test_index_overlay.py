@@ -65,3 +65,43 @@ def test_an_index_with_changes_refuses_to_be_saved(tmp_path) -> None:
     index = RecallIndex.build(_unit(rng, 5), ["a", "b", "c", "d", "e"])
     with pytest.raises(ValueError, match="rebuild"):
         index.with_changes(removals=["a"]).save(tmp_path)
+
+
+def _live_index() -> tuple[RecallIndex, set[str]]:
+    rng = np.random.default_rng(4)
+    ids = [f"i{n}" for n in range(300)]
+    index = RecallIndex.build(_unit(rng, 300), ids).with_changes(
+        {"new0": _unit(rng, 1)[0], "i5": _unit(rng, 1)[0]}, removals=["i7", "i8"]
+    )
+    return index, set(ids) - {"i7", "i8"} | {"new0"}
+
+
+def test_sample_draws_distinct_live_ids_outside_the_exclusions_without_listing_them() -> None:
+    index, live = _live_index()
+    exclude = {f"i{n}" for n in range(0, 300, 3)}
+
+    def no_full_list() -> list[str]:
+        raise AssertionError("sample listed the whole catalogue")
+
+    index.live_ids = no_full_list  # type: ignore[method-assign]
+    drawn: set[str] = set()
+    for seed in range(1000):
+        picks = index.sample(np.random.default_rng(seed), 3, exclude)
+        assert len(picks) == 3 and len(set(picks)) == 3
+        assert set(picks) <= live - exclude
+        drawn |= set(picks)
+    assert "new0" in drawn and "i5" in drawn  # the overlay is drawn from, changed items once
+    assert len(drawn) > 190  # spread over the catalogue, not a fixed few
+    # The same generator state gives the same draw (an answer replays by request id).
+    assert index.sample(np.random.default_rng(9), 2, exclude) == index.sample(
+        np.random.default_rng(9), 2, exclude
+    )
+
+
+def test_sample_falls_back_to_what_is_left_when_almost_everything_is_excluded() -> None:
+    index, live = _live_index()
+    left = {"i1", "new0"}
+    picks = index.sample(np.random.default_rng(0), 5, live - left)
+    assert sorted(picks) == sorted(left)  # fewer than asked: all there is
+    assert index.sample(np.random.default_rng(0), 2, live) == []
+    assert index.sample(np.random.default_rng(0), 0) == []

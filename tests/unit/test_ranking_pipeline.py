@@ -205,7 +205,8 @@ def test_a_zero_weight_category_never_appears_in_any_stage(models: ServingModels
 def test_exploration_slot_appears_at_rate_one(models: ServingModels) -> None:
     pipeline = _pipeline(exploration_rate=1.0, exploration_slots=1)
 
-    for n in range(10):
+    # Every answer carries its slot, also when an item drawn for it is out of stock (i05).
+    for n in range(40):
         result = pipeline.recommend(RecommendInput("u1", 5, request_id=f"req-{n}"), models)
         stages = [s.stage for s in result.items]
         assert len(result.items) == 5
