@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -35,9 +35,14 @@ class RecallIndex:
     overlay_ids: tuple[str, ...] = ()  # items added or changed since the base was built
     overlay_vectors: np.ndarray | None = None  # (len(overlay_ids), dim), unit rows
     removed: frozenset[str] = frozenset()  # base ids hidden (removed, or replaced by overlay)
+    # The base's id -> position map, shared by every snapshot of the same base (`with_changes`):
+    # rebuilding it per catalogue change cost O(catalogue) while holding the GIL.
+    base_positions: dict[str, int] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._position = {item_id: pos for pos, item_id in enumerate(self.item_ids)}
+        if self.base_positions is None:
+            self.base_positions = {item_id: pos for pos, item_id in enumerate(self.item_ids)}
+        self._position = self.base_positions
         self._overlay_position = {item_id: pos for pos, item_id in enumerate(self.overlay_ids)}
 
     @classmethod
@@ -176,7 +181,9 @@ class RecallIndex:
         ids = tuple(vectors)
         matrix = np.stack([vectors[i] for i in ids]) if ids else None
         popular = [i for i in self.popular if i not in gone]
-        return RecallIndex(self.index, self.item_ids, popular, ids, matrix, frozenset(hidden))
+        return RecallIndex(
+            self.index, self.item_ids, popular, ids, matrix, frozenset(hidden), self._position
+        )
 
     def save(self, directory: Path) -> list[Path]:
         """Write the index, ids and popularity list into `directory`; return the files.

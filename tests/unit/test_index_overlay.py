@@ -105,3 +105,16 @@ def test_sample_falls_back_to_what_is_left_when_almost_everything_is_excluded() 
     assert sorted(picks) == sorted(left)  # fewer than asked: all there is
     assert index.sample(np.random.default_rng(0), 2, live) == []
     assert index.sample(np.random.default_rng(0), 0) == []
+
+
+def test_snapshots_share_the_base_id_map_instead_of_rebuilding_it() -> None:
+    rng = np.random.default_rng(5)
+    ids = [f"i{n}" for n in range(50)]
+    base = RecallIndex.build(_unit(rng, 50), ids)
+    live = base.with_changes({"new": _unit(rng, 1)[0]}, removals=["i3"]).with_changes(
+        removals=["new"]
+    )
+    # One map for every snapshot of this base (a per-change rebuild was O(catalogue)).
+    assert live.base_positions is base.base_positions
+    assert base.base_positions == {i: p for p, i in enumerate(ids)}  # untouched by the changes
+    assert "i3" in base and "i3" not in live and "new" not in live
