@@ -502,7 +502,8 @@ def bench_recall_cmd(
     result = bench_recall(workdir, items, queries, k, say=console.print)
     console.print(
         f"{result['index']} over {result['items']:,} items: p50 {result['p50_ms']} ms, "
-        f"p99 {result['p99_ms']} ms, recall@{k} {result[f'recall@{k}']}, "
+        f"p99 {result['p99_ms']} ms, recall@{k} {result[f'recall@{k}']} "
+        f"(ties not forgiven: {result[f'recall@{k}_ids']}), "
         f"RSS {result['rss_mb']} MiB"
     )
     if json_out:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from freshrec.bench_recall import exact_top_k, measure_search, topical_queries
+from freshrec.bench_recall import exact_top_k, measure_search, tied_share, topical_queries
 from freshrec.data.synthetic import generate_catalogue, generate_shop
 from model.index import RecallIndex
 
@@ -39,10 +39,28 @@ def test_exact_search_scores_one_and_excludes_the_history() -> None:
     ids = [f"i{p}" for p in range(len(vectors))]
     queries = topical_queries(vectors, categories, 30, np.random.default_rng(1))
     truth = exact_top_k(vectors, queries, 20)
-    for (_, history), exact in zip(queries, truth, strict=True):
-        assert len(exact) == 20 and not exact & set(history)
+    for (query, history), exact in zip(queries, truth, strict=True):
+        assert len(exact.positions) == 20 and not exact.positions & set(history)
+        best = sorted(vectors @ query, reverse=True)
+        assert exact.kth_score <= best[0]
     exact_index = RecallIndex.build(vectors, ids)
-    assert measure_search(exact_index, ids, queries, truth, 20)["recall@20"] == 1.0
+    result = measure_search(exact_index, ids, vectors, queries, truth, 20)
+    assert result["recall@20"] == 1.0 and result["recall@20_ids"] == 1.0
+    assert tied_share(vectors, queries, truth) < 0.1  # no repeated vectors: ties are chance
+
+
+def test_recall_forgives_ties_at_the_kth_score_and_the_ids_measure_does_not() -> None:
+    """Every vector twice (repeated item texts embed identically): which copy exact search
+    lists at the boundary is arbitrary, so an exact index may list the other one."""
+    base, categories = _clustered(400, 16, 8, seed=4)
+    vectors = np.concatenate([base, base])
+    ids = [f"i{p}" for p in range(len(vectors))]
+    queries = topical_queries(vectors, categories * 2, 30, np.random.default_rng(3))
+    truth = exact_top_k(vectors, queries, 15)  # odd k: a pair is split at the boundary
+    result = measure_search(RecallIndex.build(vectors, ids), ids, vectors, queries, truth, 15)
+    assert result["recall@15"] == 1.0  # exact search is exact, ties or not
+    assert result["recall@15_ids"] <= 1.0
+    assert tied_share(vectors, queries, truth) > 0.25
 
 
 def test_hnsw_recall_is_measured_not_assumed() -> None:
@@ -54,9 +72,9 @@ def test_hnsw_recall_is_measured_not_assumed() -> None:
     assert type(hnsw.index).__name__ == "IndexHNSWFlat"
     params = hnsw.index.hnsw  # type: ignore[attr-defined]
     params.efSearch = 1  # a starved search misses neighbours ...
-    starved = measure_search(hnsw, ids, queries, truth, 50)["recall@50"]
+    starved = measure_search(hnsw, ids, vectors, queries, truth, 50)["recall@50"]
     params.efSearch = 400  # ... a generous one finds almost all
-    generous = measure_search(hnsw, ids, queries, truth, 50)
+    generous = measure_search(hnsw, ids, vectors, queries, truth, 50)
     assert 0.0 < starved < generous["recall@50"] <= 1.0
     assert generous["recall@50"] > 0.9
     assert generous["p99_ms"] >= generous["p50_ms"] > 0
