@@ -115,6 +115,14 @@ class RankingConfig(_Section):
         description="Popular items (the index's popularity list) re-ranked beside the FAISS "
         "candidates: a second recall source; 0 = FAISS only.",
     )
+    ef_search: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="HNSW efSearch of the serving index (recall vs latency); 0 = by catalogue "
+        "size: 128 up to 100k items, in proportion above, 1024 from 800k "
+        "(model.index.default_ef_search). `freshrec bench recall` measures the trade.",
+    )
     max_k: int = Field(100, ge=1, le=1000, description="Largest k a caller may ask for.")
     exploration_slots: int = Field(1, ge=0, le=10, description="Exploration items per answer.")
     exploration_rate: float = Field(

@@ -43,8 +43,13 @@ class ModelHolder:
         load_reranker: RerankerLoader,
         poll_seconds: float = 1.0,
         on_swap: Callable[[ServingModels], None] | None = None,
+        ef_search: int = 0,
     ) -> None:
+        """Args:
+        ef_search: HNSW efSearch of loaded indexes (`RecallIndex.load`; 0 = by size).
+        """
         self.registry = registry
+        self.ef_search = ef_search
         self.load_reranker = load_reranker
         self.poll_seconds = poll_seconds
         self.on_swap = on_swap
@@ -74,7 +79,7 @@ class ModelHolder:
             self.registry.verify(kind, version)
             path = self.registry.path(kind, version)
             if kind == "index":
-                return RecallIndex.load(path)
+                return RecallIndex.load(path, self.ef_search)
             # On a thread that ends with the load: its torch threads go with it
             # (services/ranking/compute.py).
             return in_passing_thread(self.load_reranker, str(path))

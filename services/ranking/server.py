@@ -209,6 +209,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         load_reranker,
         config.ranking.registry_poll_seconds,
         on_swap=lambda m: metrics.observe_swap(m.model_version, m.index_version),
+        ef_search=config.ranking.ef_search,
     )
     holder.start()
     if not holder.ready:

@@ -118,3 +118,22 @@ def test_snapshots_share_the_base_id_map_instead_of_rebuilding_it() -> None:
     assert live.base_positions is base.base_positions
     assert base.base_positions == {i: p for p, i in enumerate(ids)}  # untouched by the changes
     assert "i3" in base and "i3" not in live and "new" not in live
+
+
+def test_ef_search_grows_with_the_catalogue_and_an_operator_value_wins(tmp_path) -> None:
+    from model.index import default_ef_search
+
+    assert [default_ef_search(n) for n in (1_000, 100_000, 400_000, 1_000_000, 5_000_000)] == [
+        128,
+        128,
+        512,
+        1024,
+        1024,
+    ]
+    rng = np.random.default_rng(6)
+    ids = [f"i{n}" for n in range(400)]
+    built = RecallIndex.build(_unit(rng, 400), ids, exact_limit=100)
+    built.index.hnsw.efSearch = 16  # type: ignore[attr-defined]  # e.g. saved by an older build
+    built.save(tmp_path)
+    assert RecallIndex.load(tmp_path).index.hnsw.efSearch == 128  # type: ignore[attr-defined]
+    assert RecallIndex.load(tmp_path, 300).index.hnsw.efSearch == 300  # type: ignore[attr-defined]
