@@ -443,6 +443,10 @@ def test_updater_lifecycle(stack: Stack) -> None:
     refusal = next(r for r in holder.refusals if r.version == bad)
     assert "model.safetensors" in refusal.reason
     assert upd.GetStatus(updater_pb2.GetStatusRequest(), timeout=10).champion_version == bad
+    # Leave the module's stack on a good champion: a service started later (bench serving)
+    # refuses a corrupt one and, with nothing else to serve, does not start.
+    rolled = upd.Rollback(updater_pb2.RollbackRequest(), timeout=10)
+    assert (rolled.champion_version, rolled.previous_version) == ("v0003", bad)
 
 
 # -- Catalogue: new items recallable in seconds, removed items gone, without an index rebuild --
