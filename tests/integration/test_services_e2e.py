@@ -560,7 +560,9 @@ def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) 
     assert result["feature_fetch_speedup_vs_feast_sdk"] == round(
         stages["feast_sdk"] / stages["redis_raw"], 2
     )
-    # overhead_ratio and overhead_ms describe the same p50 against the same floor sum.
-    floor = result["p50_ms"] - result["overhead_ms"]
-    assert floor > 0
-    assert abs(result["p50_ms"] / floor - result["overhead_ratio"]) < 0.02
+    # overhead_ratio and overhead_ms describe the same p50 against the same floor sum, up to
+    # their rounding to two decimals.
+    p50, ratio = result["p50_ms"], result["overhead_ratio"]
+    floor = p50 - result["overhead_ms"]
+    assert floor > 0 and ratio > 0
+    assert abs(p50 / ratio - floor) <= p50 * 0.005 / ratio**2 + 0.006
