@@ -116,8 +116,9 @@ def bench_serving(
     cached_states = app.models.current.reranker.cached_items()
     app.stop()
     arr = np.asarray(latencies) if latencies else np.asarray([float("nan")])
+    p50 = float(np.percentile(arr, 50))
     return {
-        "p50_ms": round(float(np.percentile(arr, 50)), 2),
+        "p50_ms": round(p50, 2),
         "p95_ms": round(float(np.percentile(arr, 95)), 2),
         "p99_ms": round(float(np.percentile(arr, 99)), 2),
         "qps": round(len(latencies) / elapsed, 2),
@@ -133,8 +134,8 @@ def bench_serving(
         "rss_mb": round(max(rss_before, psutil.Process().memory_info().rss) / 2**20, 1),
         "rerank_speedup_vs_reference": floors.get("rerank_speedup_vs_reference"),
         "feature_fetch_speedup_vs_feast_sdk": floors.get("feature_fetch_speedup_vs_feast_sdk"),
-        "overhead_ratio": _overhead(float(np.percentile(arr, 50)), floors, hit_rate),
-        "overhead_ms": _overhead_ms(float(np.percentile(arr, 50)), floors, hit_rate),
+        "overhead_ratio": _overhead(p50, floors, hit_rate),
+        "overhead_ms": _overhead_ms(p50, floors, hit_rate),
         "user_cache_hit_rate": round(hit_rate, 3),
         "stages_ms": floors.get("stages_ms", {}),
         "feature_values_identical": floors.get("identical"),

@@ -19,13 +19,14 @@ thread that ends when the load does (`in_passing_thread`): its team goes with it
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
+
+from model.embeddings import Embedder
 
 T = TypeVar("T")
 
@@ -49,7 +50,7 @@ class TorchWorker:
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(*args, **kwargs)` on the worker and return its result (or raise its error)."""
-        return self._pool.submit(fn, *args, **kwargs).result()
+        return self.submit(fn, *args, **kwargs).result()
 
     def close(self) -> None:
         """Finish what was submitted, then end the thread."""
@@ -66,7 +67,7 @@ class WorkerEncoder:
     """A text encoder whose `encode` runs on a `TorchWorker` (same interface as `TextEncoder`
     for what the ranking service uses: `encode` and `dim`)."""
 
-    def __init__(self, encoder: Any, worker: TorchWorker) -> None:
+    def __init__(self, encoder: Embedder, worker: TorchWorker) -> None:
         self.encoder = encoder
         self.worker = worker
 
@@ -80,18 +81,7 @@ class WorkerEncoder:
 
 
 def in_passing_thread(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` on a new thread that ends with it; returns its result or raises its error."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn(*args)
-        except BaseException as exc:  # handed to the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="freshrec-load", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    """`fn(*args)` on a new thread that ends with it (the executor's shutdown joins it);
+    returns its result or raises its error."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="freshrec-load") as pool:
+        return pool.submit(fn, *args).result()
