@@ -511,6 +511,21 @@ class ALSStrategy:
         return stats
 
 
+class StaleALSStrategy(ALSStrategy):
+    """The same ALS, fitted once on the bootstrap history and never again: the freshness
+    headroom of the data. `als` / `als-stale` is what retraining buys a model that learns
+    everything it knows from interactions (ids, no text, no fresh features); a re-ranker that
+    reads fresh features can expect at most that much from its own updates.
+
+    Users keep the factors of the bootstrap fit: a user who arrives later falls back to
+    recent popularity, as a model that was never retrained would serve them."""
+
+    name = "als-stale"
+
+    def update(self, feed: FeedContext) -> UpdateStats:
+        return UpdateStats()
+
+
 def with_popular(index: RecallIndex, popular: list[str], n: int = 200) -> RecallIndex:
     """The index with its cold-start list replaced (the pipeline's fallback)."""
     return replace(index, popular=popular[:n])

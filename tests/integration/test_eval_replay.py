@@ -145,8 +145,26 @@ def test_models_never_saw_the_window_they_are_evaluated_on(
     assert result.per_window["stale"][1]["model_trained_on"] == ["bootstrap"]
     assert result.per_window["incremental"][1]["model_trained_on"] == ["bootstrap", "w0"]
     assert result.per_window["full"][1]["model_trained_on"] == ["bootstrap", "w0"]
+    assert result.per_window["als"][1]["model_trained_on"] == ["bootstrap", "holdout", "w0"]
+    assert result.per_window["als-stale"][1]["model_trained_on"] == ["bootstrap"]
     for strategy in ("stale", "incremental", "full"):  # the early holdout is never trained on
         assert all("holdout" not in r["model_trained_on"] for r in result.per_window[strategy])
+
+
+def test_als_stale_is_the_bootstrap_als_never_retrained(
+    quick: tuple[Dataset, ReplayResult],
+) -> None:
+    _, result = quick
+    fresh, stale = result.recommendations["als"], result.recommendations["als-stale"]
+    assert all(stale[w] for w in range(2))
+    assert fresh[1] != stale[1]  # retraining on the holdout and w0 moved the fresh one
+    assert [r["update"]["examples_processed"] for r in result.per_window["als-stale"]] == [0, 0]
+    assert result.per_window["als"][0]["update"]["examples_processed"] > 0
+    ratios = result.ratios()
+    assert ratios["als/als-stale ndcg@10"] == pytest.approx(
+        result.strategy_summary("als")["ndcg@10"] / result.strategy_summary("als-stale")["ndcg@10"],
+        abs=1e-4,
+    )
 
 
 def _crafted() -> Dataset:
