@@ -517,8 +517,10 @@ class StaleALSStrategy(ALSStrategy):
     everything it knows from interactions (ids, no text, no fresh features); a re-ranker that
     reads fresh features can expect at most that much from its own updates.
 
-    Users keep the factors of the bootstrap fit: a user who arrives later falls back to
-    recent popularity, as a model that was never retrained would serve them."""
+    Users keep the factors of the bootstrap fit. A user without events at bootstrap has a zero
+    factor vector there (ALS's solution for an empty row), so every item scores 0 and the
+    stable sort returns the recommendable list, most popular first: recent popularity, as a
+    model that was never retrained would serve them."""
 
     name = "als-stale"
 
