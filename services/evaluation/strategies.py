@@ -512,10 +512,10 @@ class ALSStrategy:
 
 
 class StaleALSStrategy(ALSStrategy):
-    """The same ALS, fitted once on the bootstrap history and never again: the freshness
-    headroom of the data. `als` / `als-stale` is what retraining buys a model that learns
-    everything it knows from interactions (ids, no text, no fresh features); a re-ranker that
-    reads fresh features can expect at most that much from its own updates.
+    """The same ALS, fitted once on the bootstrap history and never again. `als` / `als-stale`
+    is what retraining buys a model that learns everything it knows from interactions (ids,
+    no text, no fresh features): a gauge of how much a data set rewards updating weights at
+    all, beside what `incremental` / `stale` shows for the re-ranker.
 
     Users keep the factors of the bootstrap fit. A user without events at bootstrap has a zero
     factor vector there (ALS's solution for an empty row), so every item scores 0 and the
