@@ -167,7 +167,7 @@ class ReplayResult:
             f"full/recall-only {metric}": ratio("full", "recall-only", metric),
             f"incremental/als {metric}": ratio("incremental", "als", metric),
             f"incremental/popular {metric}": ratio("incremental", "popular", metric),
-            # what retraining buys a model that learns only from interactions (the headroom)
+            # what retraining buys a model that learns only from interactions (a gauge)
             f"als/als-stale {metric}": ratio("als", "als-stale", metric),
             f"full/stale {metric}": ratio("full", "stale", metric),
             "incremental/full examples": ratio("incremental", "full", "examples_processed"),
