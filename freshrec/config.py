@@ -99,6 +99,27 @@ class TrainingConfig(_Section):
         "(measured 82 vs 48 pairs/s for fp32 on such a 2-core EPYC), else fp32.",
     )
     seed: int = Field(13, description="Seed for sampling and initialisation.")
+    collab_factors: int = Field(
+        32,
+        ge=0,
+        le=512,
+        description="Item factors (ALS) whose score enters the re-ranker's blend "
+        "(model/collab.py); 0 = no collaborative term.",
+    )
+    collab_iterations: int = Field(
+        15, ge=1, le=100, description="ALS iterations of a fit from scratch."
+    )
+    collab_incremental_iterations: int = Field(
+        2, ge=1, le=100, description="ALS iterations of an update warm-started from the parent."
+    )
+    collab_regularization: float = Field(0.05, ge=0, description="ALS L2 regularisation.")
+    collab_feature_share: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="Fit from scratch: the newest share of the training window whose pairs "
+        "fit the collaborative weight, scored by factors fitted on the rest.",
+    )
 
 
 class RankingConfig(_Section):

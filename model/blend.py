@@ -1,6 +1,7 @@
 """The re-ranker's last step: BERT's logit blended with the item's fresh signals.
 
-relevance = sigmoid(w_bert · bert_logit + w_pop · popularity_level + w_new · new_arrival + b)
+relevance = sigmoid(w_bert · bert_logit + w_pop · popularity_level + w_new · new_arrival
+                    + w_collab · collab_score + b)
 
 BERT reads the same signals as text ("popularity 13. new arrival. ..."), and can learn how they
 interact with the user's taste; but a few thousand fine-tuning pairs through frozen lower
@@ -9,7 +10,10 @@ popular an item is right now. A four-weight logistic layer on top (the "wide" pa
 wide-and-deep ranker) learns that fact exactly and says how much BERT adds beside it
 (`w_bert`). The features are parsed back from the text the re-ranker scores
 (`model.text.ranking_item_text`), so every scoring path — serving, micro-batches, the gate —
-applies the same blend without carrying features beside the text.
+applies the same blend without carrying features beside the text. The collaborative score
+(`model.collab`: the user's folded-in vector · the item's factors) needs ids, not text: the
+scorers apply the rest, and `with_collab` adds its term in logit space afterwards, which is
+the same sum.
 
 Fitted by L2-regularised logistic regression (Newton's method; four weights do not need a
 library), on *progressive-validation* logits: each pair's BERT logit as the model scored it
@@ -49,17 +53,28 @@ def signal_features(item_texts: Sequence[str]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ScoreBlend:
-    """Weights of the blend; the identity (BERT alone) is (1, 0, 0, 0)."""
+    """Weights of the blend; the identity (BERT alone) is (1, 0, 0, 0, 0)."""
 
     bert: float = 1.0
     popularity: float = 0.0
     new_arrival: float = 0.0
     bias: float = 0.0
     fitted_on: int = 0  # pairs the weights were fitted on (0 = identity, never fitted)
+    collab: float = 0.0  # weight of the collaborative score (0: not used)
 
     @property
     def weights(self) -> np.ndarray:
+        """(bert, popularity, new_arrival, bias): the part the text scorers apply."""
         return np.array([self.bert, self.popularity, self.new_arrival, self.bias])
+
+    def with_collab(self, relevance: np.ndarray, collab_scores: np.ndarray) -> np.ndarray:
+        """Relevance from the text scorers with the collaborative term added in logit space:
+        sigmoid(logit(relevance) + w_collab · score). Unchanged when the weight is 0."""
+        if self.collab == 0.0 or len(relevance) == 0:
+            return relevance
+        p = np.clip(np.asarray(relevance, dtype=np.float64), 1e-7, 1 - 1e-7)
+        z = np.log(p / (1 - p)) + self.collab * np.asarray(collab_scores, dtype=np.float64)
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
     def logits(self, bert_logits: np.ndarray, item_texts: Sequence[str]) -> np.ndarray:
         """Blended logits, float32, aligned with `item_texts`."""
@@ -79,8 +94,13 @@ class ScoreBlend:
         return cls(**json.loads(path.read_text()))
 
 
-def _design(bert_logits: np.ndarray, features: np.ndarray) -> np.ndarray:
-    return np.column_stack([bert_logits, features, np.ones(len(bert_logits))])
+def _design(
+    bert_logits: np.ndarray, features: np.ndarray, collab: np.ndarray | None = None
+) -> np.ndarray:
+    columns = [bert_logits, features, np.ones(len(bert_logits))]
+    if collab is not None:
+        columns.append(collab)
+    return np.column_stack(columns)
 
 
 def fit_blend(
@@ -90,27 +110,41 @@ def fit_blend(
     prior: ScoreBlend | None = None,
     l2: float = 1.0,
     iterations: int = 25,
+    collab: np.ndarray | None = None,
 ) -> ScoreBlend:
-    """Logistic regression of `labels` on (bert_logit, signals, 1), the L2 penalty pulling the
-    weights towards `prior` (default the identity). Non-finite logits are skipped.
+    """Logistic regression of `labels` on (bert_logit, signals, 1[, collab]), the L2 penalty
+    pulling the weights towards `prior` (default the identity). Non-finite logits are
+    skipped. With `collab` (one score per pair, NaN = unknown), the collaborative weight is
+    fitted too, on the pairs whose score is known only; without it, the prior's collaborative
+    weight is kept.
 
     Raises:
         ValueError: mismatched lengths, or fewer than 8 usable pairs.
     """
     z = np.asarray(bert_logits, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
-    if not len(z) == len(item_texts) == len(y):
+    if not len(z) == len(item_texts) == len(y) or (collab is not None and len(collab) != len(z)):
         raise ValueError(
-            f"bert_logits, item_texts and labels must have one length, got "
+            f"bert_logits, item_texts, labels (and collab) must have one length, got "
             f"{len(z)}, {len(item_texts)}, {len(y)}"
+            + (f", {len(collab)}" if collab is not None else "")
         )
     keep = np.isfinite(z)
+    c = None
+    if collab is not None:
+        c = np.asarray(collab, dtype=np.float64)
+        keep &= np.isfinite(c)
     if int(keep.sum()) < 8:
         raise ValueError(f"need at least 8 pairs with a logit to fit a blend, got {keep.sum()}")
-    x = _design(z[keep], signal_features([t for t, k in zip(item_texts, keep, strict=True) if k]))
+    x = _design(
+        z[keep],
+        signal_features([t for t, k in zip(item_texts, keep, strict=True) if k]),
+        c[keep] if c is not None else None,
+    )
     y = y[keep]
-    centre = (prior or ScoreBlend()).weights
-    penalty = np.full(4, l2)
+    start = prior or ScoreBlend()
+    centre = start.weights if c is None else np.append(start.weights, start.collab)
+    penalty = np.full(len(centre), l2)
     penalty[3] = 1e-6  # the bias is not pulled anywhere
     w = centre.copy()
     for _ in range(iterations):  # Newton steps on the penalised negative log-likelihood
@@ -121,8 +155,9 @@ def fit_blend(
         w -= step
         if float(np.max(np.abs(step))) < 1e-8:
             break
-    bert, popularity, new_arrival, bias = (round(float(v), 6) for v in w)
-    return ScoreBlend(bert, popularity, new_arrival, bias, fitted_on=len(y))
+    bert, popularity, new_arrival, bias = (round(float(v), 6) for v in w[:4])
+    weight = round(float(w[4]), 6) if c is not None else start.collab
+    return ScoreBlend(bert, popularity, new_arrival, bias, fitted_on=len(y), collab=weight)
 
 
 def fit_blend_progressive(
@@ -132,14 +167,31 @@ def fit_blend_progressive(
     labels: np.ndarray,
     prior: ScoreBlend | None = None,
     from_position: float = 0.5,
+    collab: np.ndarray | None = None,
 ) -> ScoreBlend | None:
     """`fit_blend` on the progressive-validation logits of one training pass, from
     `from_position` of the pass on (the model's first steps say little about the final one);
-    None when too few pairs were scored there (the caller keeps its current blend)."""
+    None when too few pairs were scored there (the caller keeps its current blend).
+
+    With `collab` (NaN = unknown), the collaborative weight is fitted on the pairs whose
+    score is known, when at least 32 of them are in range; otherwise the blend is fitted
+    without it and keeps the prior's collaborative weight."""
     if report_logits is None or report_position is None:
         return None
     keep = np.isfinite(report_logits) & (report_position >= from_position)
     if int(keep.sum()) < 32:
         return None
+    if collab is not None:
+        known = keep & np.isfinite(np.asarray(collab, dtype=np.float64))
+        if int(known.sum()) >= 32:
+            keep = known
+        else:
+            collab = None
     texts = [t for t, k in zip(item_texts, keep, strict=True) if k]
-    return fit_blend(report_logits[keep], texts, np.asarray(labels)[keep], prior)
+    return fit_blend(
+        report_logits[keep],
+        texts,
+        np.asarray(labels)[keep],
+        prior,
+        collab=np.asarray(collab, dtype=np.float64)[keep] if collab is not None else None,
+    )

@@ -11,7 +11,7 @@ import copy
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from model.blend import ScoreBlend
+from model.collab import CollabFactors
 from model.device import CpuDtype, autocast_dtype, resolve_device
 from model.split_encoder import (
     JOINT_LAYERS_ATTR,
@@ -132,6 +133,8 @@ class CrossEncoderReranker:
         self.user_cache_misses = 0
         # BERT's logit blended with the item's fresh signals (model/blend.py); None = BERT alone
         self.blend: ScoreBlend | None = None
+        # Item factors for the blend's collaborative term (model/collab.py); None = not used
+        self.collab: CollabFactors | None = None
         recorded = getattr(model.config, JOINT_LAYERS_ATTR, None)
         joint = int(recorded) if recorded is not None else joint_layers
         self.split: SplitEncoder | None = None
@@ -220,6 +223,7 @@ class CrossEncoderReranker:
             model, tokenizer, max_length, resolve_device(device), cpu_dtype, joint_layers
         )
         reranker.blend = None if backbone else ScoreBlend.load(Path(path))
+        reranker.collab = None if backbone else CollabFactors.load(Path(path))
         return reranker
 
     @classmethod
@@ -587,6 +591,22 @@ class CrossEncoderReranker:
             out[start : start + batch_size] = self._relevance(self.serving_logits(inputs), chunk)
         return out
 
+    @property
+    def uses_collab(self) -> bool:
+        """Whether `add_collab` changes scores: factors and a non-zero blend weight."""
+        return self.collab is not None and self.blend is not None and self.blend.collab != 0.0
+
+    def add_collab(
+        self, relevance: np.ndarray, history: Mapping[str, float], item_ids: Sequence[str]
+    ) -> np.ndarray:
+        """The scorers' relevance with the blend's collaborative term for this user
+        (`history`: item id → fold-in confidence, `model.collab.profile_history`) and these
+        items; unchanged for a version without one."""
+        if not self.uses_collab:
+            return relevance
+        assert self.collab is not None and self.blend is not None
+        return self.blend.with_collab(relevance, self.collab.scores(history, item_ids))
+
     def save(self, directory: Path) -> list[Path]:
         """Write weights (safetensors), config and tokenizer into `directory`; return the files."""
         directory.mkdir(parents=True, exist_ok=True)
@@ -594,4 +614,6 @@ class CrossEncoderReranker:
         self.tokenizer.save_pretrained(str(directory))
         if self.blend is not None:
             self.blend.save(directory)
+        if self.collab is not None:
+            self.collab.save(directory)
         return sorted(p for p in directory.iterdir() if p.is_file())

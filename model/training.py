@@ -15,14 +15,15 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from freshrec.records import Example, ItemFeatures
+from freshrec.records import Example, ItemFeatures, UserProfile
 from model.blend import fit_blend_progressive
+from model.collab import CollabFactors, profile_history
 from model.device import CpuDtype, autocast_dtype
 from model.reranker import CrossEncoderReranker
 from model.text import ranking_item_text, user_context_text
@@ -91,6 +92,9 @@ class Pair:
     user_text: str
     item_text: str
     label: float
+    # The collaborative score (model/collab.py) of the factors the pairs were made with, or
+    # NaN when unknown: no factors, or an event the factors were fitted on (a leaked score).
+    collab: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,10 @@ class EvalGroup:
 
     user_text: str
     candidates: tuple[str, ...]
+    # Ids for the collaborative score, which each evaluated model computes with its own
+    # factors: the candidates' item ids and the user's fold-in history (`profile_history`).
+    item_ids: tuple[str, ...] = ()
+    history: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,7 @@ def make_pairs(
     rng: np.random.Generator,
     as_of: ItemAsOf | None = None,
     negatives: NegativeSampler | None = None,
+    collab: CollabFactors | None = None,
 ) -> list[Pair]:
     """Text pairs: each positive (label 1) with sampled catalogue negatives (label 0).
 
@@ -154,18 +163,43 @@ def make_pairs(
             from the signals serving would have had, never from the labels' own events.
         negatives: draws each positive's negatives; default uniform from `catalog` (never
             the positive nor the user's recent items).
+        collab: item factors to score the pairs with (`Pair.collab`), for a positive whose
+            event is at or after the factors' `fitted_until` (others stay NaN).
     """
     pairs: list[Pair] = []
     for example in positives:
         profile, item, at = Example(*example)
         user = user_context_text(profile)
-        pairs.append(Pair(user, _text_at(item, at, as_of), 1.0))
         drawn = _negatives(
             Example(profile, item, at), catalog, negatives_per_positive, rng, negatives
         )
-        for neg in drawn:
-            pairs.append(Pair(user, _text_at(neg, at, as_of), 0.0))
+        scores = _collab_scores(collab, profile, at, [item, *drawn])
+        pairs.append(Pair(user, _text_at(item, at, as_of), 1.0, scores[0]))
+        for neg, score in zip(drawn, scores[1:], strict=True):
+            pairs.append(Pair(user, _text_at(neg, at, as_of), 0.0, score))
     return pairs
+
+
+def _collab_scores(
+    collab: CollabFactors | None,
+    profile: UserProfile | None,
+    at: datetime | None,
+    items: Sequence[ItemFeatures],
+) -> list[float]:
+    """Collaborative scores of a positive's group, NaN when not a clean feature."""
+    if (
+        collab is None
+        or collab.fitted_until is None
+        or at is None
+        or _aware(at) < _aware(collab.fitted_until)
+    ):
+        return [math.nan] * len(items)
+    history = profile_history(profile)
+    return [float(v) for v in collab.scores(history, [i.item_id for i in items])]
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
 def make_eval_groups(
@@ -185,7 +219,14 @@ def make_eval_groups(
             Example(profile, item, at), catalog, candidates_per_group - 1, rng, negatives
         )
         texts = (_text_at(item, at, as_of), *(_text_at(n, at, as_of) for n in negs))
-        groups.append(EvalGroup(user_context_text(profile), texts))
+        groups.append(
+            EvalGroup(
+                user_context_text(profile),
+                texts,
+                (item.item_id, *(n.item_id for n in negs)),
+                tuple(profile_history(profile).items()),
+            )
+        )
     return groups
 
 
@@ -342,6 +383,7 @@ def train(
             [p.item_text for p in pairs],
             np.array([p.label for p in pairs]),
             prior=reranker.blend,
+            collab=_collab_column(pairs),
         )
         if fitted is not None:
             reranker.blend = fitted
@@ -385,6 +427,11 @@ def ranking_metrics(ranks: Sequence[int], k: int = 10) -> dict[str, float]:
     }
 
 
+def _collab_column(pairs: Sequence[Pair]) -> np.ndarray | None:
+    column = np.array([p.collab for p in pairs], dtype=np.float64)
+    return column if np.isfinite(column).any() else None
+
+
 def evaluate(
     reranker: CrossEncoderReranker,
     groups: Sequence[EvalGroup],
@@ -398,6 +445,8 @@ def evaluate(
     ranks = []
     for group in groups:
         scores = reranker.score(group.user_text, list(group.candidates))
+        if group.item_ids:
+            scores = reranker.add_collab(scores, dict(group.history), group.item_ids)
         ranks.append(int((scores[1:] >= scores[0]).sum()))
         if progress is not None:
             progress(1)

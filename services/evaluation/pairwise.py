@@ -27,6 +27,8 @@ class PairGroup:
     user_text: str
     item_texts: tuple[str, ...]
     positives: int
+    item_ids: tuple[str, ...] = ()  # aligned with item_texts
+    history: tuple[tuple[str, float], ...] = ()  # the user's fold-in history (model/collab.py)
 
 
 def holdout_pairs(
@@ -37,6 +39,7 @@ def holdout_pairs(
     item_text: Callable[[str], str | None],
     negatives: int,
     seed: int,
+    histories: Mapping[str, Mapping[str, float]] | None = None,
 ) -> list[PairGroup]:
     """A group per user with at least one positive that has a text and `negatives` sampled
     from `pool` minus the user's exclusions and positives (fewer if the pool is small).
@@ -48,7 +51,7 @@ def holdout_pairs(
     rng = np.random.default_rng(seed)
     groups: list[PairGroup] = []
     for user in sorted(relevant):
-        positives = [t for i in sorted(relevant[user]) if (t := item_text(i)) is not None]
+        positives = [(i, t) for i in sorted(relevant[user]) if (t := item_text(i)) is not None]
         if not positives:
             continue
         blocked = excluded(user) | relevant[user]
@@ -56,10 +59,20 @@ def holdout_pairs(
         if not candidates:
             continue
         picks = rng.choice(len(candidates), size=min(negatives, len(candidates)), replace=False)
-        negative_texts = [t for p in picks if (t := item_text(candidates[int(p)])) is not None]
-        if negative_texts:
-            texts = (*positives, *negative_texts)
-            groups.append(PairGroup(user_texts[user], texts, len(positives)))
+        drawn = [candidates[int(p)] for p in picks]
+        negative = [(i, t) for i in drawn if (t := item_text(i)) is not None]
+        if negative:
+            both = (*positives, *negative)
+            history = tuple((histories or {}).get(user, {}).items())
+            groups.append(
+                PairGroup(
+                    user_texts[user],
+                    tuple(t for _, t in both),
+                    len(positives),
+                    tuple(i for i, _ in both),
+                    history,
+                )
+            )
     return groups
 
 
@@ -72,12 +85,9 @@ def group_auc(scores: np.ndarray, positives: int) -> float:
     return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
 
 
-def mean_auc(
-    score: Callable[[str, Sequence[str]], np.ndarray], groups: Sequence[PairGroup]
-) -> float | None:
-    """Mean over groups of `group_auc` of `score(user_text, item_texts)`; None without groups."""
+def mean_auc(score: Callable[[PairGroup], np.ndarray], groups: Sequence[PairGroup]) -> float | None:
+    """Mean over groups of `group_auc` of `score(group)` (one score per item text); None
+    without groups."""
     if not groups:
         return None
-    return float(
-        np.mean([group_auc(score(g.user_text, g.item_texts), g.positives) for g in groups])
-    )
+    return float(np.mean([group_auc(score(g), g.positives) for g in groups]))

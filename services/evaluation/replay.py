@@ -19,12 +19,13 @@ from tqdm import tqdm
 
 from freshrec.config import FreshRecConfig
 from freshrec.data.schema import EVENT_WEIGHTS, Dataset
+from model.collab import profile_history
 from model.evaluation import METRIC_NAMES, catalogue_coverage, mean_metrics, share_of
 from model.index import RecallIndex
 from model.popularity import PopularityClock
 from model.reranker import CrossEncoderReranker, pretrained_path
 from model.text import item_text, ranking_item_text, user_context_text
-from services.evaluation.pairwise import holdout_pairs, mean_auc
+from services.evaluation.pairwise import PairGroup, holdout_pairs, mean_auc
 from services.evaluation.protocol import (
     FeatureState,
     Period,
@@ -185,6 +186,17 @@ class ReplayResult:
             "wall_seconds": round(self.wall_seconds, 1),
             **self.extra,
         }
+
+
+def _pair_scorer(model: CrossEncoderReranker) -> Callable[[PairGroup], np.ndarray]:
+    """The model's relevance for a forgetting group, its collaborative term included (what
+    serving applies), so the measure covers everything a version learnt."""
+
+    def score(group: PairGroup) -> np.ndarray:
+        relevance = model.score(group.user_text, group.item_texts)
+        return model.add_collab(relevance, dict(group.history), group.item_ids)
+
+    return score
 
 
 def _iso(ts: pd.Timestamp | None) -> str | None:
@@ -487,13 +499,14 @@ def _run_replay(
         holdout_text,
         settings.holdout_negatives,
         settings.seed,
+        {u: profile_history(holdout_ctx.profiles.get(u)) for u in holdout_ctx.relevant},
     )
     forgetting["holdout"]["pair_users"] = len(pair_groups)
     forgetting["holdout"]["pairs"] = sum(
         g.positives * (len(g.item_texts) - g.positives) for g in pair_groups
     )
     auc_before = {
-        name: mean_auc(model.score, pair_groups)
+        name: mean_auc(_pair_scorer(model), pair_groups)
         for name, model in strategy_models(active).items()
         if name in FORGETTING_STRATEGIES
     }
@@ -508,7 +521,8 @@ def _run_replay(
         else:
             so_far, end = events[events["timestamp"] < period.end], period.end
         catalog = tuple(items[i] for i in exists_at(end))
-        fc = FeedContext(period, trainable, so_far, positives, history, catalog, seed)
+        learnable = so_far[~split.holdout.mask(so_far["timestamp"])]
+        fc = FeedContext(period, trainable, so_far, positives, history, catalog, seed, learnable)
         return [s.update(fc) for s in active]
 
     boot_feed = feed(split.holdout, False, ("bootstrap",), settings.seed)
@@ -576,7 +590,7 @@ def _run_replay(
         model_now = models_now.get(strategy.name)
         auc_then = auc_before.get(strategy.name)
         if model_now is not None and auc_then is not None:
-            auc_now = mean_auc(model_now.score, pair_groups)
+            auc_now = mean_auc(_pair_scorer(model_now), pair_groups)
             assert auc_now is not None
             forgetting[strategy.name].update(
                 auc_after_bootstrap=round(auc_then, 6),

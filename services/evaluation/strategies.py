@@ -39,7 +39,7 @@ from services.ranking.pipeline import (
 )
 from services.registry import ModelRegistry
 from services.updater.examples import Positive, Window, sample_mix
-from services.updater.job import run_training, train_params
+from services.updater.job import collab_features, collab_refit, run_training, train_params
 
 RerankerLoader = Callable[[str], CrossEncoderReranker]
 
@@ -55,10 +55,12 @@ class UpdateStats:
     positives: int = 0
     replay_positives: int = 0
     blend: tuple[float, ...] = ()  # the model's score blend after the update (bert, pop, new, b)
+    collab_examples: int = 0  # ALS matrix cells × iterations of the item-factor fit
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "blend": list(self.blend),
+            "collab_examples": self.collab_examples,
             "seconds": round(self.seconds, 3),
             "examples_processed": self.examples_processed,
             "trainable_params": self.trainable_params,
@@ -158,6 +160,8 @@ class FeedContext:
     history: tuple[str, ...]  # trainable periods fed before this one, oldest first
     catalog: tuple[ItemFeatures, ...]  # items that exist by the period's end
     seed: int
+    # `events` without the early holdout's: what a model may learn item factors from
+    training_events: pd.DataFrame | None = None
 
 
 class Strategy(Protocol):
@@ -220,7 +224,11 @@ class RerankerTrainer:
         catalog: Sequence[ItemFeatures],
         from_parent: bool,
         seed: int,
+        events: pd.DataFrame | None = None,
+        until: pd.Timestamp | None = None,
     ) -> UpdateStats:
+        """One update of `reranker` in place. `events` (every event before `until`, the fed
+        period's end) fit the collaborative item factors when the config has them."""
         started = time.perf_counter()
         tcfg = self.tcfg
         rng = np.random.default_rng(seed)
@@ -235,20 +243,42 @@ class RerankerTrainer:
         if not train_pos:
             return UpdateStats(seconds=time.perf_counter() - started)
         sampler = self.negatives(catalog)
+        features = (
+            collab_features(tcfg, events, train_pos, reranker.collab if from_parent else None)
+            if events is not None
+            else None
+        )
         pairs = make_pairs(
-            train_pos + replay_pos, catalog, tcfg.negatives_per_positive, rng, self.as_of, sampler
+            train_pos + replay_pos,
+            catalog,
+            tcfg.negatives_per_positive,
+            rng,
+            self.as_of,
+            sampler,
+            collab=features,
         )
         params = train_params(tcfg, from_parent, seed)
         memory = _PeakRss()
         report = train(reranker, pairs, params, lambda _n, _loss: memory.sample())
+        collab_examples = 0
+        if events is not None:
+            reranker.collab, cost = collab_refit(
+                tcfg,
+                events,
+                until.to_pydatetime() if until is not None else None,
+                reranker.collab if from_parent else None,
+            )
+            collab_examples = cost.examples_processed if cost is not None else 0
+        memory.sample()
         return UpdateStats(
             seconds=time.perf_counter() - started,
             examples_processed=report.examples_processed,
+            collab_examples=collab_examples,
             trainable_params=report.trainable_params,
             peak_rss_mb=memory.mb,
             positives=len(train_pos),
             replay_positives=len(replay_pos),
-            blend=tuple(float(v) for v in reranker.blend.weights) if reranker.blend else (),
+            blend=_blend_tuple(reranker),
         )
 
     def negatives(self, catalog: Sequence[ItemFeatures]) -> ServingLikeNegatives:
@@ -311,9 +341,17 @@ class RerankerTrainer:
             examples_processed=outcome.examples,
             trainable_params=trainable,
             peak_rss_mb=memory.mb,
-            blend=tuple(float(v) for v in model.blend.weights) if model.blend else (),
+            blend=_blend_tuple(model),
         )
         return model, stats, outcome.message
+
+
+def _blend_tuple(reranker: CrossEncoderReranker) -> tuple[float, ...]:
+    """(bert, popularity, new_arrival, bias, collab) of the model's blend; () without one."""
+    blend = reranker.blend
+    if blend is None:
+        return ()
+    return (*(float(v) for v in blend.weights), float(blend.collab))
 
 
 def _joined(positives: Mapping[str, list[Positive]], names: Sequence[str]) -> list[Positive]:
@@ -364,6 +402,8 @@ class IncrementalStrategy:
             feed.catalog,
             from_parent=True,
             seed=feed.seed,
+            events=feed.training_events,
+            until=feed.period.end,
         )
         self.trained_on = (*self.trained_on, feed.period.name)
         return stats
@@ -389,7 +429,14 @@ class FullStrategy:
         names = (*feed.history, feed.period.name)
         fresh = self.trainer.pretrained()
         stats = self.trainer.fit(
-            fresh, _joined(feed.positives, names), None, feed.catalog, False, feed.seed
+            fresh,
+            _joined(feed.positives, names),
+            None,
+            feed.catalog,
+            False,
+            feed.seed,
+            events=feed.training_events,
+            until=feed.period.end,
         )
         self.reranker = fresh
         self.trained_on = names

@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from freshrec.config import FreshRecConfig, TrainingConfig
 from freshrec.data.schema import EVENT_WEIGHTS, POSITIVE_EVENT_TYPES
-from freshrec.records import ItemFeatures
+from freshrec.records import Example, ItemFeatures
 from model.artifacts import Manifest
+from model.collab import CollabFactors, CollabFit, fit_collab
 from model.index import RecallIndex
 from model.negatives import ServingLikeNegatives
 from model.popularity import PopularityClock
@@ -65,6 +66,82 @@ def train_params(tcfg: TrainingConfig, from_parent: bool, seed: int | None = Non
         cpu_dtype=tcfg.cpu_dtype,
         seed=tcfg.seed if seed is None else seed,
     )
+
+
+def collab_features(
+    tcfg: TrainingConfig,
+    events: pd.DataFrame,
+    positives: Sequence[Example],
+    parent: CollabFactors | None,
+) -> CollabFactors | None:
+    """Item factors to score a run's training pairs with (`make_pairs(collab=...)`), never
+    fitted on the events they score: the parent's factors for an update (fitted before its
+    window); from scratch, a fit on events before the newest `collab_feature_share` of the
+    positives' times, which then score only those newest pairs. None when the collaborative
+    term is off or nothing is early enough to fit on."""
+    if tcfg.collab_factors == 0:
+        return None
+    if parent is not None and parent.k == tcfg.collab_factors:
+        return parent
+    times = sorted(pd.Timestamp(p[2]) for p in positives if p[2] is not None)
+    if len(times) < 2:
+        return None
+    cut = times[min(len(times) - 1, int(len(times) * (1.0 - tcfg.collab_feature_share)))]
+    try:
+        factors, _ = fit_collab(
+            events,
+            cut.to_pydatetime(),
+            tcfg.collab_factors,
+            tcfg.collab_iterations,
+            tcfg.collab_regularization,
+            tcfg.seed,
+        )
+    except ValueError:  # no positive event before the cut
+        return None
+    return factors
+
+
+def collab_refit(
+    tcfg: TrainingConfig,
+    events: pd.DataFrame,
+    until: datetime | None,
+    parent: CollabFactors | None,
+) -> tuple[CollabFactors | None, CollabFit | None]:
+    """The new version's item factors: every positive event before `until` (the training
+    window's end; never the gate's holdout), warm-started from the parent's factors with
+    `collab_incremental_iterations`, or from scratch with `collab_iterations`."""
+    if tcfg.collab_factors == 0:
+        return None, None
+    warm = parent if parent is not None and parent.k == tcfg.collab_factors else None
+    end = until if until is not None else pd.Timestamp(events["timestamp"].max()).to_pydatetime()
+    if until is None:  # every event: one microsecond past the newest
+        end = (pd.Timestamp(end) + pd.Timedelta(microseconds=1)).to_pydatetime()
+    try:
+        return fit_collab(
+            events,
+            end,
+            tcfg.collab_factors,
+            tcfg.collab_incremental_iterations if warm is not None else tcfg.collab_iterations,
+            tcfg.collab_regularization,
+            tcfg.seed,
+            parent=warm,
+        )
+    except ValueError:
+        return None, None
+
+
+def _collab_record(factors: CollabFactors | None, cost: CollabFit | None) -> dict | None:
+    if factors is None or cost is None:
+        return None
+    return {
+        "items": len(factors.item_ids),
+        "factors": factors.k,
+        "fitted_until": _iso(factors.fitted_until),
+        "interactions": cost.interactions,
+        "iterations": cost.iterations,
+        "warm_start": cost.warm_start,
+        "seconds": round(cost.seconds, 3),
+    }
 
 
 def _iso(ts: datetime | pd.Timestamp | None) -> str:
@@ -148,8 +225,21 @@ def run_training(
     sampler = ServingLikeNegatives.from_events(
         catalog, index, events, POSITIVE_EVENT_TYPES, config.ranking.recall_candidates
     )
+    source = (
+        str(registry.path("reranker", parent))
+        if parent
+        else str(pretrained_path(config.model.base_model))
+    )
+    challenger = load(source)
+    features = collab_features(tcfg, events, train_pos, challenger.collab)
     pairs = make_pairs(
-        train_pos + replay_pos, catalog, tcfg.negatives_per_positive, rng, clock.stamp, sampler
+        train_pos + replay_pos,
+        catalog,
+        tcfg.negatives_per_positive,
+        rng,
+        clock.stamp,
+        sampler,
+        collab=features,
     )
     negatives_drawn = dict(sampler.drawn)
     groups = make_eval_groups(
@@ -160,12 +250,6 @@ def run_training(
         clock.stamp,
         sampler,
     )
-    source = (
-        str(registry.path("reranker", parent))
-        if parent
-        else str(pretrained_path(config.model.base_model))
-    )
-    challenger = load(source)
     champion_metrics: dict[str, float] = {}
     if parent is not None:
         champion = load(source)
@@ -181,6 +265,7 @@ def run_training(
             bar.set_postfix(loss=f"{loss:.3f}")
 
         report = train(challenger, pairs, params, on_step)
+    challenger.collab, collab_cost = collab_refit(tcfg, events, train_window.end, challenger.collab)
     metrics = evaluate(challenger, groups)
     staging = registry.staging_dir("reranker")
     try:
@@ -210,6 +295,7 @@ def run_training(
                     "freeze_layers": params.freeze_layers,
                     "negatives": negatives_drawn,
                     "blend": asdict(challenger.blend) if challenger.blend else None,
+                    "collab": _collab_record(challenger.collab, collab_cost),
                 },
                 reason=reason,
             ),

@@ -390,6 +390,16 @@ def test_updater_lifecycle(stack: Stack) -> None:
     assert sum(drawn.values()) == 3 * positives and drawn["hard"] > 0, drawn
     assert training["blend"]["fitted_on"] > 0, training["blend"]
     assert (registry.path("reranker", "v0002") / "blend.json").exists()
+    # Item factors for the blend's collaborative term: v0001 fitted them from scratch, v0002
+    # warm-started from its parent's, on events up to its training window's end only.
+    first = registry.manifest("reranker", "v0001").training["collab"]
+    collab = training["collab"]
+    assert (first["warm_start"], first["iterations"]) == (False, 15), first
+    assert (collab["warm_start"], collab["iterations"]) == (True, 2), collab
+    assert collab["interactions"] > first["interactions"] and collab["items"] >= first["items"]
+    v2_manifest = registry.manifest("reranker", "v0002")
+    assert collab["fitted_until"] == v2_manifest.data_window["end"]
+    assert (registry.path("reranker", "v0002") / "collab.safetensors").exists()
     status = upd.GetStatus(updater_pb2.GetStatusRequest(), timeout=10)
     assert status.champion_version == after
     assert (status.last.job_id, status.last.state) == (result.job_id, result.state)

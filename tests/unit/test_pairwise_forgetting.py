@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pytest
 
-from services.evaluation.pairwise import group_auc, holdout_pairs, mean_auc
+from services.evaluation.pairwise import PairGroup, group_auc, holdout_pairs, mean_auc
 
 
 def test_group_auc_counts_ordered_pairs_and_half_ties() -> None:
@@ -44,16 +42,29 @@ def test_holdout_pairs_skip_unknown_positives_and_never_sample_excluded_items() 
     assert "text of b" not in second.item_texts[1:]
     assert _pairs() == groups  # seeded
     assert len(_pairs(negatives=100)[0].item_texts) == 1 + 6  # capped by the pool
+    # Ids travel aligned with the texts, with the user's history when one is given.
+    assert first.item_ids == tuple(t.removeprefix("text of ") for t in first.item_texts)
+    with_history = holdout_pairs(
+        {"u2": {"b"}},
+        {"u2": "ctx 2"},
+        pool=list("abc"),
+        excluded=lambda _u: frozenset(),
+        item_text=lambda i: f"text of {i}",
+        negatives=2,
+        seed=0,
+        histories={"u2": {"a": 1.0}},
+    )
+    assert with_history[0].history == (("a", 1.0),)
 
 
 def test_mean_auc_asks_the_scorer_and_averages_over_users() -> None:
     groups = _pairs()
 
-    def perfect(user: str, texts: Sequence[str]) -> np.ndarray:
-        return np.array([1.0] + [0.0] * (len(texts) - 1))
+    def perfect(group: PairGroup) -> np.ndarray:
+        return np.array([1.0] + [0.0] * (len(group.item_texts) - 1))
 
-    def backwards(user: str, texts: Sequence[str]) -> np.ndarray:
-        return np.array([0.0] + [1.0] * (len(texts) - 1))
+    def backwards(group: PairGroup) -> np.ndarray:
+        return np.array([0.0] + [1.0] * (len(group.item_texts) - 1))
 
     assert mean_auc(perfect, groups) == 1.0
     assert mean_auc(backwards, groups) == 0.0
