@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from freshrec.config import load_config
-from freshrec.data.schema import POSITIVE_EVENT_TYPES, Dataset
+from freshrec.data.schema import EVENT_WEIGHTS, POSITIVE_EVENT_TYPES, Dataset
 from services.evaluation.replay import (
     QUICK_SETTINGS,
     STRATEGIES,
@@ -149,6 +149,28 @@ def test_models_never_saw_the_window_they_are_evaluated_on(
     assert result.per_window["als-stale"][1]["model_trained_on"] == ["bootstrap"]
     for strategy in ("stale", "incremental", "full"):  # the early holdout is never trained on
         assert all("holdout" not in r["model_trained_on"] for r in result.per_window[strategy])
+
+
+def test_item_factors_learn_from_trained_history_only(
+    quick: tuple[Dataset, ReplayResult],
+) -> None:
+    """Each re-ranker update refits the collaborative item factors on the positive (user, item)
+    cells before the fed window's end, without the early holdout's events; `incremental`
+    warm-starts (2 iterations), `full` fits from scratch (15)."""
+    dataset, result = quick
+    events = dataset.interactions
+    weight = events["event_type"].map(EVENT_WEIGHTS)
+    holdout = result.split.holdout.mask(events["timestamp"])
+    for w, period in enumerate(result.split.windows):
+        before = events["timestamp"] < period.end if period.end is not None else True
+        learnable = events[before & ~holdout & (weight > 0)]
+        cells = len(learnable[["user_id", "item_id"]].drop_duplicates())
+        incremental = result.per_window["incremental"][w]["update"]
+        full = result.per_window["full"][w]["update"]
+        assert incremental["collab_examples"] == cells * 2, (period.name, cells)
+        assert full["collab_examples"] == cells * 15, (period.name, cells)
+        assert len(incremental["blend"]) == 5  # (bert, popularity, new arrival, bias, collab)
+    assert all(r["update"]["collab_examples"] == 0 for r in result.per_window["stale"])
 
 
 def test_als_stale_is_the_bootstrap_als_never_retrained(
