@@ -55,7 +55,7 @@ class UpdateStats:
     positives: int = 0
     replay_positives: int = 0
     blend: tuple[float, ...] = ()  # the model's score blend after the update (bert, pop, new, b)
-    collab_examples: int = 0  # ALS matrix cells × iterations of the item-factor fit
+    collab_examples: int = 0  # ALS matrix cells × iterations of the item-factor fits
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -243,10 +243,10 @@ class RerankerTrainer:
         if not train_pos:
             return UpdateStats(seconds=time.perf_counter() - started)
         sampler = self.negatives(catalog)
-        features = (
+        features, features_cost = (
             collab_features(tcfg, events, train_pos, reranker.collab if from_parent else None)
             if events is not None
-            else None
+            else (None, None)
         )
         pairs = make_pairs(
             train_pos + replay_pos,
@@ -268,7 +268,7 @@ class RerankerTrainer:
                 until.to_pydatetime() if until is not None else None,
                 reranker.collab if from_parent else None,
             )
-            collab_examples = cost.examples_processed if cost is not None else 0
+            collab_examples = sum(c.examples_processed for c in (cost, features_cost) if c)
         memory.sample()
         return UpdateStats(
             seconds=time.perf_counter() - started,

@@ -73,22 +73,23 @@ def collab_features(
     events: pd.DataFrame,
     positives: Sequence[Example],
     parent: CollabFactors | None,
-) -> CollabFactors | None:
+) -> tuple[CollabFactors | None, CollabFit | None]:
     """Item factors to score a run's training pairs with (`make_pairs(collab=...)`), never
-    fitted on the events they score: the parent's factors for an update (fitted before its
-    window); from scratch, a fit on events before the newest `collab_feature_share` of the
-    positives' times, which then score only those newest pairs. None when the collaborative
-    term is off or nothing is early enough to fit on."""
+    fitted on the events they score, and the cost of any fit made for them: the parent's
+    factors for an update (fitted before its window; no cost); from scratch, a fit on events
+    before the newest `collab_feature_share` of the positives' times, which then score only
+    those newest pairs. None when the collaborative term is off or nothing is early enough
+    to fit on."""
     if tcfg.collab_factors == 0:
-        return None
+        return None, None
     if parent is not None and parent.k == tcfg.collab_factors:
-        return parent
+        return parent, None
     times = sorted(pd.Timestamp(p[2]) for p in positives if p[2] is not None)
     if len(times) < 2:
-        return None
+        return None, None
     cut = times[min(len(times) - 1, int(len(times) * (1.0 - tcfg.collab_feature_share)))]
     try:
-        factors, _ = fit_collab(
+        return fit_collab(
             events,
             cut.to_pydatetime(),
             tcfg.collab_factors,
@@ -97,8 +98,7 @@ def collab_features(
             tcfg.seed,
         )
     except ValueError:  # no positive event before the cut
-        return None
-    return factors
+        return None, None
 
 
 def collab_refit(
@@ -130,10 +130,14 @@ def collab_refit(
         return None, None
 
 
-def _collab_record(factors: CollabFactors | None, cost: CollabFit | None) -> dict | None:
+def _collab_record(
+    factors: CollabFactors | None, cost: CollabFit | None, features_cost: CollabFit | None
+) -> dict | None:
     if factors is None or cost is None:
         return None
     return {
+        # a from-scratch run's first fit, which scored the training pairs (0: the parent's)
+        "feature_fit_examples": features_cost.examples_processed if features_cost else 0,
         "items": len(factors.item_ids),
         "factors": factors.k,
         "fitted_until": _iso(factors.fitted_until),
@@ -231,7 +235,7 @@ def run_training(
         else str(pretrained_path(config.model.base_model))
     )
     challenger = load(source)
-    features = collab_features(tcfg, events, train_pos, challenger.collab)
+    features, features_cost = collab_features(tcfg, events, train_pos, challenger.collab)
     pairs = make_pairs(
         train_pos + replay_pos,
         catalog,
@@ -295,7 +299,7 @@ def run_training(
                     "freeze_layers": params.freeze_layers,
                     "negatives": negatives_drawn,
                     "blend": asdict(challenger.blend) if challenger.blend else None,
-                    "collab": _collab_record(challenger.collab, collab_cost),
+                    "collab": _collab_record(challenger.collab, collab_cost, features_cost),
                 },
                 reason=reason,
             ),

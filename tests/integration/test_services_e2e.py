@@ -397,6 +397,8 @@ def test_updater_lifecycle(stack: Stack) -> None:
     assert (first["warm_start"], first["iterations"]) == (False, 15), first
     assert (collab["warm_start"], collab["iterations"]) == (True, 2), collab
     assert collab["interactions"] > first["interactions"] and collab["items"] >= first["items"]
+    # v0001 fitted a first set of factors on older events to score its pairs; v0002 used v0001's.
+    assert first["feature_fit_examples"] > 0 and collab["feature_fit_examples"] == 0
     v2_manifest = registry.manifest("reranker", "v0002")
     assert collab["fitted_until"] == v2_manifest.data_window["end"]
     assert (registry.path("reranker", "v0002") / "collab.safetensors").exists()
