@@ -54,7 +54,7 @@ class UpdateStats:
     peak_rss_mb: float = 0.0
     positives: int = 0
     replay_positives: int = 0
-    blend: tuple[float, ...] = ()  # the model's score blend after the update (bert, pop, new, b)
+    blend: tuple[float, ...] = ()  # the blend after the update (bert, pop, new, bias, collab)
     collab_examples: int = 0  # ALS matrix cells × iterations of the item-factor fits
 
     def to_dict(self) -> dict[str, Any]:
