@@ -113,9 +113,12 @@ def collab_refit(
     if tcfg.collab_factors == 0:
         return None, None
     warm = parent if parent is not None and parent.k == tcfg.collab_factors else None
-    end = until if until is not None else pd.Timestamp(events["timestamp"].max()).to_pydatetime()
-    if until is None:  # every event: one microsecond past the newest
-        end = (pd.Timestamp(end) + pd.Timedelta(microseconds=1)).to_pydatetime()
+    if until is not None:
+        end = until
+    else:  # every event: one microsecond past the newest
+        end = (
+            pd.Timestamp(events["timestamp"].max()) + pd.Timedelta(microseconds=1)
+        ).to_pydatetime()
     try:
         return fit_collab(
             events,
