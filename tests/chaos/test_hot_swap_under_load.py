@@ -31,6 +31,7 @@ from live_stack import Stack, event, load_tiny_reranker, running_stack
 
 from freshrec.clients import channel, ranking_stub
 from freshrec.v1 import ranking_pb2, updater_pb2
+from model.collab import profile_history
 from model.text import ranking_item_text, user_context_text
 from services.registry import HISTORY, ModelRegistry
 
@@ -279,10 +280,13 @@ def _rescore_sample(stack: Stack, sample: list[Call]) -> tuple[list[str], int, i
         texts = [ranking_item_text(features[i], now) for i in ids]
         got = np.array([r for _, r, stage in c.items if stage == ranking_pb2.STAGE_RECALL])
         user_text = user_context_text(profiles[c.user_id], None)
+        history = profile_history(profiles[c.user_id])
+        # What serving computes: the text scorer, then the version's collaborative term.
         fits = [
             v
             for v, m in models.items()
-            if np.max(np.abs(m.score(user_text, texts) - got)) <= TOLERANCE
+            if np.max(np.abs(m.add_collab(m.score(user_text, texts), history, ids) - got))
+            <= TOLERANCE
         ]
         checked += 1
         if c.version not in fits:
