@@ -36,6 +36,7 @@ from safetensors.numpy import load_file, save_file
 
 from freshrec.data.schema import EVENT_WEIGHTS
 from freshrec.records import UserProfile
+from model.popularity import utc
 
 # safetensors: a version holds no pickle-capable file (tests/integration/test_security.py)
 COLLAB_FILE = "collab.safetensors"
@@ -54,7 +55,6 @@ class CollabFactors:
     factors: np.ndarray  # (len(item_ids), k) float32
     regularization: float
     fitted_until: datetime | None  # every fitted event is strictly before this
-    interactions: int = 0  # (user, item) cells of the fitted matrix
     _pos: dict[str, int] = field(init=False, repr=False)
     _gram: np.ndarray = field(init=False, repr=False)
 
@@ -72,9 +72,6 @@ class CollabFactors:
     @property
     def k(self) -> int:
         return int(self.factors.shape[1])
-
-    def __contains__(self, item_id: str) -> bool:
-        return item_id in self._pos
 
     def user_vector(self, history: Mapping[str, float]) -> np.ndarray | None:
         """ALS's user step for one user: argmin over x of
@@ -112,7 +109,6 @@ class CollabFactors:
             "item_ids": list(self.item_ids),
             "regularization": self.regularization,
             "fitted_until": self.fitted_until.isoformat() if self.fitted_until else None,
-            "interactions": self.interactions,
         }
         (directory / COLLAB_META).write_text(json.dumps(meta))
         return [directory / COLLAB_FILE, directory / COLLAB_META]
@@ -129,7 +125,6 @@ class CollabFactors:
             factors,
             float(meta["regularization"]),
             pd.Timestamp(until).to_pydatetime() if until else None,
-            int(meta.get("interactions", 0)),
         )
 
 
@@ -184,10 +179,8 @@ def fit_collab(
     from threadpoolctl import threadpool_limits
 
     started = time.perf_counter()
-    stamp = pd.Timestamp(until)
+    stamp = utc(until)
     ts = pd.to_datetime(events["timestamp"], utc=True)
-    if stamp.tzinfo is None:
-        stamp = stamp.tz_localize("UTC")
     weight = events["event_type"].map(EVENT_WEIGHTS).fillna(0.0).astype("float32")
     keep = ((ts < stamp) & (weight > 0)).to_numpy()
     if not keep.any():
@@ -231,7 +224,6 @@ def fit_collab(
         np.asarray(model.item_factors),
         regularization,
         stamp.to_pydatetime(),
-        int(matrix.nnz),
     )
     cost = CollabFit(time.perf_counter() - started, int(matrix.nnz), iterations, parent is not None)
     return fitted, cost

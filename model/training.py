@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from freshrec.records import Example, ItemFeatures, UserProfile
 from model.blend import fit_blend_progressive
 from model.collab import CollabFactors, profile_history
 from model.device import CpuDtype, autocast_dtype
+from model.popularity import utc
 from model.reranker import CrossEncoderReranker
 from model.text import ranking_item_text, user_context_text
 
@@ -191,15 +192,11 @@ def _collab_scores(
         collab is None
         or collab.fitted_until is None
         or at is None
-        or _aware(at) < _aware(collab.fitted_until)
+        or utc(at) < utc(collab.fitted_until)
     ):
         return [math.nan] * len(items)
     history = profile_history(profile)
     return [float(v) for v in collab.scores(history, [i.item_id for i in items])]
-
-
-def _aware(ts: datetime) -> datetime:
-    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
 def make_eval_groups(
