@@ -19,8 +19,9 @@ Fitted by L2-regularised logistic regression (Newton's method; four weights do n
 library), on *progressive-validation* logits: each pair's BERT logit as the model scored it
 in its single training pass just before learning from it (`TrainReport.progressive_logits`),
 so the blend never sees BERT's logits on data BERT had already fitted. An incremental update
-refits it with the parent's weights as the prior (the regulariser pulls towards them).
-Pure numpy.
+refits it with the parent's weights as the prior (the regulariser pulls towards them). The
+collaborative weight is fitted in a second stage, on the pairs whose score is clean
+(`fit_blend`). Pure numpy.
 """
 
 from __future__ import annotations
@@ -94,13 +95,30 @@ class ScoreBlend:
         return cls(**json.loads(path.read_text()))
 
 
-def _design(
-    bert_logits: np.ndarray, features: np.ndarray, collab: np.ndarray | None = None
+def _design(bert_logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+    return np.column_stack([bert_logits, features, np.ones(len(bert_logits))])
+
+
+def _newton(
+    x: np.ndarray,
+    y: np.ndarray,
+    centre: np.ndarray,
+    penalty: np.ndarray,
+    iterations: int,
+    offset: np.ndarray | float = 0.0,
 ) -> np.ndarray:
-    columns = [bert_logits, features, np.ones(len(bert_logits))]
-    if collab is not None:
-        columns.append(collab)
-    return np.column_stack(columns)
+    """Newton's method on the negative log-likelihood of logistic regression with logits
+    `x @ w + offset`, plus `penalty · (w - centre)² / 2`."""
+    w = centre.copy()
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w + offset, -30, 30)))
+        grad = x.T @ (p - y) + penalty * (w - centre)
+        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty)
+        step = np.linalg.solve(hess, grad)
+        w = w - step
+        if float(np.max(np.abs(step))) < 1e-8:
+            break
+    return w
 
 
 def fit_blend(
@@ -114,12 +132,21 @@ def fit_blend(
 ) -> ScoreBlend:
     """Logistic regression of `labels` on (bert_logit, signals, 1[, collab]), the L2 penalty
     pulling the weights towards `prior` (default the identity). Non-finite logits are
-    skipped. With `collab` (one score per pair, NaN = unknown), the collaborative weight is
-    fitted too, on the pairs whose score is known only; without it, the prior's collaborative
-    weight is kept.
+    skipped. Without `collab`, the prior's collaborative weight is kept.
+
+    With `collab` (one score per pair, NaN = unknown), two stages:
+    1. the text weights (bert, popularity, new arrival, bias) on every pair with a logit;
+    2. on the pairs whose collaborative score is known only: a scale of that text logit, the
+       collaborative weight and a bias shift (scale pulled towards 1, the weight towards the
+       prior's). The final text weights are the first stage's times the scale.
+    The clean pairs are few (an update's new window, a from-scratch run's newest quarter), so
+    they fit three numbers, not five: the direction of the text weights comes from all pairs,
+    and the scale undoes the shrinking that leaving the collaborative score out of the first
+    stage causes (a logistic model's weights shrink when a predictor is left out).
 
     Raises:
-        ValueError: mismatched lengths, or fewer than 8 usable pairs.
+        ValueError: mismatched lengths, fewer than 8 pairs with a logit, or (with `collab`)
+            fewer than 8 of them with a known collaborative score.
     """
     z = np.asarray(bert_logits, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
@@ -130,34 +157,38 @@ def fit_blend(
             + (f", {len(collab)}" if collab is not None else "")
         )
     keep = np.isfinite(z)
-    c = None
-    if collab is not None:
-        c = np.asarray(collab, dtype=np.float64)
-        keep &= np.isfinite(c)
     if int(keep.sum()) < 8:
         raise ValueError(f"need at least 8 pairs with a logit to fit a blend, got {keep.sum()}")
-    x = _design(
-        z[keep],
-        signal_features([t for t, k in zip(item_texts, keep, strict=True) if k]),
-        c[keep] if c is not None else None,
-    )
-    y = y[keep]
+    known = None
+    if collab is not None:
+        c = np.asarray(collab, dtype=np.float64)
+        known = keep & np.isfinite(c)
+        if int(known.sum()) < 8:
+            raise ValueError(
+                f"need at least 8 pairs with a collaborative score to fit its weight, "
+                f"got {known.sum()}"
+            )
+    x = _design(z[keep], signal_features([t for t, k in zip(item_texts, keep, strict=True) if k]))
     start = prior or ScoreBlend()
-    centre = start.weights if c is None else np.append(start.weights, start.collab)
-    penalty = np.full(len(centre), l2)
+    penalty = np.full(4, l2)
     penalty[3] = 1e-6  # the bias is not pulled anywhere
-    w = centre.copy()
-    for _ in range(iterations):  # Newton steps on the penalised negative log-likelihood
-        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
-        grad = x.T @ (p - y) + penalty * (w - centre)
-        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if float(np.max(np.abs(step))) < 1e-8:
-            break
-    bert, popularity, new_arrival, bias = (round(float(v), 6) for v in w[:4])
-    weight = round(float(w[4]), 6) if c is not None else start.collab
-    return ScoreBlend(bert, popularity, new_arrival, bias, fitted_on=len(y), collab=weight)
+    w = _newton(x, y[keep], start.weights, penalty, iterations)
+    weight = start.collab
+    if known is not None:
+        text_logit = (x @ w)[known[keep]]
+        stage2 = np.column_stack([text_logit, c[known], np.ones(len(text_logit))])
+        scale, weight, shift = _newton(
+            stage2,
+            y[known],
+            np.array([1.0, start.collab, 0.0]),
+            np.array([l2, l2, 1e-6]),
+            iterations,
+        )
+        w = w * scale
+        w[3] += shift
+        weight = round(float(weight), 6)
+    bert, popularity, new_arrival, bias = (round(float(v), 6) for v in w)
+    return ScoreBlend(bert, popularity, new_arrival, bias, fitted_on=int(keep.sum()), collab=weight)
 
 
 def fit_blend_progressive(
@@ -173,8 +204,8 @@ def fit_blend_progressive(
     `from_position` of the pass on (the model's first steps say little about the final one);
     None when too few pairs were scored there (the caller keeps its current blend).
 
-    With `collab` (NaN = unknown), the collaborative weight is fitted on the pairs whose
-    score is known, when at least 32 of them are in range; otherwise the blend is fitted
+    With `collab` (NaN = unknown), the collaborative weight is fitted (`fit_blend`'s second
+    stage) when at least 32 pairs in range have a known score; otherwise the blend is fitted
     without it and keeps the prior's collaborative weight."""
     if report_logits is None or report_position is None:
         return None
@@ -183,9 +214,7 @@ def fit_blend_progressive(
         return None
     if collab is not None:
         known = keep & np.isfinite(np.asarray(collab, dtype=np.float64))
-        if int(known.sum()) >= 32:
-            keep = known
-        else:
+        if int(known.sum()) < 32:
             collab = None
     texts = [t for t, k in zip(item_texts, keep, strict=True) if k]
     return fit_blend(

@@ -149,7 +149,29 @@ def test_the_blend_recovers_a_planted_collaborative_weight_and_skips_unknown_sco
 
     assert blend.collab == pytest.approx(1.2, abs=0.12)
     assert blend.bert == pytest.approx(0.8, abs=0.12)
-    assert blend.fitted_on == n // 2
+    assert blend.popularity == pytest.approx(1.5, abs=0.3)
+    assert blend.fitted_on == n  # the text weights saw every pair
+
+
+def test_the_text_weights_learn_from_pairs_without_a_collaborative_score() -> None:
+    # Popularity varies only among the pairs whose collaborative score is unknown: a fit on
+    # the clean pairs alone could not learn its weight; the first stage does.
+    rng = np.random.default_rng(5)
+    n = 20_000
+    bert = rng.normal(size=n)
+    collab = rng.normal(size=n)
+    levels = rng.integers(0, POPULARITY_LEVELS + 1, size=n)
+    levels[n // 2 :] = POPULARITY_LEVELS // 2
+    texts = [f"popularity {int(lv)}. Item {i}" for i, lv in enumerate(levels)]
+    z = 0.8 * bert + 2.0 * levels / POPULARITY_LEVELS + 1.0 * collab - 1.0
+    labels = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(float)
+    scores = collab.copy()
+    scores[: n // 2] = np.nan
+
+    blend = fit_blend(bert, texts, labels, l2=1e-3, collab=scores)
+
+    assert blend.popularity == pytest.approx(2.0, abs=0.4)
+    assert blend.collab == pytest.approx(1.0, abs=0.15)
 
 
 def test_without_scores_the_prior_s_collaborative_weight_is_kept() -> None:
