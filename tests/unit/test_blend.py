@@ -61,6 +61,50 @@ def test_the_prior_holds_the_weights_when_data_is_scarce() -> None:
     assert abs(free.popularity - 3.0) > abs(held.popularity - 3.0)
 
 
+def _drawn(
+    rng: np.random.Generator, n: int, popularity_weight: float
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    bert = rng.normal(size=n)
+    levels = rng.integers(0, POPULARITY_LEVELS + 1, size=n)
+    z = 0.7 * bert + popularity_weight * levels / POPULARITY_LEVELS - 1.0
+    labels = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(float)
+    return bert, _texts(levels, np.zeros(n)), labels
+
+
+def test_an_update_weighs_its_pairs_against_what_the_parent_learned() -> None:
+    rng = np.random.default_rng(11)
+    parent = fit_blend(*_drawn(rng, 4_000, popularity_weight=2.5))
+    precision = parent.precision_matrix
+    assert precision is not None
+    assert np.all(np.linalg.eigvalsh(precision) > 0)  # a proper prior
+    assert parent.popularity == pytest.approx(2.5, abs=0.4)
+
+    few = _drawn(rng, 200, popularity_weight=0.0)  # the shop changed; only a little data yet
+    updated = fit_blend(*few, prior=parent)
+    alone = fit_blend(*few, prior=ScoreBlend(*parent.weights))  # the same centre, no precision
+
+    assert updated.popularity > alone.popularity + 0.5  # held by the parent
+    assert updated.popularity < parent.popularity  # but moved towards the new data
+    many = fit_blend(*_drawn(rng, 20_000, popularity_weight=0.0), prior=parent)
+    assert many.popularity == pytest.approx(0.0, abs=0.4)  # enough new data wins
+
+
+def test_an_update_fits_the_collaborative_weight_on_the_clean_pairs_only(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    bert, texts, labels = _drawn(rng, 2_000, popularity_weight=1.0)
+    scores = rng.normal(size=2_000)
+    scores[:1_500] = np.nan
+    parent = fit_blend(bert, texts, labels, collab=scores)
+
+    update = fit_blend(bert, texts, labels, prior=parent, collab=scores)
+
+    assert parent.fitted_on == 2_000
+    assert update.fitted_on == 500
+    assert update.precision != parent.precision
+    parent.save(tmp_path)
+    assert ScoreBlend.load(tmp_path) == parent  # the precision travels with the version
+
+
 def test_progressive_fit_uses_only_the_late_part_of_the_pass() -> None:
     rng = np.random.default_rng(2)
     n = 400
