@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,7 @@ from freshrec.config import FreshRecConfig, TrainingConfig
 from freshrec.data.schema import EVENT_WEIGHTS, POSITIVE_EVENT_TYPES
 from freshrec.records import Example, ItemFeatures
 from model.artifacts import Manifest
+from model.blend import ScoreBlend
 from model.collab import CollabFactors, CollabFit, fit_collab
 from model.index import RecallIndex
 from model.negatives import ServingLikeNegatives
@@ -301,7 +303,7 @@ def run_training(
                     "learning_rate": params.learning_rate,
                     "freeze_layers": params.freeze_layers,
                     "negatives": negatives_drawn,
-                    "blend": asdict(challenger.blend) if challenger.blend else None,
+                    "blend": _blend_record(challenger.blend),
                     "collab": _collab_record(challenger.collab, collab_cost, features_cost),
                 },
                 reason=reason,
@@ -347,3 +349,10 @@ def run_training(
         seconds=time.perf_counter() - started,
         metrics=metrics,
     )
+
+
+def _blend_record(blend: ScoreBlend | None) -> dict[str, Any] | None:
+    """The blend's weights for the manifest; its precision matrix stays in blend.json."""
+    if blend is None:
+        return None
+    return {k: v for k, v in asdict(blend).items() if k != "precision"}
