@@ -204,14 +204,20 @@ class CrossEncoderReranker:
         device: Literal["auto", "cpu", "cuda"] = "auto",
         cpu_dtype: CpuDtype = "fp32",
         joint_layers: int | None = None,
+        seed: int = 0,
     ) -> CrossEncoderReranker:
         """Load a saved re-ranker (or the pretrained backbone, which gets a fresh head).
 
-        `joint_layers` applies to a backbone (a checkpoint without a trained head) only."""
+        `joint_layers` applies to a backbone (a checkpoint without a trained head) only.
+        `seed` draws the fresh head's weights (the process's random state is left as it
+        was): drawn from the process's state instead, two runs of the same training started
+        from different heads, and on MovieLens the first version's replay NDCG@10 moved by 5%."""
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        loaded: Any = BertForSequenceClassification.from_pretrained(
-            str(path), num_labels=1, use_safetensors=True, output_loading_info=True
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            loaded: Any = BertForSequenceClassification.from_pretrained(
+                str(path), num_labels=1, use_safetensors=True, output_loading_info=True
+            )
         model, info = loaded
         # A checkpoint without a trained head is a backbone: it takes the requested
         # architecture. A trained re-ranker keeps its own; one saved before the split

@@ -221,6 +221,7 @@ def _default_loader(config: FreshRecConfig, tiny: bool, seed: int) -> Callable[[
             config.model.device,
             config.model.rerank_dtype,
             joint_layers=config.model.joint_layers,
+            seed=config.training.seed,
         )
 
     return load

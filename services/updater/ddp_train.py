@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             reranker = CrossEncoderReranker.from_pretrained(
-                args.base, args.max_length, device_pref, args.cpu_dtype
+                args.base, args.max_length, device_pref, args.cpu_dtype, seed=args.seed
             )
         params = TrainParams(
             learning_rate=args.learning_rate,

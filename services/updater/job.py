@@ -192,6 +192,7 @@ def run_training(
             config.model.device,
             config.model.rerank_dtype,
             joint_layers=config.model.joint_layers,
+            seed=tcfg.seed,
         )
     )
     rng = np.random.default_rng(tcfg.seed)

@@ -565,3 +565,25 @@ def test_text_encoder_embeds_each_distinct_text_once_and_keeps_the_callers_order
     for text, row in zip(texts, got, strict=True):
         np.testing.assert_allclose(encoder.encode([text])[0], row, atol=1e-5)
     assert encoder.encode([]).shape == (0, 32)
+
+
+def test_a_backbone_gets_the_same_fresh_head_for_the_same_seed(tmp_path: Path) -> None:
+    """The head a backbone gets is drawn from `seed`, not from the process's random state:
+    the same training from the same backbone starts from the same weights in every run."""
+    tiny = CrossEncoderReranker.tiny(seed=1)
+    tiny.model.bert.save_pretrained(tmp_path)  # a checkpoint without a classifier head
+    tiny.tokenizer.save_pretrained(tmp_path)
+
+    def head(seed: int) -> torch.Tensor:
+        model = CrossEncoderReranker.from_pretrained(tmp_path, 32, "cpu", seed=seed).model
+        return model.classifier.weight.detach().clone()
+
+    torch.manual_seed(123)
+    first = head(0)
+    torch.rand(1000)  # whatever ran before in the process
+    state = torch.get_rng_state()
+    again = head(0)
+
+    assert torch.equal(first, again)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is untouched
+    assert not torch.equal(head(1), first)
