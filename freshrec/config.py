@@ -110,7 +110,11 @@ class TrainingConfig(_Section):
         15, ge=1, le=100, description="ALS iterations of a fit from scratch."
     )
     collab_incremental_iterations: int = Field(
-        2, ge=1, le=100, description="ALS iterations of an update warm-started from the parent."
+        15,
+        ge=1,
+        le=100,
+        description="ALS iterations of an update warm-started from the parent; 2 left the "
+        "factors short of a drifting shop (docs/evaluation.md).",
     )
     collab_regularization: float = Field(0.05, ge=0, description="ALS L2 regularisation.")
     collab_feature_share: float = Field(

@@ -395,7 +395,7 @@ def test_updater_lifecycle(stack: Stack) -> None:
     first = registry.manifest("reranker", "v0001").training["collab"]
     collab = training["collab"]
     assert (first["warm_start"], first["iterations"]) == (False, 15), first
-    assert (collab["warm_start"], collab["iterations"]) == (True, 2), collab
+    assert (collab["warm_start"], collab["iterations"]) == (True, 15), collab
     assert collab["interactions"] > first["interactions"] and collab["items"] >= first["items"]
     # v0001 fitted a first set of factors on older events to score its pairs; v0002 used v0001's.
     assert first["feature_fit_examples"] > 0 and collab["feature_fit_examples"] == 0
