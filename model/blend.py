@@ -15,13 +15,13 @@ applies the same blend without carrying features beside the text. The collaborat
 scorers apply the rest, and `with_collab` adds its term in logit space afterwards, which is
 the same sum.
 
-Fitted by L2-regularised logistic regression (Newton's method; four weights do not need a
+Fitted by L2-regularised logistic regression (Newton's method; five weights do not need a
 library), on *progressive-validation* logits: each pair's BERT logit as the model scored it
 in its single training pass just before learning from it (`TrainReport.progressive_logits`),
 so the blend never sees BERT's logits on data BERT had already fitted. An incremental update
-refits it with the parent's weights as the prior (the regulariser pulls towards them). The
-collaborative weight is fitted in a second stage, on the pairs whose score is clean
-(`fit_blend`). Pure numpy.
+is a Bayesian update: the parent's weights are the prior's centre and its Hessian (kept in
+`blend.json`) the prior's precision. From the backbone, the collaborative weight is fitted
+in a second stage, on the pairs whose score is clean (`fit_blend`). Pure numpy.
 """
 
 from __future__ import annotations
@@ -124,18 +124,13 @@ PRIOR_MEMORY = 0.5
 
 
 def _newton(
-    x: np.ndarray,
-    y: np.ndarray,
-    centre: np.ndarray,
-    penalty: np.ndarray,
-    iterations: int,
-    offset: np.ndarray | float = 0.0,
+    x: np.ndarray, y: np.ndarray, centre: np.ndarray, penalty: np.ndarray, iterations: int
 ) -> np.ndarray:
     """Newton's method on the negative log-likelihood of logistic regression with logits
-    `x @ w + offset`, plus `(w - centre)ᵀ penalty (w - centre) / 2` (`penalty` a matrix)."""
+    `x @ w`, plus `(w - centre)ᵀ penalty (w - centre) / 2` (`penalty` a matrix)."""
     w = centre.copy()
     for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w + offset, -30, 30)))
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
         grad = x.T @ (p - y) + penalty @ (w - centre)
         hess = (x * (p * (1 - p))[:, None]).T @ x + penalty
         step = np.linalg.solve(hess, grad)
@@ -268,9 +263,9 @@ def fit_blend_progressive(
     `from_position` of the pass on (the model's first steps say little about the final one);
     None when too few pairs were scored there (the caller keeps its current blend).
 
-    With `collab` (NaN = unknown), the collaborative weight is fitted (`fit_blend`'s second
-    stage) when at least 32 pairs in range have a known score; otherwise the blend is fitted
-    without it and keeps the prior's collaborative weight."""
+    With `collab` (NaN = unknown), the collaborative weight is fitted too (`fit_blend`) when
+    at least 32 pairs in range have a known score; otherwise the blend is fitted without it
+    and keeps the prior's collaborative weight."""
     if report_logits is None or report_position is None:
         return None
     keep = np.isfinite(report_logits) & (report_position >= from_position)

@@ -156,9 +156,12 @@ def test_item_factors_learn_from_trained_history_only(
 ) -> None:
     """Each re-ranker update refits the collaborative item factors on the positive (user, item)
     cells before the fed window's end, without the early holdout's events; `incremental`
-    warm-starts (2 iterations) from its parent's factors, which also scored its training
-    pairs; `full` fits from scratch (15), after a first fit on older events for its pairs."""
+    warm-starts (`collab_incremental_iterations`) from its parent's factors, which also
+    scored its training pairs; `full` fits from scratch (`collab_iterations`), after a first
+    fit on older events for its pairs."""
     dataset, result = quick
+    training = load_config(None).training
+    warm, scratch = training.collab_incremental_iterations, training.collab_iterations
     events = dataset.interactions
     weight = events["event_type"].map(EVENT_WEIGHTS)
     holdout = result.split.holdout.mask(events["timestamp"])
@@ -168,10 +171,10 @@ def test_item_factors_learn_from_trained_history_only(
         cells = len(learnable[["user_id", "item_id"]].drop_duplicates())
         incremental = result.per_window["incremental"][w]["update"]
         full = result.per_window["full"][w]["update"]
-        assert incremental["collab_examples"] == cells * 2, (period.name, cells)
+        assert incremental["collab_examples"] == cells * warm, (period.name, cells)
         # full also counts the first fit that scored its training pairs (older events only)
-        assert cells * 15 < full["collab_examples"] < 2 * cells * 15, (period.name, cells)
-        assert full["collab_examples"] % 15 == 0
+        assert cells * scratch < full["collab_examples"] < 2 * cells * scratch, period.name
+        assert full["collab_examples"] % scratch == 0
         assert len(incremental["blend"]) == 5  # (bert, popularity, new arrival, bias, collab)
     assert all(r["update"]["collab_examples"] == 0 for r in result.per_window["stale"])
 
