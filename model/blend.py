@@ -6,7 +6,7 @@ relevance = sigmoid(w_bert · bert_logit + w_pop · popularity_level + w_new · 
 BERT reads the same signals as text ("popularity 13. new arrival. ..."), and can learn how they
 interact with the user's taste; but a few thousand fine-tuning pairs through frozen lower
 layers teach it a weak, blurred version of the strongest single fact in a shop's log: how
-popular an item is right now. A four-weight logistic layer on top (the "wide" part of a
+popular an item is right now. A five-weight logistic layer on top (the "wide" part of a
 wide-and-deep ranker) learns that fact exactly and says how much BERT adds beside it
 (`w_bert`). The features are parsed back from the text the re-ranker scores
 (`model.text.ranking_item_text`), so every scoring path — serving, micro-batches, the gate —
