@@ -133,40 +133,41 @@ def test_profile_history_weighs_recent_items_as_clicks_and_purchases_as_purchase
 # -- the blend's collaborative weight ---------------------------------------------------------
 
 
-def test_the_blend_recovers_a_planted_collaborative_weight_and_skips_unknown_scores() -> None:
-    rng = np.random.default_rng(3)
+def _planted(
+    seed: int, popularity: float, collab_weight: float, constant_level_in_clean_half: bool
+) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """Labels drawn from a known blend, 20,000 pairs; the first half of the pairs has no
+    clean collaborative score (NaN)."""
+    rng = np.random.default_rng(seed)
     n = 20_000
     bert = rng.normal(size=n)
     collab = rng.normal(size=n)
     levels = rng.integers(0, POPULARITY_LEVELS + 1, size=n)
+    if constant_level_in_clean_half:
+        levels[n // 2 :] = POPULARITY_LEVELS // 2
     texts = [f"popularity {int(lv)}. Item {i}" for i, lv in enumerate(levels)]
-    z = 0.8 * bert + 1.5 * levels / POPULARITY_LEVELS + 1.2 * collab - 1.0
+    z = 0.8 * bert + popularity * levels / POPULARITY_LEVELS + collab_weight * collab - 1.0
     labels = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(float)
-    unknown = collab.copy()
-    unknown[: n // 2] = np.nan  # half the pairs have no clean score
+    scores = collab.copy()
+    scores[: n // 2] = np.nan
+    return bert, texts, labels, scores
 
-    blend = fit_blend(bert, texts, labels, l2=1e-3, collab=unknown)
+
+def test_the_blend_recovers_a_planted_collaborative_weight_and_skips_unknown_scores() -> None:
+    bert, texts, labels, scores = _planted(3, 1.5, 1.2, constant_level_in_clean_half=False)
+
+    blend = fit_blend(bert, texts, labels, l2=1e-3, collab=scores)
 
     assert blend.collab == pytest.approx(1.2, abs=0.12)
     assert blend.bert == pytest.approx(0.8, abs=0.12)
     assert blend.popularity == pytest.approx(1.5, abs=0.3)
-    assert blend.fitted_on == n  # the text weights saw every pair
+    assert blend.fitted_on == len(labels)  # the text weights saw every pair
 
 
 def test_the_text_weights_learn_from_pairs_without_a_collaborative_score() -> None:
     # Popularity varies only among the pairs whose collaborative score is unknown: a fit on
     # the clean pairs alone could not learn its weight; the first stage does.
-    rng = np.random.default_rng(5)
-    n = 20_000
-    bert = rng.normal(size=n)
-    collab = rng.normal(size=n)
-    levels = rng.integers(0, POPULARITY_LEVELS + 1, size=n)
-    levels[n // 2 :] = POPULARITY_LEVELS // 2
-    texts = [f"popularity {int(lv)}. Item {i}" for i, lv in enumerate(levels)]
-    z = 0.8 * bert + 2.0 * levels / POPULARITY_LEVELS + 1.0 * collab - 1.0
-    labels = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(float)
-    scores = collab.copy()
-    scores[: n // 2] = np.nan
+    bert, texts, labels, scores = _planted(5, 2.0, 1.0, constant_level_in_clean_half=True)
 
     blend = fit_blend(bert, texts, labels, l2=1e-3, collab=scores)
 
