@@ -216,16 +216,13 @@ def fit_blend(
     used = np.ones(len(y), dtype=bool)  # the pairs this fit learns from
     if parent is not None:
         penalty = penalty + memory * parent
-        if collab is None:
-            w = np.append(_newton(x[:, :4], y, start.weights, penalty[:4, :4], iterations), 0.0)
-            w[4] = start.collab
-        else:
-            used = known
-            w = _newton(x[used], y[used], start.all_weights, penalty, iterations)
-    else:
-        w = np.append(_newton(x[:, :4], y, start.weights, penalty[:4, :4], iterations), 0.0)
-        w[4] = start.collab
-        if collab is not None:
+    if parent is not None and collab is not None:  # an update: all five on the clean pairs
+        used = known
+        w = _newton(x[used], y[used], start.all_weights, penalty, iterations)
+    else:  # the text weights on every pair; the prior's collaborative weight for now
+        text = _newton(x[:, :4], y, start.weights, penalty[:4, :4], iterations)
+        w = np.append(text, start.collab)
+        if collab is not None:  # from scratch: the second stage
             text_logit = x[known, :4] @ w[:4]
             stage2 = np.column_stack([text_logit, scores[known], np.ones(len(text_logit))])
             scale, w[4], shift = _newton(

@@ -351,7 +351,7 @@ def _blend_tuple(reranker: CrossEncoderReranker) -> tuple[float, ...]:
     blend = reranker.blend
     if blend is None:
         return ()
-    return (*(float(v) for v in blend.weights), float(blend.collab))
+    return tuple(float(v) for v in blend.all_weights)
 
 
 def _joined(positives: Mapping[str, list[Positive]], names: Sequence[str]) -> list[Positive]:
