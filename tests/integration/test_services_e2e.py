@@ -573,8 +573,12 @@ def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) 
         stages["feast_sdk"] / stages["redis_raw"], 2
     )
     # overhead_ratio and overhead_ms describe the same p50 against the same floor sum, up to
-    # their rounding to two decimals.
+    # their rounding to two decimals: p50 and overhead_ms each carry ±0.005 (so the floor read
+    # back carries ±0.01), and p50 / ratio carries ±0.005 / ratio from p50 and
+    # ±p50 * 0.005 / (ratio * (ratio - 0.005)) from the ratio (CI saw 0.0087, over the old bound).
     p50, ratio = result["p50_ms"], result["overhead_ratio"]
     floor = p50 - result["overhead_ms"]
     assert floor > 0 and ratio > 0
-    assert abs(p50 / ratio - floor) <= p50 * 0.005 / ratio**2 + 0.006
+    assert abs(p50 / ratio - floor) <= 0.01 + 0.005 / ratio + p50 * 0.005 / (
+        ratio * (ratio - 0.005)
+    )
