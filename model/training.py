@@ -125,6 +125,10 @@ class TrainReport:
     progressive_logits: np.ndarray | None = None
     # When in that pass: the share of the pass's steps already taken (0 = the first step).
     progressive_position: np.ndarray | None = None
+    # A split model's segment rows through the frozen bottom: computed, and answered from the
+    # per-run cache (`SplitEncoder.begin_frozen_prefix`); 0 for a full cross-encoder.
+    frozen_rows_computed: int = 0
+    frozen_rows_reused: int = 0
 
 
 def sample_negatives(
@@ -241,6 +245,19 @@ def freeze_lower_layers(reranker: CrossEncoderReranker, n_layers: int) -> int:
     return sum(p.numel() for p in reranker.model.parameters() if p.requires_grad)
 
 
+def frozen_to_eval(reranker: CrossEncoderReranker, n_layers: int) -> None:
+    """Put what `freeze_lower_layers` froze in eval mode (the rest stays in train mode): the
+    frozen bottom then computes in training what it computes at serving, without dropout
+    noise the trainable layers would learn on and never see again, and (split models) its
+    output is a function of the text, which `SplitEncoder.begin_frozen_prefix` reuses."""
+    if n_layers <= 0:
+        return
+    bert = reranker.model.bert
+    bert.embeddings.eval()
+    for layer in bert.encoder.layer[: min(n_layers, reranker.num_layers)]:
+        layer.eval()
+
+
 def shard_indices(n: int, rank: int, world_size: int, rng: np.random.Generator) -> list[int]:
     """This rank's share of one shuffled epoch of `n` pairs (DistributedSampler's scheme).
 
@@ -332,6 +349,9 @@ def train(
     progressive = np.full(len(pairs), np.nan, dtype=np.float32)
     position = np.full(len(pairs), np.nan, dtype=np.float32)
     model.train()
+    frozen_to_eval(reranker, params.freeze_layers)
+    if reranker.split is not None:
+        reranker.split.begin_frozen_prefix(params.freeze_layers)
     try:
         for epoch in range(params.epochs):
             order = shard_indices(len(pairs), rank, world_size, rng)
@@ -368,6 +388,10 @@ def train(
         model.eval()
         for p in model.parameters():
             p.requires_grad = True
+        frozen_rows = (0, 0)
+        if reranker.split is not None:
+            frozen_rows = (reranker.split.prefix_computed, reranker.split.prefix_reused)
+            reranker.split.end_frozen_prefix()
     if world_size > 1:
         total = torch.tensor([processed], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(total)
@@ -395,6 +419,8 @@ def train(
         world_size=world_size,
         progressive_logits=progressive,
         progressive_position=position,
+        frozen_rows_computed=frozen_rows[0],
+        frozen_rows_reused=frozen_rows[1],
     )
 
 

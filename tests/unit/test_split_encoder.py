@@ -242,3 +242,81 @@ def test_user_states_are_cached_per_context_and_give_the_same_scores() -> None:
     reranker.clear_item_states()
     reranker.score(USERS[0], ITEMS)
     assert reranker.user_cache_misses == 3  # cleared with the weights' other states
+
+
+def test_frozen_prefix_reuses_each_rows_states_and_keeps_the_logits_and_gradients() -> None:
+    """Under `begin_frozen_prefix` the gradient pass computes the frozen bottom once per
+    distinct segment row; the logits and the trainable layers' gradients are those of the
+    plain pass (compared in eval mode, where neither has dropout)."""
+    users = [u for u in USERS for _ in ITEMS]
+    items = [i for _ in USERS for i in ITEMS]
+
+    def run(reranker: CrossEncoderReranker) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        reranker.model.eval()
+        for p in reranker.model.bert.embeddings.parameters():
+            p.requires_grad = False
+        for p in reranker.model.bert.encoder.layer[0].parameters():
+            p.requires_grad = False
+        logits = reranker.logits(reranker.encode_pairs(users, items))
+        logits.sum().backward()
+        grads = [p.grad.clone() for p in reranker.model.parameters() if p.grad is not None]
+        return logits.detach(), grads
+
+    plain_model, cached_model = _split(joint=1), _split(joint=1)
+    plain, plain_grads = run(plain_model)
+    assert cached_model.split is not None
+    cached_model.split.begin_frozen_prefix(1)
+    cached, cached_grads = run(cached_model)
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+    assert len(cached_grads) == len(plain_grads) > 0
+    for a, b in zip(cached_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # 9 pairs = 18 segment rows, of which 3 distinct users and 3 distinct items.
+    assert (cached_model.split.prefix_computed, cached_model.split.prefix_reused) == (6, 12)
+    cached_model.logits(cached_model.encode_pairs(users[:2], items[:2]))
+    assert (cached_model.split.prefix_computed, cached_model.split.prefix_reused) == (6, 16)
+    with torch.no_grad():  # inference never reads the training cache
+        cached_model.logits(cached_model.encode_pairs(users[:2], items[:2]))
+    assert cached_model.split.prefix_reused == 16
+    cached_model.split.end_frozen_prefix()
+    cached_model.logits(cached_model.encode_pairs(users[:2], items[:2]))
+    assert cached_model.split.prefix_reused == 16
+
+
+def test_training_runs_the_frozen_bottom_in_eval_mode_once_per_distinct_row() -> None:
+    reranker = _split(joint=1)
+    assert reranker.split is not None
+    modes: list[tuple[bool, bool, bool]] = []
+    bert = reranker.model.bert
+
+    def record(_module: torch.nn.Module, _args: object, _out: object) -> None:
+        modes.append(
+            (
+                bert.embeddings.training,
+                bert.encoder.layer[0].training,
+                bert.encoder.layer[1].training,
+            )
+        )
+
+    hook = bert.encoder.layer[1].attention.self.query.register_forward_hook(record)
+    frozen_before = [p.detach().clone() for p in bert.encoder.layer[0].parameters()]
+    top_before = [p.detach().clone() for p in bert.encoder.layer[1].parameters()]
+    pairs = [Pair(u, i, float(n == 0)) for u in USERS for n, i in enumerate(ITEMS)]
+    report = train(
+        reranker,
+        pairs,
+        TrainParams(learning_rate=1e-2, epochs=2, batch_size=4, warmup_ratio=0.0, freeze_layers=1),
+    )
+    hook.remove()
+    # Embeddings and layer 0 frozen and in eval mode; the top layer trains with dropout.
+    assert modes and set(modes) == {(False, False, True)}
+    for a, b in zip(bert.encoder.layer[0].parameters(), frozen_before, strict=True):
+        assert torch.equal(a, b)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(bert.encoder.layer[1].parameters(), top_before, strict=True)
+    )
+    # 2 epochs × 9 pairs = 36 segment rows through the frozen bottom, 6 of them distinct.
+    assert (report.frozen_rows_computed, report.frozen_rows_reused) == (6, 30)
+    assert not reranker.model.training and reranker.split.prefix_computed == 6
+    assert reranker.split._prefix_layers == 0 and not reranker.split._prefix_cache
