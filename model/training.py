@@ -40,6 +40,9 @@ class TrainParams:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     freeze_layers: int = 4  # embeddings + this many lower encoder layers stay frozen
+    # the frozen bottom in eval mode, its split-model output computed once per distinct row
+    # (`frozen_to_eval`, `SplitEncoder.begin_frozen_prefix`); off = dropout everywhere
+    frozen_eval: bool = False
     max_seconds: float | None = None  # stop early (after a step) once this budget is spent
     cpu_dtype: CpuDtype = "fp32"
     seed: int = 13
@@ -349,9 +352,10 @@ def train(
     progressive = np.full(len(pairs), np.nan, dtype=np.float32)
     position = np.full(len(pairs), np.nan, dtype=np.float32)
     model.train()
-    frozen_to_eval(reranker, params.freeze_layers)
-    if reranker.split is not None:
-        reranker.split.begin_frozen_prefix(params.freeze_layers)
+    if params.frozen_eval:
+        frozen_to_eval(reranker, params.freeze_layers)
+        if reranker.split is not None:
+            reranker.split.begin_frozen_prefix(params.freeze_layers)
     try:
         for epoch in range(params.epochs):
             order = shard_indices(len(pairs), rank, world_size, rng)
@@ -389,7 +393,7 @@ def train(
         for p in model.parameters():
             p.requires_grad = True
         frozen_rows = (0, 0)
-        if reranker.split is not None:
+        if reranker.split is not None and params.frozen_eval:
             frozen_rows = (reranker.split.prefix_computed, reranker.split.prefix_reused)
             reranker.split.end_frozen_prefix()
     if world_size > 1:

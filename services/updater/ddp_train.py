@@ -90,6 +90,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="Pairs per rank per step.")
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--freeze-layers", type=int, default=4)
+    parser.add_argument(
+        "--frozen-eval", action="store_true", help="Frozen layers in eval mode (TrainParams)."
+    )
     parser.add_argument("--cpu-dtype", choices=["auto", "fp32", "bf16"], default="fp32")
     parser.add_argument("--max-seconds", type=float, default=None)
     parser.add_argument("--seed", type=int, default=13)
@@ -127,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             epochs=args.epochs,
             batch_size=args.batch_size,
             freeze_layers=args.freeze_layers,
+            frozen_eval=args.frozen_eval,
             max_seconds=args.max_seconds,
             cpu_dtype=args.cpu_dtype,
             seed=args.seed,

@@ -65,6 +65,7 @@ def train_params(tcfg: TrainingConfig, from_parent: bool, seed: int | None = Non
         epochs=tcfg.epochs,
         batch_size=tcfg.batch_size,
         freeze_layers=tcfg.freeze_layers,
+        frozen_eval=tcfg.frozen_eval,
         cpu_dtype=tcfg.cpu_dtype,
         seed=tcfg.seed if seed is None else seed,
     )
@@ -303,6 +304,7 @@ def run_training(
                     "final_loss": report.final_loss,
                     "learning_rate": params.learning_rate,
                     "freeze_layers": params.freeze_layers,
+                    "frozen_eval": params.frozen_eval,
                     "negatives": negatives_drawn,
                     "blend": _blend_record(challenger.blend),
                     "collab": _collab_record(challenger.collab, collab_cost, features_cost),

@@ -283,33 +283,36 @@ def test_frozen_prefix_reuses_each_rows_states_and_keeps_the_logits_and_gradient
     assert cached_model.split.prefix_reused == 16
 
 
-def test_training_runs_the_frozen_bottom_in_eval_mode_once_per_distinct_row() -> None:
+@pytest.mark.parametrize("frozen_eval", [True, False])
+def test_training_with_frozen_eval_runs_the_frozen_bottom_without_dropout_once_per_row(
+    frozen_eval: bool,
+) -> None:
     reranker = _split(joint=1)
     assert reranker.split is not None
     modes: list[tuple[bool, bool, bool]] = []
     bert = reranker.model.bert
 
     def record(_module: torch.nn.Module, _args: object, _out: object) -> None:
-        modes.append(
-            (
-                bert.embeddings.training,
-                bert.encoder.layer[0].training,
-                bert.encoder.layer[1].training,
-            )
-        )
+        layers = bert.encoder.layer
+        modes.append((bert.embeddings.training, layers[0].training, layers[1].training))
 
     hook = bert.encoder.layer[1].attention.self.query.register_forward_hook(record)
     frozen_before = [p.detach().clone() for p in bert.encoder.layer[0].parameters()]
     top_before = [p.detach().clone() for p in bert.encoder.layer[1].parameters()]
     pairs = [Pair(u, i, float(n == 0)) for u in USERS for n, i in enumerate(ITEMS)]
-    report = train(
-        reranker,
-        pairs,
-        TrainParams(learning_rate=1e-2, epochs=2, batch_size=4, warmup_ratio=0.0, freeze_layers=1),
+    params = TrainParams(
+        learning_rate=1e-2,
+        epochs=2,
+        batch_size=4,
+        warmup_ratio=0.0,
+        freeze_layers=1,
+        frozen_eval=frozen_eval,
     )
+    report = train(reranker, pairs, params)
     hook.remove()
-    # Embeddings and layer 0 frozen and in eval mode; the top layer trains with dropout.
-    assert modes and set(modes) == {(False, False, True)}
+    # Embeddings and layer 0 frozen either way; in eval mode only with frozen_eval. The top
+    # layer trains with dropout.
+    assert modes and set(modes) == {(not frozen_eval, not frozen_eval, True)}
     for a, b in zip(bert.encoder.layer[0].parameters(), frozen_before, strict=True):
         assert torch.equal(a, b)
     assert any(
@@ -317,6 +320,7 @@ def test_training_runs_the_frozen_bottom_in_eval_mode_once_per_distinct_row() ->
         for a, b in zip(bert.encoder.layer[1].parameters(), top_before, strict=True)
     )
     # 2 epochs × 9 pairs = 36 segment rows through the frozen bottom, 6 of them distinct.
-    assert (report.frozen_rows_computed, report.frozen_rows_reused) == (6, 30)
-    assert not reranker.model.training and reranker.split.prefix_computed == 6
+    expected = (6, 30) if frozen_eval else (0, 0)
+    assert (report.frozen_rows_computed, report.frozen_rows_reused) == expected
+    assert not reranker.model.training
     assert reranker.split._prefix_layers == 0 and not reranker.split._prefix_cache
