@@ -195,9 +195,9 @@ class SplitEncoder:
         return self._user_layers is not None
 
     def begin_frozen_prefix(self, layers: int, max_rows: int = FROZEN_PREFIX_ROWS) -> None:
-        """Training with the embeddings and the lowest `layers` encoder layers frozen (and, as
-        `model.training.train` runs them, in eval mode: no dropout): below the split their
-        output for a segment row is a function of its token ids alone, so the gradient pass
+        """Training with the embeddings and the lowest `layers` encoder layers frozen and in
+        eval mode (no dropout; `model.training.train` with `frozen_eval`): below the split
+        their output for a segment row is a function of its token ids alone, so the gradient pass
         computes it once per distinct row (a user's row recurs with each of its negatives,
         an item's across steps) and remembers up to `max_rows` rows until
         `end_frozen_prefix`. The frozen layers run as they would at serving."""
@@ -215,7 +215,7 @@ class SplitEncoder:
     ) -> torch.Tensor:
         """(B, T, H) states after the frozen `layers` for a padded batch of segment rows, each
         distinct row computed once (pad positions hold zeros: every later layer masks them as
-        keys, and nothing reads them as queries' outputs)."""
+        keys, so no real position's state depends on them)."""
         lengths = mask.sum(dim=1).tolist()
         keys = [
             (start, token_type, tuple(row[: int(n)]))

@@ -128,8 +128,9 @@ class TrainReport:
     progressive_logits: np.ndarray | None = None
     # When in that pass: the share of the pass's steps already taken (0 = the first step).
     progressive_position: np.ndarray | None = None
-    # A split model's segment rows through the frozen bottom: computed, and answered from the
-    # per-run cache (`SplitEncoder.begin_frozen_prefix`); 0 for a full cross-encoder.
+    # With `frozen_eval`, a split model's segment rows through the frozen bottom: computed, and
+    # answered from the run's cache (`SplitEncoder.begin_frozen_prefix`); else 0, as for a
+    # full cross-encoder.
     frozen_rows_computed: int = 0
     frozen_rows_reused: int = 0
 
