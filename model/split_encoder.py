@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import BertForSequenceClassification
 
 JOINT_LAYERS_ATTR = "freshrec_joint_layers"  # saved in the model's config.json
@@ -221,11 +222,11 @@ class SplitEncoder:
             (start, token_type, tuple(row[: int(n)]))
             for row, n in zip(ids.tolist(), lengths, strict=True)
         ]
+        states = {k: self._prefix_cache[k] for k in keys if k in self._prefix_cache}
         fresh: dict[tuple[int, int, tuple[int, ...]], int] = {}
         for n, key in enumerate(keys):
-            if key not in self._prefix_cache and key not in fresh:
+            if key not in states and key not in fresh:
                 fresh[key] = n
-        computed: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}
         if fresh:
             rows = torch.tensor(list(fresh.values()), device=ids.device)
             width = max(len(k[2]) for k in fresh)
@@ -236,27 +237,20 @@ class SplitEncoder:
                     k, v = _kv(layer, hidden, self.n_heads)
                     hidden = _layer(layer, hidden, k, v, bias, self.n_heads)
             for key, row in zip(fresh, hidden, strict=True):
-                computed[key] = row[: len(key[2])].clone()
+                states[key] = row[: len(key[2])].clone()
                 if len(self._prefix_cache) < self._prefix_rows:
-                    self._prefix_cache[key] = computed[key]
+                    self._prefix_cache[key] = states[key]
         self.prefix_computed += len(fresh)
         self.prefix_reused += len(keys) - len(fresh)
-        first = next(iter(computed.values())) if computed else self._prefix_cache[keys[0]]
-        out = torch.zeros(
-            (ids.shape[0], ids.shape[1], first.shape[-1]), dtype=first.dtype, device=ids.device
-        )
-        for n, key in enumerate(keys):
-            row = computed.get(key)
-            if row is None:
-                row = self._prefix_cache[key]
-            out[n, : row.shape[0]] = row
-        return out
+        out = pad_sequence([states[k] for k in keys], batch_first=True)
+        extra = ids.shape[1] - out.shape[1]  # 0 when the batch is padded to its longest row
+        return torch.nn.functional.pad(out, (0, 0, 0, extra)) if extra else out
 
     def _lower(
         self, ids: torch.Tensor, mask: torch.Tensor, start: int, token_type: int, layers: Any
     ) -> torch.Tensor:
         """One segment alone through `layers` (the layers below the split, or their int8 copy)."""
-        if self._prefix_layers and torch.is_grad_enabled() and layers is not self._user_layers:
+        if self._prefix_layers and torch.is_grad_enabled():  # the int8 copy is inference-only
             frozen = self._prefix_layers
             hidden = self._frozen_prefix(ids, mask, start, token_type, layers[:frozen])
             layers = layers[frozen:]
