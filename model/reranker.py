@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 # Nothing in FreshRec may reach a model hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +33,7 @@ from transformers.utils import logging as hf_logging
 from model.blend import ScoreBlend
 from model.collab import CollabFactors
 from model.device import CpuDtype, autocast_dtype, resolve_device
+from model.item_states import Int8ItemStates, PagedItemStates
 from model.split_encoder import (
     JOINT_LAYERS_ATTR,
     USER_LEN_ATTR,
@@ -65,15 +65,6 @@ def _truncated_lengths(n_first: int, n_second: int, budget: int) -> tuple[int, i
         return keep_first, budget - keep_first
     keep_second = min(n_second, budget // 2)
     return budget - keep_second, keep_second
-
-
-def _quantize_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(…, W) float -> int8 (…, W) and fp32 scales (…, W // block): symmetric, one scale per
-    `block` consecutive values (absmax / 127)."""
-    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
-    scale = blocks.abs().amax(dim=-1).clamp(min=1e-8) / 127.0
-    q = torch.round(blocks / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-    return q.reshape(x.shape), scale
 
 
 def pretrained_path(base_model: str = "") -> Path:
@@ -115,19 +106,19 @@ class CrossEncoderReranker:
         self.max_length = max_length
         self.cpu_dtype = cpu_dtype
         self._token_cache: dict[str, list[int]] = {}
-        # text -> states (n_tokens, width) in 16 bits, or (int8 states, scales) after
-        # `quantize_item_states`
-        self._item_states: OrderedDict[str, Any] = OrderedDict()
         self._state_lock = threading.Lock()
-        # Cached item states are kept in 16 bits: half the memory of fp32, and scores move by
-        # ~1e-4 (tested); fp32 here makes the serving path equal the training path exactly.
-        # bf16 where the joint layer computes in bf16 anyway: converting 70 candidates' states
-        # from fp16 at every request cost ~1.2 ms on 2 cores.
+        # Cached item states (model/item_states.py), up to `item_state_capacity` item texts
+        # (oldest out first); serving raises it to its warm-up count so a warmed catalogue is
+        # not evicted by its own warm-up.
+        self._item_states: PagedItemStates | Int8ItemStates = PagedItemStates(
+            torch.float16, ITEM_STATE_CACHE_SIZE, self.device
+        )
+        # Kept in 16 bits: half the memory of fp32, and scores move by ~1e-4 (tested); fp32
+        # here makes the serving path equal the training path exactly. bf16 where the joint
+        # layer computes in bf16 anyway: converting 70 candidates' states from fp16 at every
+        # request cost ~1.2 ms on 2 cores.
         compute = autocast_dtype(self.device, cpu_dtype)
         self.item_state_dtype = torch.bfloat16 if compute == torch.bfloat16 else torch.float16
-        # Item texts whose states are kept (least recently used out first); serving raises it
-        # to its warm-up count so a warmed catalogue is not evicted by its own warm-up.
-        self.item_state_capacity = ITEM_STATE_CACHE_SIZE
         self._user_states_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.user_cache_hits = 0
         self.user_cache_misses = 0
@@ -150,13 +141,39 @@ class CrossEncoderReranker:
         """Copies (deepcopy, pickling) get a fresh lock and an empty item-state cache."""
         state = self.__dict__.copy()
         state["_state_lock"] = None
-        state["_item_states"] = OrderedDict()
+        state["_item_states"] = copy.copy(self._item_states)  # empty (item_states.py)
         state["_user_states_cache"] = OrderedDict()
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._state_lock = threading.Lock()
+
+    @property
+    def item_state_dtype(self) -> torch.dtype:
+        """How cached item states are kept: 16 bits (paged arena), fp32 (tests: exact
+        comparisons) or int8 (`quantize_item_states`). Setting it forgets the states kept."""
+        return self._item_states.dtype
+
+    @item_state_dtype.setter
+    def item_state_dtype(self, dtype: torch.dtype) -> None:
+        with self._state_lock:
+            self._item_states = self._new_item_states(dtype)
+
+    def _new_item_states(self, dtype: torch.dtype) -> PagedItemStates | Int8ItemStates:
+        capacity = self._item_states.capacity
+        if dtype == torch.int8:
+            return Int8ItemStates(self.model.config.hidden_size, capacity, self.device)
+        return PagedItemStates(dtype, capacity, self.device)
+
+    @property
+    def item_state_capacity(self) -> int:
+        """Item texts whose states are kept."""
+        return self._item_states.capacity
+
+    @item_state_capacity.setter
+    def item_state_capacity(self, items: int) -> None:
+        self._item_states.capacity = items
 
     @property
     def architecture(self) -> str:
@@ -179,13 +196,11 @@ class CrossEncoderReranker:
         `hidden_size` block (a split model's keys and values are scaled apart): half the
         tensor bytes of 16 bits (measured RSS did not follow; docs/performance.md),
         dequantised in one step per request. Forgets the states cached so far."""
-        with self._state_lock:
-            self.item_state_dtype = torch.int8
-            self._item_states.clear()
+        self.item_state_dtype = torch.int8
 
     @property
     def item_states_int8(self) -> bool:
-        return self.item_state_dtype == torch.int8
+        return isinstance(self._item_states, Int8ItemStates)
 
     def quantize_user_side(self) -> None:
         """Serve the user side of a split model with int8 Linear layers on CPU (no-op for a
@@ -364,32 +379,15 @@ class CrossEncoderReranker:
             ids, mask = self._segments([self._item_row(t) for t in chunk])
             with self._autocast():
                 states = self.split.item_cache(ids, mask)
-            lengths = mask.sum(dim=1).tolist()
-            # Measured RSS growth warming 20k synthetic items (glibc malloc, 2 cores): int8 as
-            # per-item copies 2.6 GB for 0.47 GB of states (the heap fragments among the
-            # quantisation's temporaries), as views into the batch's tensor 1.0 GB; bf16 as
-            # copies 1.1 GB for 0.94 GB, as views 1.9 GB. Hence views for int8, copies for 16 bits.
-            if self.item_states_int8:
-                packed = _quantize_blocks(states.float(), self.model.config.hidden_size)
-                rows: list[Any] = [
-                    (q[: int(n)], sc[: int(n)]) for q, sc, n in zip(*packed, lengths, strict=True)
-                ]
-            else:
-                keep = states.to(self.item_state_dtype)
-                rows = [row[: int(n)].clone() for row, n in zip(keep, lengths, strict=True)]
-            with self._state_lock:
-                for text, row in zip(chunk, rows, strict=True):
-                    self._item_states[text] = row
-                while len(self._item_states) > self.item_state_capacity:
-                    self._item_states.popitem(last=False)
+            self._item_states.put(chunk, states, mask.sum(dim=1).tolist())
         return len(missing)
 
     def clear_item_states(self) -> None:
         """Forget cached item- and user-side states and the int8 user-side copy (they belong
         to the weights they were computed with; `model.training.train` calls this when it
         changes the weights)."""
+        self._item_states.clear()
         with self._state_lock:
-            self._item_states.clear()
             self._user_states_cache.clear()
         if self.split is not None:
             self.split.drop_quantized()
@@ -405,28 +403,18 @@ class CrossEncoderReranker:
         if self.split is None:
             return self.encode_one_user(user_text, item_texts)
         self.warm_items(item_texts)
-        with self._state_lock:
-            rows = [self._item_states.get(t) for t in item_texts]
-        if any(r is None for r in rows):  # evicted meanwhile by a concurrent warm-up
-            self.warm_items([t for t, r in zip(item_texts, rows, strict=True) if r is None])
-            with self._state_lock:
-                rows = [self._item_states[t] for t in item_texts]
-        states = [r for r in rows if r is not None]
-        # One padded stack in one call, then one conversion to the compute dtype (a Python
-        # loop of row copies cost ~2.5 ms for 70 candidates on 2 cores).
         compute = autocast_dtype(self.device, self.cpu_dtype) or torch.float32
-        if isinstance(states[0], tuple):  # int8 + per-block scales
-            q = pad_sequence([r[0] for r in states], batch_first=True)
-            scales = pad_sequence([r[1] for r in states], batch_first=True)
-            n, length, width = q.shape
-            blocks = q.view(n, length, scales.shape[-1], -1).to(compute)
-            # Scaled in the compute dtype, broadcast per block: ~0.3 ms for 70 candidates
-            # (expanding the scales to full width first cost ~0.8 ms).
-            items = (blocks * scales.to(compute)[..., None]).view(n, length, width)
-            lengths = torch.tensor([int(r[0].shape[0]) for r in states], device=self.device)
-        else:
-            items = pad_sequence(states, batch_first=True).to(compute)
-            lengths = torch.tensor([int(r.shape[0]) for r in states], device=self.device)
+        # One gather from the arena, in the compute dtype (model/item_states.py).
+        got = self._item_states.gather(item_texts, compute)
+        if got is None:  # evicted meanwhile by a concurrent warm-up
+            self.warm_items(item_texts)
+            got = self._item_states.gather(item_texts, compute)
+        if got is None:
+            raise ValueError(
+                f"{len(item_texts)} candidates do not fit in the item-state cache "
+                f"(item_state_capacity {self.item_state_capacity})"
+            )
+        items, lengths = got
         positions = torch.arange(items.shape[1], device=self.device)
         item_mask = (positions[None, :] < lengths[:, None]).long()
         user_ids, user_mask = self._segments([self._user_row(user_text)])

@@ -99,7 +99,7 @@ def test_fp16_item_cache_moves_scores_by_less_than_1e_3() -> None:
     exact, half = _split(joint=1), _split(joint=1)
     half.item_state_dtype = torch.float16
     np.testing.assert_allclose(half.score(USERS[0], ITEMS), exact.score(USERS[0], ITEMS), atol=1e-3)
-    assert next(iter(half._item_states.values())).dtype == torch.float16
+    assert half.item_state_dtype == torch.float16 and half.cached_items() == len(ITEMS)
 
 
 @pytest.mark.parametrize("cpu_dtype", ["fp32", "bf16"])
@@ -123,7 +123,7 @@ def test_int8_item_states_halve_the_cache_and_keep_scores_close() -> None:
     assert served.item_states_int8
     for user in USERS:
         np.testing.assert_allclose(served.score(user, ITEMS), exact.score(user, ITEMS), atol=2e-3)
-    q, scales = next(iter(served._item_states.values()))
+    q, scales = served._item_states.rows()[0]  # type: ignore[union-attr]
     assert q.dtype == torch.int8 and scales.dtype == torch.float32
     assert scales.shape == (q.shape[0], 2)  # keys and values scaled apart, per token
     # A batch of requests (micro-batching) reads the same int8 cache.

@@ -1,0 +1,97 @@
+"""The paged item-state arena (model/item_states.py): what a request gathers is what was put."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from model.item_states import PAGE_TOKENS, PagedItemStates
+
+
+def _batch(lengths: list[int], width: int = 6, seed: int = 0) -> torch.Tensor:
+    """(B, max length, width) random states; rows past each length are garbage on purpose
+    (a padded warm-up batch), so a gather that read them would show."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((len(lengths), max(lengths), width), generator=g) + 100.0
+
+
+def test_a_gather_is_the_padded_stack_of_the_rows_put() -> None:
+    store = PagedItemStates(torch.float32, capacity=100)
+    lengths = [3, 17, 1, 8, 9]
+    states = _batch(lengths)
+    texts = [f"item {i}" for i in range(len(lengths))]
+    store.put(texts, states, lengths)
+    order = [3, 0, 4, 1]  # any subset, any order
+    got = store.gather([texts[i] for i in order], torch.float32)
+    assert got is not None
+    items, got_lengths = got
+    want = pad_sequence([states[i, : lengths[i]] for i in order], batch_first=True)
+    assert torch.equal(items, want)  # zeros past each length, not the batch's garbage
+    assert got_lengths.tolist() == [lengths[i] for i in order]
+    assert store.gather(["item 0", "never put"], torch.float32) is None
+
+
+def test_states_are_kept_in_the_store_dtype_and_gathered_in_the_asked_one() -> None:
+    store = PagedItemStates(torch.bfloat16, capacity=10)
+    states = _batch([4, 2])
+    store.put(["a", "b"], states, [4, 2])
+    got = store.gather(["b", "a"], torch.float32)
+    assert got is not None and got[0].dtype == torch.float32
+    assert store.nbytes() == store.pages * PAGE_TOKENS * 6 * 2  # 2 bytes a value
+    torch.testing.assert_close(got[0][1], states[0].to(torch.bfloat16).float())
+
+
+def test_the_oldest_items_go_at_capacity_and_their_pages_are_reused() -> None:
+    store = PagedItemStates(torch.float32, capacity=4)
+    for i in range(4):
+        store.put([f"t{i}"], _batch([PAGE_TOKENS + 1], seed=i), [PAGE_TOKENS + 1])
+    pages = store.pages
+    for i in range(4, 400):  # a long stream of new items through a full store
+        store.put([f"t{i}"], _batch([PAGE_TOKENS + 1], seed=i), [PAGE_TOKENS + 1])
+    assert len(store) == 4
+    assert "t395" not in store and all(f"t{i}" in store for i in range(396, 400))
+    assert store.pages == pages  # freed pages were handed out again: no growth
+    got = store.gather(["t399", "t396"], torch.float32)
+    assert got is not None
+    assert torch.equal(got[0][0], _batch([PAGE_TOKENS + 1], seed=399)[0])
+    assert torch.equal(got[0][1], _batch([PAGE_TOKENS + 1], seed=396)[0])
+
+
+def test_growing_the_arena_keeps_what_it_held() -> None:
+    store = PagedItemStates(torch.float32, capacity=10_000)
+    first = _batch([5, 30], seed=1)
+    store.put(["x", "y"], first, [5, 30])
+    before = store.pages
+    many = [PAGE_TOKENS * 3] * 200
+    store.put([f"m{i}" for i in range(200)], _batch(many, seed=2), many)
+    assert store.pages > before
+    got = store.gather(["y", "x"], torch.float32)
+    assert got is not None
+    assert torch.equal(got[0][0], first[1]) and torch.equal(got[0][1, :5], first[0, :5])
+
+
+def test_putting_a_text_again_replaces_its_states() -> None:
+    store = PagedItemStates(torch.float32, capacity=10)
+    store.put(["a"], _batch([9], seed=1), [9])
+    pages = store.pages
+    store.put(["a"], _batch([3], seed=2), [3])
+    got = store.gather(["a"], torch.float32)
+    assert got is not None and got[1].tolist() == [3]
+    assert torch.equal(got[0][0], _batch([3], seed=2)[0])
+    assert len(store) == 1 and store.pages == pages
+
+
+@pytest.mark.parametrize("clear", [True, False])
+def test_copies_and_cleared_stores_hold_nothing(clear: bool) -> None:
+    store = PagedItemStates(torch.float16, capacity=7)
+    store.put(["a"], _batch([2]), [2])
+    other = store if clear else copy.deepcopy(store)
+    if clear:
+        store.clear()
+    assert len(other) == 0 and other.nbytes() == 0 and other.gather(["a"], torch.float32) is None
+    assert other.dtype == torch.float16 and other.capacity == 7
+    other.put(["b"], _batch([2]), [2])  # and work afterwards
+    assert "b" in other
