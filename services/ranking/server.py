@@ -40,6 +40,7 @@ from services.catalog.servicer import CatalogServicer
 from services.common import metrics
 from services.common.auth import server_credentials
 from services.common.breaker import CircuitBreaker
+from services.common.memory import release_free_heap
 from services.common.privacy import pseudonymizer
 from services.common.served_scores import SERVED_SCORES_DIR, ServedScoreLog
 from services.common.server import ServerHandle, create_server
@@ -196,6 +197,8 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         started = time.perf_counter()
         warmed = reranker.warm_items(_warm_texts(config, index))
         if warmed:
+            # The warm-up's freed temporaries would stay in the RSS (services/common/memory.py).
+            release_free_heap()
             log.info(
                 "re-ranker %s: %d item states computed in %.1f s",
                 path,
