@@ -30,30 +30,39 @@ PAGE_TOKENS = 8
 MIN_PAGES = 64
 
 
-class PagedItemStates:
-    """Item text → its item-side states (tokens, width), kept in one paged arena tensor."""
+class _Kept:
+    """What both stores share: item text → entry, oldest first, `capacity` at most; copies
+    (deepcopy, pickling) are empty stores built with the same arguments."""
 
-    def __init__(self, dtype: torch.dtype, capacity: int, device: torch.device | None = None):
-        self.dtype = dtype
+    def __init__(self, args: tuple[Any, ...], capacity: int, device: torch.device | None) -> None:
+        self._args = args
         self.capacity = capacity
         self.device = device or torch.device("cpu")
-        self._rows: OrderedDict[str, np.ndarray] = OrderedDict()  # text → arena row indices
-        self._arena: torch.Tensor | None = None  # (pages × PAGE_TOKENS, width)
-        self._free: list[int] = []  # page numbers; page 0 is the zero page, never handed out
+        self._entries: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, object]:
-        """A copy (deepcopy, pickling) is empty: same dtype and capacity, no states."""
-        return {"dtype": self.dtype, "capacity": self.capacity, "device": self.device}
+        return {"args": self._args, "capacity": self.capacity, "device": self.device}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["dtype"], state["capacity"], state["device"])  # type: ignore[misc]
+        self.__init__(*state["args"], state["capacity"], state["device"])  # type: ignore[misc]
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._entries)
 
     def __contains__(self, text: object) -> bool:
-        return text in self._rows
+        return text in self._entries
+
+
+class PagedItemStates(_Kept):
+    """Item text → its item-side states (tokens, width), kept in one paged arena tensor."""
+
+    def __init__(self, dtype: torch.dtype, capacity: int, device: torch.device | None = None):
+        super().__init__((dtype,), capacity, device)
+        self.dtype = dtype
+        self._rows: OrderedDict[str, np.ndarray] = self._entries  # text → arena row indices
+        self._arena: torch.Tensor | None = None  # (pages × PAGE_TOKENS, width)
+        self._free: list[int] = []  # page numbers; page 0 is the zero page, never handed out
 
     @property
     def pages(self) -> int:
@@ -132,29 +141,14 @@ class PagedItemStates:
         self._free.extend(int(p) for p in np.unique(rows // PAGE_TOKENS))
 
 
-class Int8ItemStates:
+class Int8ItemStates(_Kept):
     """Item text → (int8 states (tokens, width), fp32 scales (tokens, width // block))."""
 
     def __init__(self, block: int, capacity: int, device: torch.device | None = None):
+        super().__init__((block,), capacity, device)
         self.dtype = torch.int8
         self.block = block
-        self.capacity = capacity
-        self.device = device or torch.device("cpu")
-        self._items: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, object]:
-        """A copy (deepcopy, pickling) is empty: same block and capacity, no states."""
-        return {"block": self.block, "capacity": self.capacity, "device": self.device}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["block"], state["capacity"], state["device"])  # type: ignore[misc]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __contains__(self, text: object) -> bool:
-        return text in self._items
+        self._items: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = self._entries
 
     def clear(self) -> None:
         with self._lock:
