@@ -96,7 +96,11 @@ class PagedItemStates(_Kept):
                     self._release(old)
                 self._rows[text] = row
                 rows.append(row)
-            keep = torch.arange(states.shape[1])[None, :] < torch.as_tensor(lengths)[:, None]
+            on = states.device
+            keep = (
+                torch.arange(states.shape[1], device=on)[None, :]
+                < torch.as_tensor(lengths, device=on)[:, None]
+            )
             index = torch.from_numpy(np.concatenate(rows)).to(self.device)
             self._arena.index_copy_(0, index, states[keep].to(self.dtype))
             while len(self._rows) > self.capacity:
