@@ -7,9 +7,14 @@ against ~0.3 ms for the same bytes gathered by one `index_select` (docs/performa
 
 `PagedItemStates` keeps every item's token rows in one arena tensor, in pages of `PAGE_TOKENS`
 rows (row 0 of page 0 stays zero: the padding every gather points at). A request builds one
-index array in numpy and gathers its batch with one `index_select`. Eviction (first in, first
-out, at `capacity` items) returns an item's pages to a free list, so the arena never fragments
+index array in numpy and gathers its batch with one `index_select`. Eviction (least recently
+used, at `capacity` items) returns an item's pages to a free list, so the arena never fragments
 and never needs compacting; it grows by half when the free list runs out.
+
+Least recently used, not first in: a warm-up puts the most popular items first, and an item's
+ranking text changes with its popularity level and new-arrival flag, so changed texts arrive
+all day. First-in-first-out then evicted the popular head, the items every request's popular
+candidates need, and each request recomputed them (~4 ms an item).
 
 `Int8ItemStates` is the `model.item_states_int8` option: int8 rows with per-token, per-block
 scales, one pair of tensors per item (views into their warm-up batch), dequantised per request.
@@ -31,8 +36,8 @@ MIN_PAGES = 64
 
 
 class _Kept:
-    """What both stores share: item text → entry, oldest first, `capacity` at most; copies
-    (deepcopy, pickling) are empty stores built with the same arguments."""
+    """What both stores share: item text → entry, least recently used first, `capacity` at
+    most; copies (deepcopy, pickling) are empty stores built with the same arguments."""
 
     def __init__(self, args: tuple[Any, ...], capacity: int, device: torch.device | None) -> None:
         self._args = args
@@ -81,7 +86,8 @@ class PagedItemStates(_Kept):
 
     def put(self, texts: Sequence[str], states: torch.Tensor, lengths: Sequence[int]) -> None:
         """Keep `states[b, : lengths[b]]` as the states of `texts[b]` (states: (B, L, W)),
-        converted to `dtype`; the oldest items go once there are more than `capacity`."""
+        converted to `dtype`; the least recently used go once there are more than
+        `capacity`. The texts are distinct."""
         counts = [-(-int(n) // PAGE_TOKENS) for n in lengths]
         with self._lock:
             self._make_room(sum(counts), states.shape[-1])
@@ -115,6 +121,8 @@ class PagedItemStates(_Kept):
             rows = [self._rows.get(t) for t in texts]
             if any(r is None for r in rows) or self._arena is None:
                 return None
+            for text in texts:
+                self._rows.move_to_end(text)
             lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))  # type: ignore[arg-type]
             width = int(lengths.max())
             index = np.zeros((len(rows), width), dtype=np.int64)  # padding reads row 0: zeros
@@ -159,7 +167,7 @@ class Int8ItemStates(_Kept):
             self._items.clear()
 
     def rows(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The kept (states, scales) pairs, oldest first."""
+        """The kept (states, scales) pairs, least recently used first."""
         with self._lock:
             return list(self._items.values())
 
@@ -179,8 +187,10 @@ class Int8ItemStates(_Kept):
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         with self._lock:
             rows = [self._items.get(t) for t in texts]
-        if any(r is None for r in rows):
-            return None
+            if any(r is None for r in rows):
+                return None
+            for text in texts:
+                self._items.move_to_end(text)
         kept: list[Any] = rows
         q = pad_sequence([r[0] for r in kept], batch_first=True)
         scales = pad_sequence([r[1] for r in kept], batch_first=True)

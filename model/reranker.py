@@ -108,8 +108,8 @@ class CrossEncoderReranker:
         self._token_cache: dict[str, list[int]] = {}
         self._state_lock = threading.Lock()
         # Cached item states (model/item_states.py), up to `item_state_capacity` item texts
-        # (oldest out first); serving raises it to its warm-up count so a warmed catalogue is
-        # not evicted by its own warm-up.
+        # (least recently used out first); serving raises it to its warm-up count so a warmed
+        # catalogue is not evicted by its own warm-up.
         self._item_states: PagedItemStates | Int8ItemStates = PagedItemStates(
             torch.float16, ITEM_STATE_CACHE_SIZE, self.device
         )

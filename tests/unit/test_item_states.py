@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from model.item_states import PAGE_TOKENS, PagedItemStates
+from model.item_states import PAGE_TOKENS, Int8ItemStates, PagedItemStates
 
 
 def _batch(lengths: list[int], width: int = 6, seed: int = 0) -> torch.Tensor:
@@ -58,6 +58,19 @@ def test_the_oldest_items_go_at_capacity_and_their_pages_are_reused() -> None:
     assert got is not None
     assert torch.equal(got[0][0], _batch([PAGE_TOKENS + 1], seed=399)[0])
     assert torch.equal(got[0][1], _batch([PAGE_TOKENS + 1], seed=396)[0])
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_what_requests_read_stays_and_the_least_recently_read_goes(int8: bool) -> None:
+    """A warm-up puts the popular head first; evicting first-in would evict it."""
+    store = Int8ItemStates(3, capacity=3) if int8 else PagedItemStates(torch.float32, capacity=3)
+    for text in ("head", "b", "c"):
+        store.put([text], _batch([2]), [2])
+    assert store.gather(["head"], torch.float32) is not None  # read: now the most recent
+    store.put(["d"], _batch([2]), [2])
+    assert "head" in store and "b" not in store and {"c", "d"} <= set(store._entries)
+    store.put(["e"], _batch([2]), [2])
+    assert "head" in store and "c" not in store
 
 
 def test_growing_the_arena_keeps_what_it_held() -> None:
