@@ -374,6 +374,7 @@ class CrossEncoderReranker:
         # In order of token count: a batch pads little (and an int8 batch tensor, which its
         # items' cached rows are views into, holds little padding).
         missing.sort(key=lambda t: len(self._item_row(t)))
+        self._item_states.expect([len(self._item_row(t)) for t in missing])
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
             ids, mask = self._segments([self._item_row(t) for t in chunk])

@@ -86,6 +86,22 @@ def test_growing_the_arena_keeps_what_it_held() -> None:
     assert torch.equal(got[0][0], first[1]) and torch.equal(got[0][1, :5], first[0, :5])
 
 
+def test_an_announced_warm_up_is_allocated_once() -> None:
+    lengths = [PAGE_TOKENS * 3, 5, 1] * 100  # 500 pages
+    announced = PagedItemStates(torch.float32, capacity=10_000)
+    announced.expect(lengths)
+    states = _batch(lengths, seed=4)
+    texts = [f"w{i}" for i in range(len(lengths))]
+    announced.put(texts[:3], states[:3], lengths[:3])
+    assert announced.pages == 501  # all of it (and the zero page) at the first put
+    for start in range(3, len(lengths), 50):  # the rest arrives batch by batch: no growth
+        stop = start + 50
+        announced.put(texts[start:stop], states[start:stop], lengths[start:stop])
+    assert announced.pages == 501
+    got = announced.gather([texts[-1], texts[0]], torch.float32)
+    assert got is not None and torch.equal(got[0][1], states[0])
+
+
 def test_putting_a_text_again_replaces_its_states() -> None:
     store = PagedItemStates(torch.float32, capacity=10)
     store.put(["a"], _batch([9], seed=1), [9])
