@@ -2,14 +2,16 @@
 
 A request reads the states of its ~70 candidates as one padded batch (n, L, W). Kept as one
 tensor per item, that batch was built by `pad_sequence` over 70 tensors scattered through the
-heap: 1.1 ms of a ~17 ms request in the ranking service (2-core Xeon, MovieLens workdir),
-against ~0.3 ms for the same bytes gathered by one `index_select` (docs/performance.md, stop 16).
+heap: 1.1 ms (median) of a ~21 ms request in the ranking service (2-core Xeon, MovieLens
+workdir). Gathered from one arena by one `index_select` it takes 0.65 ms there
+(docs/performance.md, stop 16).
 
 `PagedItemStates` keeps every item's token rows in one arena tensor, in pages of `PAGE_TOKENS`
 rows (row 0 of page 0 stays zero: the padding every gather points at). A request builds one
 index array in numpy and gathers its batch with one `index_select`. Eviction (least recently
 used, at `capacity` items) returns an item's pages to a free list, so the arena never fragments
-and never needs compacting; it grows by half when the free list runs out.
+and never needs compacting. A warm-up announces its items (`expect`), so the arena is
+allocated once for them; past that it grows by half when the free list runs out.
 
 Least recently used, not first in: a warm-up puts the most popular items first, and an item's
 ranking text changes with its popularity level and new-arrival flag, so changed texts arrive
