@@ -75,7 +75,14 @@ def test_sigterm_drains_in_flight_calls(prepared: FreshRecConfig, tmp_path: Path
                 stub = health_pb2_grpc.HealthStub(ch)
                 while not stop_watch.is_set():
                     try:
-                        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                        # Health shares the 4 busy workers: a check sent during the drain
+                        # waits in the server's queue behind the in-flight calls. A 1 s
+                        # deadline let every such check expire when the machine was slow
+                        # (health read DEADLINE_EXCEEDED through the whole 1 s drain); a
+                        # queued check is still answered during the grace period.
+                        reply = stub.Check(
+                            health_pb2.HealthCheckRequest(), timeout=GRACE_SECONDS + DRAIN_SECONDS
+                        )
                         state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
                     except grpc.RpcError as exc:
                         state = exc.code().name
