@@ -45,7 +45,7 @@ class _Kept:
         self._args = args
         self.capacity = capacity
         self.device = device or torch.device("cpu")
-        self._entries: OrderedDict[str, Any] = OrderedDict()
+        self._entries: OrderedDict[str, Any] = OrderedDict()  # text → the store's entry
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, object]:
@@ -60,14 +60,18 @@ class _Kept:
     def __contains__(self, text: object) -> bool:
         return text in self._entries
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
 
 class PagedItemStates(_Kept):
-    """Item text → its item-side states (tokens, width), kept in one paged arena tensor."""
+    """Item text → its item-side states (tokens, width), kept in one paged arena tensor; an
+    entry is the item's arena row indices."""
 
     def __init__(self, dtype: torch.dtype, capacity: int, device: torch.device | None = None):
         super().__init__((dtype,), capacity, device)
         self.dtype = dtype
-        self._rows: OrderedDict[str, np.ndarray] = self._entries  # text → arena row indices
         self._arena: torch.Tensor | None = None  # (pages × PAGE_TOKENS, width)
         self._free: list[int] = []  # page numbers; page 0 is the zero page, never handed out
         self._expected = 0  # pages announced by `expect` for the arena's first allocation
@@ -82,8 +86,8 @@ class PagedItemStates(_Kept):
         return 0 if self._arena is None else self._arena.numel() * self._arena.element_size()
 
     def clear(self) -> None:
+        super().clear()
         with self._lock:
-            self._rows.clear()
             self._arena = None
             self._free = []
 
@@ -112,10 +116,10 @@ class PagedItemStates(_Kept):
             for text, n, k in zip(texts, lengths, counts, strict=True):
                 pages = np.asarray([self._free.pop() for _ in range(k)], dtype=np.int64)
                 row = (pages[:, None] * PAGE_TOKENS + offsets).reshape(-1)[: int(n)]
-                old = self._rows.pop(text, None)
+                old = self._entries.pop(text, None)
                 if old is not None:
                     self._release(old)
-                self._rows[text] = row
+                self._entries[text] = row
                 rows.append(row)
             on = states.device
             keep = (
@@ -124,8 +128,8 @@ class PagedItemStates(_Kept):
             )
             index = torch.from_numpy(np.concatenate(rows)).to(self.device)
             self._arena.index_copy_(0, index, states[keep].to(self.dtype))
-            while len(self._rows) > self.capacity:
-                self._release(self._rows.popitem(last=False)[1])
+            while len(self._entries) > self.capacity:
+                self._release(self._entries.popitem(last=False)[1])
 
     def gather(
         self, texts: Sequence[str], dtype: torch.dtype
@@ -133,11 +137,11 @@ class PagedItemStates(_Kept):
         """(states (n, L, W) in `dtype`, zero past each item's length; lengths (n,)) for
         `texts`, L the longest; None if any text is not kept."""
         with self._lock:
-            rows = [self._rows.get(t) for t in texts]
+            rows = [self._entries.get(t) for t in texts]
             if any(r is None for r in rows) or self._arena is None:
                 return None
             for text in texts:
-                self._rows.move_to_end(text)
+                self._entries.move_to_end(text)
             lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))  # type: ignore[arg-type]
             width = int(lengths.max())
             index = np.zeros((len(rows), width), dtype=np.int64)  # padding reads row 0: zeros
@@ -170,17 +174,13 @@ class PagedItemStates(_Kept):
 
 
 class Int8ItemStates(_Kept):
-    """Item text → (int8 states (tokens, width), fp32 scales (tokens, width // block))."""
+    """Item text → (int8 states (tokens, width), fp32 scales (tokens, width // block)): an
+    entry is that pair."""
 
     def __init__(self, block: int, capacity: int, device: torch.device | None = None):
         super().__init__((block,), capacity, device)
         self.dtype = torch.int8
         self.block = block
-        self._items: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = self._entries
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
 
     def expect(self, lengths: Sequence[int]) -> None:
         """Nothing to prepare: each item's int8 rows are views into their warm-up batch."""
@@ -188,7 +188,7 @@ class Int8ItemStates(_Kept):
     def rows(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The kept (states, scales) pairs, least recently used first."""
         with self._lock:
-            return list(self._items.values())
+            return list(self._entries.values())
 
     def put(self, texts: Sequence[str], states: torch.Tensor, lengths: Sequence[int]) -> None:
         # Measured RSS growth warming 20k synthetic items (glibc malloc, 2 cores): int8 as
@@ -197,19 +197,19 @@ class Int8ItemStates(_Kept):
         q, scales = quantize_blocks(states.float(), self.block)
         with self._lock:
             for text, qi, si, n in zip(texts, q, scales, lengths, strict=True):
-                self._items[text] = (qi[: int(n)], si[: int(n)])
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+                self._entries[text] = (qi[: int(n)], si[: int(n)])
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
 
     def gather(
         self, texts: Sequence[str], dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         with self._lock:
-            rows = [self._items.get(t) for t in texts]
+            rows = [self._entries.get(t) for t in texts]
             if any(r is None for r in rows):
                 return None
             for text in texts:
-                self._items.move_to_end(text)
+                self._entries.move_to_end(text)
         kept: list[Any] = rows
         q = pad_sequence([r[0] for r in kept], batch_first=True)
         scales = pad_sequence([r[1] for r in kept], batch_first=True)

@@ -109,16 +109,16 @@ class CrossEncoderReranker:
         self._state_lock = threading.Lock()
         # Cached item states (model/item_states.py), up to `item_state_capacity` item texts
         # (least recently used out first); serving raises it to its warm-up count so a warmed
-        # catalogue is not evicted by its own warm-up.
-        self._item_states: PagedItemStates | Int8ItemStates = PagedItemStates(
-            torch.float16, ITEM_STATE_CACHE_SIZE, self.device
-        )
-        # Kept in 16 bits: half the memory of fp32, and scores move by ~1e-4 (tested); fp32
-        # here makes the serving path equal the training path exactly. bf16 where the joint
-        # layer computes in bf16 anyway: converting 70 candidates' states from fp16 at every
-        # request cost ~1.2 ms on 2 cores.
+        # catalogue is not evicted by its own warm-up. Kept in 16 bits: half the memory of
+        # fp32, and scores move by ~1e-4 (tested); fp32 here makes the serving path equal the
+        # training path exactly. bf16 where the joint layer computes in bf16 anyway:
+        # converting 70 candidates' states from fp16 at every request cost ~1.2 ms on 2 cores.
         compute = autocast_dtype(self.device, cpu_dtype)
-        self.item_state_dtype = torch.bfloat16 if compute == torch.bfloat16 else torch.float16
+        self._item_states: PagedItemStates | Int8ItemStates = PagedItemStates(
+            torch.bfloat16 if compute == torch.bfloat16 else torch.float16,
+            ITEM_STATE_CACHE_SIZE,
+            self.device,
+        )
         self._user_states_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.user_cache_hits = 0
         self.user_cache_misses = 0
@@ -371,13 +371,16 @@ class CrossEncoderReranker:
         if self.model.training:
             self.model.eval()
         missing = list(dict.fromkeys(t for t in item_texts if t not in self._item_states))
+        if not missing:  # every request comes through here: nothing more to do
+            return 0
+        rows = {t: self._item_row(t) for t in missing}
         # In order of token count: a batch pads little (and an int8 batch tensor, which its
         # items' cached rows are views into, holds little padding).
-        missing.sort(key=lambda t: len(self._item_row(t)))
-        self._item_states.expect([len(self._item_row(t)) for t in missing])
+        missing.sort(key=lambda t: len(rows[t]))
+        self._item_states.expect([len(rows[t]) for t in missing])
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
-            ids, mask = self._segments([self._item_row(t) for t in chunk])
+            ids, mask = self._segments([rows[t] for t in chunk])
             with self._autocast():
                 states = self.split.item_cache(ids, mask)
             self._item_states.put(chunk, states, mask.sum(dim=1).tolist())
