@@ -19,8 +19,11 @@ seconds. Then, in the same run, it measures the stage floors on sampled requests
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
+import re
 import threading
 import time
 from datetime import UTC, datetime
@@ -57,7 +60,17 @@ def bench_serving(
     # item, one more feature read): the bench measures the service a storefront would call.
     config = load_config(workdir, ranking={"recall_candidates": candidates})
     if open_registry(config).champion("reranker") is None:
-        say(f"no models in {workdir}: bootstrapping a synthetic shop of {items:,} items first")
+        if "project" not in _explicit_settings(workdir):
+            # Its own Feast project (kept in the workdir's freshrec.json by the bootstrap):
+            # every synthetic shop uses the same item ids, so two bench workdirs in the default
+            # project on one Redis would read and overwrite each other's features.
+            config = load_config(
+                workdir, project=bench_project(workdir), ranking={"recall_candidates": candidates}
+            )
+        say(
+            f"no models in {workdir}: bootstrapping a synthetic shop of {items:,} items first "
+            f"(Feast project {config.project})"
+        )
         shop = load_dataset("synthetic", workdir / "cache", n_items=items)
         bootstrap(config, shop, announce=say)
     started_at = time.perf_counter()
@@ -152,6 +165,27 @@ def bench_serving(
         "startup_s": round(startup_s, 1),
         "max_length": config.model.max_length,
     }
+
+
+def bench_project(workdir: Path) -> str:
+    """The Feast project a bench workdir bootstraps into when none is configured:
+    `bench_<directory name>_<hash of its absolute path>` (letters, digits and '_')."""
+    resolved = Path(workdir).resolve()
+    name = re.sub(r"[^A-Za-z0-9]", "_", resolved.name)[:24]
+    digest = hashlib.blake2b(str(resolved).encode(), digest_size=4).hexdigest()
+    return f"bench_{name}_{digest}"
+
+
+def _explicit_settings(workdir: Path) -> set[str]:
+    """Top-level settings given by the environment or the workdir's freshrec.json."""
+    from freshrec.config import CONFIG_FILE_NAME, FreshRecConfig
+
+    nothing: dict[str, Any] = {}  # the environment alone
+    given = set(FreshRecConfig(**nothing).model_dump(exclude_unset=True))
+    path = Path(workdir) / CONFIG_FILE_NAME
+    if path.exists():
+        given |= set(json.loads(path.read_text()))
+    return given
 
 
 def _floor_ms(floors: dict[str, Any], hit_rate: float) -> float | None:
