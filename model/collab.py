@@ -24,6 +24,7 @@ Pure compute (numpy, scipy, implicit); no I/O beyond the version directory.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ COLLAB_FILE = "collab.safetensors"
 COLLAB_META = "collab.json"
 # Confidence of an item in a user's online profile when folding the user in: a recent item
 # counts as a click, a purchased one as a purchase (`EVENT_WEIGHTS`); both add up.
+USER_VECTOR_CACHE_SIZE = 10_000  # folded-in user vectors kept (k floats each)
 RECENT_WEIGHT = EVENT_WEIGHTS["click"]
 PURCHASED_WEIGHT = EVENT_WEIGHTS["purchase"]
 
@@ -57,6 +59,12 @@ class CollabFactors:
     fitted_until: datetime | None  # every fitted event is strictly before this
     _pos: dict[str, int] = field(init=False, repr=False)
     _gram: np.ndarray = field(init=False, repr=False)
+    # Folded-in user vectors by history: a storefront asks for the same user (same profile)
+    # several times per visit, and the fold-in is most of a request's collaborative term.
+    _memo: dict[tuple[tuple[str, float], ...], np.ndarray | None] = field(
+        init=False, repr=False, default_factory=dict
+    )
+    _memo_lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.factors = np.ascontiguousarray(self.factors, dtype=np.float32)
@@ -69,6 +77,17 @@ class CollabFactors:
         f64 = self.factors.astype(np.float64)
         self._gram = f64.T @ f64
 
+    def __getstate__(self) -> dict[str, object]:
+        """Copies (deepcopy, pickling) start with an empty memo and a fresh lock."""
+        state = self.__dict__.copy()
+        del state["_memo"], state["_memo_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._memo = {}
+        self._memo_lock = threading.Lock()
+
     @property
     def k(self) -> int:
         return int(self.factors.shape[1])
@@ -78,7 +97,19 @@ class CollabFactors:
         sum_i c_i (p_i - x·y_i)^2 + λ|x|^2 with p_i = 1 for the history's items (confidence
         c_i) and 0 with confidence 1 elsewhere, in implicit's form
         (YᵀY + Σ (c_i - 1) y_i y_iᵀ + λI) x = Σ c_i y_i. None when no history item has
-        factors."""
+        factors. Memoised per history (`USER_VECTOR_CACHE_SIZE`)."""
+        key = tuple(history.items())
+        with self._memo_lock:
+            if key in self._memo:
+                return self._memo[key]
+        user = self._fold_in(history)
+        with self._memo_lock:
+            if len(self._memo) >= USER_VECTOR_CACHE_SIZE:
+                self._memo.clear()
+            self._memo[key] = user
+        return user
+
+    def _fold_in(self, history: Mapping[str, float]) -> np.ndarray | None:
         rows = [(self._pos[i], c) for i, c in history.items() if i in self._pos and c > 0]
         if not rows:
             return None

@@ -99,19 +99,19 @@ class TextEncoder:
 
 
 def user_vector(
-    item_vectors: Sequence[np.ndarray], query_vector: np.ndarray | None = None
+    item_vectors: Sequence[np.ndarray] | np.ndarray, query_vector: np.ndarray | None = None
 ) -> np.ndarray | None:
     """A user's recall query: recency-weighted mean of recent item vectors (most recent first),
     blended equally with the query vector when there is one; unit length. None if nothing known.
     """
-    parts: list[np.ndarray] = []
+    if len(item_vectors) == 0 and query_vector is None:
+        return None
+    combined = np.zeros(0, dtype=np.float32)
     if len(item_vectors) > 0:
         weights = RECENCY_DECAY ** np.arange(len(item_vectors), dtype=np.float32)
-        history = (np.stack(item_vectors) * weights[:, None]).sum(0)
-        parts.append(history / max(float(np.linalg.norm(history)), 1e-9))
+        history = weights @ np.asarray(item_vectors, dtype=np.float32)
+        combined = history / max(float(np.linalg.norm(history)), 1e-9)
     if query_vector is not None:
-        parts.append(query_vector)
-    if not parts:
-        return None
-    combined = np.sum(parts, axis=0).astype(np.float32)
-    return combined / max(float(np.linalg.norm(combined)), 1e-9)
+        query = np.asarray(query_vector, dtype=np.float32)
+        combined = combined + query if combined.size else query
+    return (combined / max(float(np.linalg.norm(combined)), 1e-9)).astype(np.float32)

@@ -127,15 +127,31 @@ class RecallIndex:
             chosen += [pool[int(p)] for p in picks]
         return chosen
 
-    def vectors_of(self, item_ids: Iterable[str]) -> list[np.ndarray]:
-        """Stored vectors of the known ids, in the given order (unknown ids skipped)."""
-        out = []
+    def vectors_of(self, item_ids: Iterable[str]) -> np.ndarray:
+        """Stored vectors of the known ids, in the given order (unknown ids skipped), as one
+        (n, dim) float32 array: base rows in one `reconstruct_batch` call (one call per id
+        cost ~15x more for a profile's 20 recent items)."""
+        if not self._overlay_position and not self.removed:  # no catalogue changes folded in
+            pos = self._position
+            keys = np.fromiter((pos[i] for i in item_ids if i in pos), dtype=np.int64)
+            if not len(keys):
+                return np.empty((0, self.index.d), dtype=np.float32)
+            return np.asarray(self.index.reconstruct_batch(keys), dtype=np.float32)
+        rows: list[tuple[int, int]] = []  # (0 = base / 1 = overlay, position)
         for i in item_ids:
             if i in self._overlay_position:
-                assert self.overlay_vectors is not None
-                out.append(self.overlay_vectors[self._overlay_position[i]])
+                rows.append((1, self._overlay_position[i]))
             elif i in self._position and i not in self.removed:
-                out.append(np.asarray(self.index.reconstruct(self._position[i])))
+                rows.append((0, self._position[i]))
+        out = np.empty((len(rows), self.index.d), dtype=np.float32)
+        base = [n for n, (kind, _) in enumerate(rows) if kind == 0]
+        if base:
+            keys = np.fromiter((rows[n][1] for n in base), dtype=np.int64, count=len(base))
+            out[base] = self.index.reconstruct_batch(keys)
+        if len(base) < len(rows):
+            assert self.overlay_vectors is not None
+            over = [n for n, (kind, _) in enumerate(rows) if kind == 1]
+            out[over] = self.overlay_vectors[[rows[n][1] for n in over]]
         return out
 
     def search(

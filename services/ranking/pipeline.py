@@ -255,25 +255,39 @@ class RankingPipeline:
         return relevance
 
     def apply_weights(
-        self, candidates: list[ItemFeatures], relevance: np.ndarray, stage: str
+        self,
+        candidates: list[ItemFeatures],
+        relevance: np.ndarray,
+        stage: str,
+        limit: int | None = None,
     ) -> list[ScoredItem]:
-        """score = relevance × w_i, w_i from the per-category business weights; best first."""
+        """score = relevance × w_i, w_i from the per-category business weights; best first
+        (ties keep candidate order), a weight of 0 filtered out; the first `limit` only when
+        given (a request needs its k: building all ~70 answers cost as much as ranking them)."""
         weights = self.settings.category_weights
-        scored = [
+        w = np.fromiter(
+            (weights.get(item.category, 1.0) for item in candidates),
+            dtype=np.float64,
+            count=len(candidates),
+        )
+        rel = np.asarray(relevance, dtype=np.float64)
+        score = rel * w
+        order = np.argsort(-score, kind="stable")
+        order = order[w[order] > 0]  # weight 0 = filtered out
+        if limit is not None:
+            order = order[:limit]
+        return [
             ScoredItem(
-                item_id=item.item_id,
-                score=float(rel) * float(weights.get(item.category, 1.0)),
-                relevance=float(rel),
-                business_weight=float(weights.get(item.category, 1.0)),
+                item_id=candidates[n].item_id,
+                score=float(score[n]),
+                relevance=float(rel[n]),
+                business_weight=float(w[n]),
                 stage=stage,
-                title=item.title,
-                category=item.category,
+                title=candidates[n].title,
+                category=candidates[n].category,
             )
-            for item, rel in zip(candidates, relevance, strict=True)
+            for n in order.tolist()
         ]
-        scored = [s for s in scored if s.business_weight > 0]  # weight 0 = filtered out
-        scored.sort(key=lambda s: s.score, reverse=True)
-        return scored
 
     def _blocked(self, item: ItemFeatures) -> bool:
         """A category weighted 0 is removed from every stage, not only the re-ranked one."""
@@ -401,7 +415,7 @@ class RankingPipeline:
         t = clock()
         relevance = self.rerank(models, user_context_text(profile, req.query), ordered, profile)
         timings["rerank"] = (clock() - t) * 1e3
-        ranked = self.apply_weights(ordered, relevance, STAGE_RECALL)
+        ranked = self.apply_weights(ordered, relevance, STAGE_RECALL, limit=req.k)
         rng = _request_rng(req.request_id, req.user_id)
         final = self.add_exploration(ranked, req.k, models, frozen_exclude, rng, reasons)
         if len(final) < req.k:  # a thin recall: top up with popular items

@@ -282,3 +282,22 @@ def test_the_serving_pipeline_adds_the_term_for_the_user_s_profile(
     expected = collab_reranker.add_collab(text, profile_history(user), ids)
     np.testing.assert_allclose([s.relevance for s in served.items], expected, rtol=1e-4)
     assert not np.allclose(expected, text)
+
+
+def test_user_vector_is_memoised_per_history_and_copies_start_empty() -> None:
+    rng = np.random.default_rng(3)
+    factors = CollabFactors(
+        tuple(f"i{n}" for n in range(20)), rng.normal(size=(20, 4)).astype(np.float32), 0.1, None
+    )
+    history = {"i1": 2.0, "i4": 5.0}
+
+    first = factors.user_vector(history)
+    assert first is not None
+    assert factors.user_vector(dict(history)) is first  # same history: the memoised vector
+    np.testing.assert_allclose(factors._fold_in(history), first)  # type: ignore[arg-type]
+    other = factors.user_vector({"i1": 2.0, "i4": 6.0})
+    assert other is not None and not np.allclose(other, first)
+
+    copied = copy.deepcopy(factors)
+    assert copied._memo == {}
+    np.testing.assert_allclose(copied.user_vector(history), first)  # type: ignore[arg-type]

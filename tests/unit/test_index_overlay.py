@@ -46,6 +46,12 @@ def test_overlay_search_equals_a_rebuilt_index() -> None:
     np.testing.assert_allclose(live.vectors_of(["i5"])[0], changed["i5"])
     assert live.vectors_of(["i9", "new4"])[0] is not None and len(live.vectors_of(["i9"])) == 0
     assert "i9" not in live.popular and "i10" not in live.popular
+    # Base and overlay rows interleaved keep the asked order; removed and unknown ids drop out.
+    asked = ["new4", "i3", "i9", "i5", "zzz", "i7"]
+    got = live.vectors_of(asked)
+    assert got.shape == (4, live.index.d)
+    for row, item in zip(got, ["new4", "i3", "i5", "i7"], strict=True):
+        np.testing.assert_allclose(row, truth[item], rtol=1e-6)
 
 
 def test_changes_leave_the_original_untouched_and_compose() -> None:

@@ -193,6 +193,34 @@ def test_category_weights_filter_and_multiply(models: ServingModels) -> None:
     assert cats == sorted(cats, key=lambda c: c != "coffee")
 
 
+def test_apply_weights_orders_by_score_keeping_ties_in_candidate_order() -> None:
+    pipeline = _pipeline(category_weights={"books": 0.0, "coffee": 2.0})
+    candidates = ITEMS[:9]  # shoes, coffee, books, shoes, ...
+    relevance = np.array([0.3, 0.2, 0.9, 0.4, 0.15, 0.8, 0.3, 0.1, 0.7], dtype=np.float32)
+
+    ranked = pipeline.apply_weights(candidates, relevance, STAGE_RECALL)
+
+    # Reference: the definition, with Python's stable sort.
+    weights = {"books": 0.0, "coffee": 2.0}
+    want = sorted(
+        (
+            (float(r) * weights.get(c.category, 1.0), c.item_id)
+            for c, r in zip(candidates, relevance, strict=True)
+            if weights.get(c.category, 1.0) > 0
+        ),
+        key=lambda pair: pair[0],
+        reverse=True,
+    )
+    assert [(s.score, s.item_id) for s in ranked] == want
+    # i00 (shoes 0.3) and i04 (coffee 0.15 × 2) tie at 0.3: candidate order decides.
+    ids = [s.item_id for s in ranked]
+    assert ids.index("i00") < ids.index("i04")
+    assert all(s.category != "books" for s in ranked)
+    assert [s.relevance for s in ranked] == [float(relevance[int(s.item_id[1:])]) for s in ranked]
+    limited = pipeline.apply_weights(candidates, relevance, STAGE_RECALL, limit=3)
+    assert limited == ranked[:3]
+
+
 def test_a_zero_weight_category_never_appears_in_any_stage(models: ServingModels) -> None:
     pipeline = _pipeline(category_weights={"coffee": 0.0}, exploration_rate=1.0)
 
