@@ -42,9 +42,9 @@ from model.popularity import utc
 # safetensors: a version holds no pickle-capable file (tests/integration/test_security.py)
 COLLAB_FILE = "collab.safetensors"
 COLLAB_META = "collab.json"
+USER_VECTOR_CACHE_SIZE = 10_000  # folded-in user vectors kept (k floats each)
 # Confidence of an item in a user's online profile when folding the user in: a recent item
 # counts as a click, a purchased one as a purchase (`EVENT_WEIGHTS`); both add up.
-USER_VECTOR_CACHE_SIZE = 10_000  # folded-in user vectors kept (k floats each)
 RECENT_WEIGHT = EVENT_WEIGHTS["click"]
 PURCHASED_WEIGHT = EVENT_WEIGHTS["purchase"]
 

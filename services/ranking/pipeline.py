@@ -263,7 +263,7 @@ class RankingPipeline:
     ) -> list[ScoredItem]:
         """score = relevance × w_i, w_i from the per-category business weights; best first
         (ties keep candidate order), a weight of 0 filtered out; the first `limit` only when
-        given (a request needs its k: building all ~70 answers cost as much as ranking them)."""
+        given (a request needs its k, not a record for each of its ~70 candidates)."""
         weights = self.settings.category_weights
         w = np.fromiter(
             (weights.get(item.category, 1.0) for item in candidates),
