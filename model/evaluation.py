@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
+import numpy as np
+
 METRIC_NAMES = ("ndcg", "recall", "hit", "mrr")
 
 
@@ -82,6 +84,38 @@ def mean_metrics(
     out = {name: (total / users if users else 0.0) for name, total in totals.items()}
     out["users"] = float(users)
     return out
+
+
+def paired_ratio_interval(
+    numerator: Sequence[float],
+    denominator: Sequence[float],
+    level: float = 0.9,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(numerator) / mean(denominator) over users.
+
+    The two sequences are paired (one entry per user, the same users in the same order):
+    resampling users together keeps what the two rankers share, so the interval is about the
+    ratio, not about which users happened to be held out.
+
+    Raises:
+        ValueError: unpaired or empty inputs, or a level outside (0, 1).
+    """
+    if len(numerator) != len(denominator) or not len(numerator):
+        raise ValueError(
+            f"numerator and denominator must pair one value per user, got {len(numerator)} "
+            f"and {len(denominator)}"
+        )
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    a = np.asarray(numerator, dtype=np.float64)
+    b = np.asarray(denominator, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    ratios = a[picks].mean(axis=1) / np.maximum(b[picks].mean(axis=1), 1e-12)
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(ratios, [tail, 100.0 - tail])
+    return float(low), float(high)
 
 
 def catalogue_coverage(recommendations: Iterable[Sequence[str]], catalogue_size: int) -> float:

@@ -5,10 +5,17 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from model.evaluation import catalogue_coverage, mean_metrics, share_of, user_metrics
+from model.evaluation import (
+    catalogue_coverage,
+    mean_metrics,
+    paired_ratio_interval,
+    share_of,
+    user_metrics,
+)
 from services.evaluation.protocol import relevant_sets, sample_users, split_periods
 
 
@@ -94,3 +101,30 @@ def test_sample_users_is_seeded_and_capped() -> None:
     assert a == sample_users(list(reversed(users)), 10, seed=3)
     assert len(a) == 10 and a == sorted(a)
     assert sample_users(users, None, seed=3) == sorted(users)
+
+
+def test_paired_ratio_interval_brackets_the_ratio_and_knows_exact_cases() -> None:
+    rng = np.random.default_rng(1)
+    reference = rng.uniform(0.0, 1.0, size=200)
+    served = np.clip(reference + rng.normal(0.0, 0.2, size=200), 0.0, 1.0)
+
+    low, high = paired_ratio_interval(served, reference)
+    point = served.mean() / reference.mean()
+    assert low < point < high
+    assert high - low < 0.3
+    # Deterministic for a seed; a wider level gives a wider interval.
+    assert paired_ratio_interval(served, reference) == (low, high)
+    wide = paired_ratio_interval(served, reference, level=0.99)
+    assert wide[0] < low and wide[1] > high
+    # Exact cases: a constant ratio has no spread, whichever users are drawn.
+    assert paired_ratio_interval(reference, reference) == pytest.approx((1.0, 1.0))
+    assert paired_ratio_interval(2 * reference, reference) == pytest.approx((2.0, 2.0))
+
+
+def test_paired_ratio_interval_rejects_unpaired_or_empty_input() -> None:
+    with pytest.raises(ValueError, match="pair one value per user"):
+        paired_ratio_interval([0.1, 0.2], [0.1])
+    with pytest.raises(ValueError, match="pair one value per user"):
+        paired_ratio_interval([], [])
+    with pytest.raises(ValueError, match="level must be in"):
+        paired_ratio_interval([0.1], [0.1], level=1.0)
