@@ -130,28 +130,24 @@ class RecallIndex:
     def vectors_of(self, item_ids: Iterable[str]) -> np.ndarray:
         """Stored vectors of the known ids, in the given order (unknown ids skipped), as one
         (n, dim) float32 array: base rows in one `reconstruct_batch` call (a profile's 20
-        recent items: 0.044 ms with one call per id, 0.006 ms batched)."""
-        if not self._overlay_position and not self.removed:  # no catalogue changes folded in
-            pos = self._position
-            keys = np.fromiter((pos[i] for i in item_ids if i in pos), dtype=np.int64)
-            if not len(keys):
-                return np.empty((0, self.index.d), dtype=np.float32)
-            return np.asarray(self.index.reconstruct_batch(keys), dtype=np.float32)
-        rows: list[tuple[int, int]] = []  # (0 = base / 1 = overlay, position)
+        recent items: 0.044 ms with one call per id, 0.010 ms batched)."""
+        base_at: list[int] = []  # output rows, and the base positions they read
+        base_keys: list[int] = []
+        over_at: list[int] = []  # output rows, and the overlay rows they read
+        over_rows: list[int] = []
         for i in item_ids:
             if i in self._overlay_position:
-                rows.append((1, self._overlay_position[i]))
+                over_at.append(len(base_at) + len(over_at))
+                over_rows.append(self._overlay_position[i])
             elif i in self._position and i not in self.removed:
-                rows.append((0, self._position[i]))
-        out = np.empty((len(rows), self.index.d), dtype=np.float32)
-        base = [n for n, (kind, _) in enumerate(rows) if kind == 0]
-        if base:
-            keys = np.fromiter((rows[n][1] for n in base), dtype=np.int64, count=len(base))
-            out[base] = self.index.reconstruct_batch(keys)
-        if len(base) < len(rows):
+                base_at.append(len(base_at) + len(over_at))
+                base_keys.append(self._position[i])
+        out = np.empty((len(base_at) + len(over_at), self.index.d), dtype=np.float32)
+        if base_keys:
+            out[base_at] = self.index.reconstruct_batch(np.asarray(base_keys, dtype=np.int64))
+        if over_rows:
             assert self.overlay_vectors is not None
-            over = [n for n, (kind, _) in enumerate(rows) if kind == 1]
-            out[over] = self.overlay_vectors[[rows[n][1] for n in over]]
+            out[over_at] = self.overlay_vectors[over_rows]
         return out
 
     def search(

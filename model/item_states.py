@@ -64,6 +64,25 @@ class _Kept:
         with self._lock:
             self._entries.clear()
 
+    def _touch(self, texts: Sequence[str]) -> list[Any] | None:
+        """The entries of `texts`, now the most recently used; None if any is not kept.
+        The caller holds the lock."""
+        entries = [self._entries.get(t) for t in texts]
+        if any(e is None for e in entries):
+            return None
+        for text in texts:
+            self._entries.move_to_end(text)
+        return entries
+
+    def _evict(self) -> None:
+        """Drop the least recently used entries beyond `capacity` (the caller holds the
+        lock), handing each to `_forget`."""
+        while len(self._entries) > self.capacity:
+            self._forget(self._entries.popitem(last=False)[1])
+
+    def _forget(self, entry: Any) -> None:
+        """What a store does with an evicted or replaced entry: nothing by default."""
+
 
 class PagedItemStates(_Kept):
     """Item text → its item-side states (tokens, width), kept in one paged arena tensor; an
@@ -118,7 +137,7 @@ class PagedItemStates(_Kept):
                 row = (pages[:, None] * PAGE_TOKENS + offsets).reshape(-1)[: int(n)]
                 old = self._entries.pop(text, None)
                 if old is not None:
-                    self._release(old)
+                    self._forget(old)
                 self._entries[text] = row
                 rows.append(row)
             on = states.device
@@ -128,8 +147,7 @@ class PagedItemStates(_Kept):
             )
             index = torch.from_numpy(np.concatenate(rows)).to(self.device)
             self._arena.index_copy_(0, index, states[keep].to(self.dtype))
-            while len(self._entries) > self.capacity:
-                self._release(self._entries.popitem(last=False)[1])
+            self._evict()
 
     def gather(
         self, texts: Sequence[str], dtype: torch.dtype
@@ -137,11 +155,9 @@ class PagedItemStates(_Kept):
         """(states (n, L, W) in `dtype`, zero past each item's length; lengths (n,)) for
         `texts`, L the longest; None if any text is not kept."""
         with self._lock:
-            rows = [self._entries.get(t) for t in texts]
-            if any(r is None for r in rows) or self._arena is None:
+            rows = self._touch(texts)
+            if rows is None or self._arena is None:
                 return None
-            for text in texts:
-                self._entries.move_to_end(text)
             lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))  # type: ignore[arg-type]
             width = int(lengths.max())
             index = np.zeros((len(rows), width), dtype=np.int64)  # padding reads row 0: zeros
@@ -169,7 +185,8 @@ class PagedItemStates(_Kept):
         self._arena = grown
         self._free = list(range(total - 1, old - 1, -1)) + self._free
 
-    def _release(self, rows: np.ndarray) -> None:
+    def _forget(self, rows: np.ndarray) -> None:
+        """An entry's pages go back to the free list."""
         self._free.extend(int(p) for p in np.unique(rows // PAGE_TOKENS))
 
 
@@ -198,19 +215,15 @@ class Int8ItemStates(_Kept):
         with self._lock:
             for text, qi, si, n in zip(texts, q, scales, lengths, strict=True):
                 self._entries[text] = (qi[: int(n)], si[: int(n)])
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            self._evict()
 
     def gather(
         self, texts: Sequence[str], dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         with self._lock:
-            rows = [self._entries.get(t) for t in texts]
-            if any(r is None for r in rows):
-                return None
-            for text in texts:
-                self._entries.move_to_end(text)
-        kept: list[Any] = rows
+            kept = self._touch(texts)
+        if kept is None:
+            return None
         q = pad_sequence([r[0] for r in kept], batch_first=True)
         scales = pad_sequence([r[1] for r in kept], batch_first=True)
         n, length, width = q.shape

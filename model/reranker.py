@@ -114,10 +114,8 @@ class CrossEncoderReranker:
         # training path exactly. bf16 where the joint layer computes in bf16 anyway:
         # converting 70 candidates' states from fp16 at every request cost ~1.2 ms on 2 cores.
         compute = autocast_dtype(self.device, cpu_dtype)
-        self._item_states: PagedItemStates | Int8ItemStates = PagedItemStates(
-            torch.bfloat16 if compute == torch.bfloat16 else torch.float16,
-            ITEM_STATE_CACHE_SIZE,
-            self.device,
+        self._item_states: PagedItemStates | Int8ItemStates = self._new_item_states(
+            torch.bfloat16 if compute == torch.bfloat16 else torch.float16, ITEM_STATE_CACHE_SIZE
         )
         self._user_states_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.user_cache_hits = 0
@@ -158,10 +156,11 @@ class CrossEncoderReranker:
     @item_state_dtype.setter
     def item_state_dtype(self, dtype: torch.dtype) -> None:
         with self._state_lock:
-            self._item_states = self._new_item_states(dtype)
+            self._item_states = self._new_item_states(dtype, self._item_states.capacity)
 
-    def _new_item_states(self, dtype: torch.dtype) -> PagedItemStates | Int8ItemStates:
-        capacity = self._item_states.capacity
+    def _new_item_states(
+        self, dtype: torch.dtype, capacity: int
+    ) -> PagedItemStates | Int8ItemStates:
         if dtype == torch.int8:
             return Int8ItemStates(self.model.config.hidden_size, capacity, self.device)
         return PagedItemStates(dtype, capacity, self.device)
