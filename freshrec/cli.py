@@ -475,6 +475,17 @@ def bench_serving_cmd(
         f"{result['qps']} req/s, errors {result['errors']} ({result['items']:,} items, "
         f"{result['candidates']} candidates, concurrency {result['concurrency']})"
     )
+    steps = result["service_stages_ms"]
+    console.print(
+        "service steps p50/p99 ms: "
+        + ", ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in steps.items())
+    )
+    if result["overhead_ratio"] is not None:
+        console.print(
+            f"overhead: {result['overhead_ratio']}x the stage floors "
+            f"(+{result['overhead_ms']} ms; gRPC round trip alone "
+            f"{result['stages_ms'].get('grpc_roundtrip')} ms)"
+        )
     if json_out:
         print(json.dumps(result))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -169,6 +170,9 @@ class RankingPipeline:
         self.cache = cache
         self.batcher = batcher
         self.now = now or (lambda: datetime.now(UTC))
+        # Each answer's step timings, newest last, when a benchmark sets a deque here (the
+        # service's per-stage percentiles under load; metrics keep only histogram buckets).
+        self.timings_log: deque[dict[str, float]] | None = None
 
     # -- steps -------------------------------------------------------------------------------
     def fetch_user_profile(self, user_id: str) -> UserProfile | None:
@@ -387,6 +391,8 @@ class RankingPipeline:
 
         def answer(items: list[ScoredItem], relevance: np.ndarray | None = None) -> Recommendation:
             timings["total"] = (clock() - t0) * 1e3
+            if self.timings_log is not None:
+                self.timings_log.append(timings)
             return Recommendation(
                 items,
                 models.model_version,

@@ -121,6 +121,7 @@ class RankingApp:
     ingestor: EventIngestor | None = None
     breaker: CircuitBreaker | None = None
     worker: TorchWorker | None = None  # the one thread that runs torch (compute.py)
+    pipeline: RankingPipeline | None = None
 
     @property
     def port(self) -> int:
@@ -278,7 +279,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     log.info("ranking service on port %d", handle.port)
     # score_log.stop runs after the server stopped: its last flush holds every answer.
     closers = [follower.stop, watcher.stop, dedup.close, score_log.stop, worker.close]
-    return RankingApp(handle, holder, closers, ingestor, breaker, worker)
+    return RankingApp(handle, holder, closers, ingestor, breaker, worker, pipeline)
 
 
 def _warm_texts(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:

@@ -1,0 +1,62 @@
+"""The bench's overhead figures: each request against the floors of the work it did."""
+
+from __future__ import annotations
+
+import pytest
+
+from freshrec.bench import _call_class, _overhead, _percentiles
+
+FLOORS = {"stages_ms": {"faiss": 0.5, "redis_raw": 0.5, "forward": 8.0, "forward_user_cached": 3.0}}
+
+
+def test_each_request_is_compared_with_the_floors_of_its_own_class() -> None:
+    # Three cached calls (floor 4 ms), two with the user pass (floor 9 ms), one fallback.
+    latencies = [5.0, 6.0, 8.0, 9.9, 13.5, 50.0]
+    classes = [0, 0, 0, 1, 1, -1]
+
+    got = _overhead(latencies, classes, FLOORS, concurrency=1)
+
+    # Per-request ratios 1.25, 1.5, 2.0, 1.1, 1.5 (the fallback left out): median 1.5.
+    assert got["overhead_ratio"] == 1.5
+    # Per-request overheads 1, 2, 4, 0.9, 4.5: median 2.
+    assert got["overhead_ms"] == 2.0
+    assert got["overhead_by_class"] == {
+        "user_pass": {"requests": 2, "p50_ms": 11.7, "floor_ms": 9.0, "ratio": 1.3},
+        "user_cached": {"requests": 3, "p50_ms": 6.0, "floor_ms": 4.0, "ratio": 1.5},
+    }
+
+
+def test_a_mean_weighted_floor_would_hide_overhead() -> None:
+    # All cached at 2x their floor: a floor weighted like the old figure (hit rate 0.5 of
+    # 4 and 9 ms = 6.5) would have read 8 / 6.5 = 1.23; the per-class figure says 2.
+    got = _overhead([8.0] * 4, [0] * 4, FLOORS, concurrency=1)
+    assert got["overhead_ratio"] == 2.0 and got["overhead_ms"] == 4.0
+
+
+@pytest.mark.parametrize(
+    ("latencies", "classes", "floors", "concurrency"),
+    [
+        ([5.0], [0], FLOORS, 2),  # other clients' calls move the counters: not exact
+        ([5.0], [0], {}, 1),  # no floors (an online store other than Redis)
+        ([5.0], [-1], FLOORS, 1),  # nothing re-ranked
+    ],
+)
+def test_undefined_overhead_is_null(
+    latencies: list[float], classes: list[int], floors: dict, concurrency: int
+) -> None:
+    got = _overhead(latencies, classes, floors, concurrency)
+    assert got == {"overhead_ratio": None, "overhead_ms": None, "overhead_by_class": {}}
+
+
+def test_call_class_reads_the_cache_counters() -> None:
+    assert _call_class((5, 2), (5, 3)) == 1  # a miss: the user pass ran
+    assert _call_class((5, 2), (6, 2)) == 0  # a hit
+    assert _call_class((5, 2), (5, 2)) == -1  # not re-ranked
+
+
+def test_percentiles_per_step() -> None:
+    timings = [{"rerank": float(v), "total": float(v) + 1} for v in range(1, 101)]
+    timings.append({"total": 500.0})  # a fallback answer has no rerank step
+    got = _percentiles(timings)
+    assert got["rerank"] == {"p50": 50.5, "p95": 95.05, "p99": 99.01}
+    assert got["total"]["p99"] > got["total"]["p95"] > got["total"]["p50"] == 52.0
