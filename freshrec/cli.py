@@ -106,12 +106,23 @@ def init(
     workdir: WorkdirOpt = Path(".freshrec"),
     dataset: Annotated[str, typer.Option(help="ml100k | synthetic | imported")] = "ml100k",
     history_fraction: Annotated[float, typer.Option(help="Share loaded as history.")] = 0.9,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Start an initialised workdir over: delete its offline store, models and its "
+            "project's online keys first (freshrec.json and cache/ stay).",
+        ),
+    ] = False,
 ) -> None:
     """Load a dataset, apply + materialise features, build the index, train the first model."""
     from freshrec.demo import load_named_dataset
-    from services.jobs.bootstrap import bootstrap
+    from services.jobs.bootstrap import bootstrap, ensure_uninitialised, start_over
 
+    if force:
+        start_over(workdir, console.print)
     config = _config(workdir)
+    ensure_uninitialised(config)  # before the data set loads
     data = load_named_dataset(dataset, config, console.print)
     report = bootstrap(config, data, history_fraction, announce=console.print)
     _print_steps(report.steps)

@@ -153,25 +153,15 @@ def measure_latency(stub: Any, users: list[str], calls: int) -> dict[str, float]
 def _forget_previous_run(workdir: Path, say: Callable[[str], None]) -> None:
     """Delete the online-store keys the previous demo run in `workdir` wrote (its own Feast
     project and its own dedup prefix, nothing else), so demo runs do not pile up in Redis."""
-    if not (workdir / "feature_repo" / "feature_store.yaml").exists():
-        return
+    from services.jobs.bootstrap import forget_online_state
+
     try:
-        from services.features.store import open_feature_store
-        from services.jobs.bootstrap import read_online_store_choice
-
-        previous = load_config(workdir)
-        open_feature_store(previous.feature_repo_dir).teardown()
-        choice = read_online_store_choice(previous)
-        if choice["kind"] == "redis" and choice["redis_url"]:
-            import redis
-
-            client = redis.Redis.from_url(str(choice["redis_url"]))
-            keys = list(client.scan_iter(match=f"freshrec:{previous.project}:event:*", count=1000))
-            for start in range(0, len(keys), 1000):
-                client.delete(*keys[start : start + 1000])
-        say(f"   removed the previous demo run's online keys (project {previous.project})")
+        project = forget_online_state(workdir)
     except Exception as exc:  # best effort: a previous run's leftovers never block a new one
         say(f"   [yellow]could not remove the previous run's keys: {exc}[/yellow]")
+        return
+    if project is not None:
+        say(f"   removed the previous demo run's online keys (project {project})")
 
 
 def run_demo(dataset: str, workdir: Path, n_replay: int, console: Console) -> dict[str, Any]:

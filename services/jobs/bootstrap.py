@@ -20,8 +20,9 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from freshrec.config import FreshRecConfig, save_config
+from freshrec.config import CONFIG_FILE_NAME, FreshRecConfig, load_config, save_config
 from freshrec.data.schema import Dataset
+from freshrec.errors import FailedPrecondition
 from model.artifacts import Manifest
 from model.embeddings import TextEncoder
 from model.index import RecallIndex
@@ -115,7 +116,10 @@ def bootstrap(
 
     Raises:
         InvalidArgument: pseudonymisation is on but no key is configured.
+        FailedPrecondition: the workdir's offline store already holds events (a bootstrap
+            over them would mix two time shifts of the data; `start_over` first).
     """
+    ensure_uninitialised(config)
     pseudonyms = pseudonymizer(config)
     save_config(config)
     config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -133,9 +137,7 @@ def bootstrap(
     items_df = shifted.items
     cutoff = history["timestamp"].max().to_pydatetime()
     newer.to_parquet(config.data_dir / REPLAY_FILE, index=False)
-    event_log = OfflineEventLog(config.offline_dir)
-    if event_log.count() == 0:
-        event_log.append_frame(history)
+    OfflineEventLog(config.offline_dir).append_frame(history)
     report.counts.update(
         items=len(items_df),
         users=int(history["user_id"].nunique()),
@@ -218,6 +220,69 @@ def bootstrap(
     return report
 
 
+def ensure_uninitialised(config: FreshRecConfig) -> None:
+    """Raises FailedPrecondition when the workdir's offline store already holds events: a
+    second bootstrap over them would mix two time shifts of the data (the history it wrote
+    first beside a catalogue, profiles and models re-dated to now)."""
+    if held := OfflineEventLog(config.offline_dir).count():
+        raise FailedPrecondition(
+            f"{config.workdir} is already initialised ({held:,} events in its offline store); "
+            f"`freshrec init --force --workdir {config.workdir}` starts it over, or choose "
+            "another --workdir"
+        )
+
+
 def remove_workdir(workdir: Path) -> None:
     """Delete a workdir (the demo starts from a clean one)."""
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+# What `start_over` keeps: the operator's settings and downloaded data sets.
+KEPT_ON_START_OVER = frozenset({CONFIG_FILE_NAME, "cache"})
+
+
+def forget_online_state(workdir: Path) -> str | None:
+    """Delete the online-store keys a workdir's project wrote (its Feast project's features
+    and its event-dedup keys, nothing else); returns the project, or None when the workdir has
+    no feature repository.
+
+    Raises:
+        Whatever Feast or Redis raise (callers decide whether leftovers may block them).
+    """
+    if not (workdir / "feature_repo" / "feature_store.yaml").exists():
+        return None
+    from services.features.store import open_feature_store
+
+    previous = load_config(workdir)
+    open_feature_store(previous.feature_repo_dir).teardown()
+    choice = read_online_store_choice(previous)
+    if choice["kind"] == "redis" and choice["redis_url"]:
+        import redis
+
+        client = redis.Redis.from_url(str(choice["redis_url"]))
+        keys = list(client.scan_iter(match=f"freshrec:{previous.project}:event:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    return previous.project
+
+
+def start_over(workdir: Path, announce: Callable[[str], None] = print) -> None:
+    """Return an initialised workdir to before its bootstrap: its project's online keys, its
+    offline store, models, replay data and spool are deleted; `freshrec.json` (the settings)
+    and `cache/` (downloaded data) stay."""
+    try:
+        project = forget_online_state(workdir)
+        if project is not None:
+            announce(f"removed the online keys of project {project}")
+    except Exception as exc:  # an unreachable store must not keep a workdir from starting over
+        announce(f"could not remove the previous online keys: {exc}")
+    if not workdir.exists():
+        return
+    for path in workdir.iterdir():
+        if path.name in KEPT_ON_START_OVER:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    announce(f"cleared {workdir} (kept {', '.join(sorted(KEPT_ON_START_OVER))})")
