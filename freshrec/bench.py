@@ -13,13 +13,16 @@ seconds. Then, in the same run, it measures the stage floors on sampled requests
 - overhead_ratio: at concurrency 1, the median over requests of end-to-end time / the stage
   floors of that request's work: raw FAISS search + raw Redis read + raw model forward on the
   same tensors (for a split model, the joint top layer over the cached item states, plus the
-  user pass when the request missed the user-state cache: `forward` or `forward_user_cached`),
-  medians. The bench tells hits from misses by the re-ranker's cache counters around each call,
-  which only one client at a time makes exact; at higher concurrency the overhead fields are
-  null (queueing behind other requests is not overhead of the request path).
+  user pass when the request missed the user-state cache: `forward` or `forward_user_cached`;
+  none when every logit came from the score cache), medians. A request that found some logits
+  cached ran the joint layer on the rest only, and is held to the whole joint layer's floor.
+  The bench tells the classes apart by the re-ranker's cache counters around each call, which
+  only one client at a time makes exact; at higher concurrency the overhead fields are null
+  (queueing behind other requests is not overhead of the request path).
 - overhead_ms: the median of the same end-to-end time minus the same floor sum, in ms.
-- overhead_by_class: p50, floor and ratio for the requests that ran the user pass and those
-  that found it cached, each alone.
+- overhead_by_class: p50, p99, floor and ratio for each class alone: `user_pass` (a user's
+  first request, or one after their profile changed: the whole model runs), `user_cached`,
+  `scores_cached` (`ranking.score_cache`).
 - stages_ms.grpc_roundtrip: the median of a health Check round trip on the same server and
   channel, the transport every answer pays; not a stage floor (the issue names three), shown
   so the overhead can be read against it.
@@ -95,9 +98,8 @@ def bench_serving(
     assert app.pipeline is not None
     app.pipeline.timings_log = deque(maxlen=200_000)
     latencies: list[float] = []
-    # Per call at concurrency 1: whether it ran the user pass (1), found it cached (0) or was
-    # not re-ranked (-1), from the re-ranker's counters around the call.
-    user_pass: list[int] = []
+    # Per call at concurrency 1, from the re-ranker's counters around it (`_call_class`).
+    call_classes: list[int] = []
     errors = 0
     lock = threading.Lock()
     stop_at = time.perf_counter() + duration
@@ -125,7 +127,7 @@ def bench_serving(
                     failed += 1
         with lock:
             latencies.extend(local)
-            user_pass.extend(classes)
+            call_classes.extend(classes)
             errors += failed
 
     rss_before = psutil.Process().memory_info().rss
@@ -139,6 +141,8 @@ def bench_serving(
     reranker = app.models.current.reranker
     hits, misses = reranker.user_cache_hits, reranker.user_cache_misses
     hit_rate = hits / (hits + misses) if hits + misses else 0.0
+    score_hits, score_misses = reranker.score_cache_hits, reranker.score_cache_misses
+    score_hit_rate = score_hits / (score_hits + score_misses) if score_hits + score_misses else 0.0
     # On the service's torch thread: a forward pass measured on another thread would pay for
     # a second OpenMP team (services/ranking/compute.py) that serving never has.
     assert app.worker is not None
@@ -171,8 +175,10 @@ def bench_serving(
         "rss_mb": round(max(rss_before, psutil.Process().memory_info().rss) / 2**20, 1),
         "rerank_speedup_vs_reference": floors.get("rerank_speedup_vs_reference"),
         "feature_fetch_speedup_vs_feast_sdk": floors.get("feature_fetch_speedup_vs_feast_sdk"),
-        **_overhead(latencies, user_pass, floors, concurrency),
+        **_overhead(latencies, call_classes, floors, concurrency),
         "user_cache_hit_rate": round(hit_rate, 3),
+        "score_cache_hit_rate": round(score_hit_rate, 3),
+        "score_cache": config.ranking.score_cache,
         "stages_ms": floors.get("stages_ms", {}),
         "service_stages_ms": service_stages,
         "feature_values_identical": floors.get("identical"),
@@ -212,18 +218,21 @@ def _explicit_settings(workdir: Path) -> set[str]:
     return given
 
 
-def _cache_counts(app: Any) -> tuple[int, int]:
-    """(user-state cache hits, misses) of the serving re-ranker so far."""
+def _cache_counts(app: Any) -> tuple[int, int, int]:
+    """(user-state cache hits, misses, score-cache hits) of the serving re-ranker so far."""
     reranker = app.models.current.reranker
-    return reranker.user_cache_hits, reranker.user_cache_misses
+    return reranker.user_cache_hits, reranker.user_cache_misses, reranker.score_cache_hits
 
 
-def _call_class(before: tuple[int, int], after: tuple[int, int]) -> int:
-    """1: the call ran the user pass; 0: it found the user side cached; -1: not re-ranked
-    (a fallback answer). Exact while one call runs at a time."""
+def _call_class(before: tuple[int, ...], after: tuple[int, ...]) -> int:
+    """1: the call ran the user pass; 0: it found the user side cached and ran the joint
+    layer; 2: every logit was cached (no forward pass); -1: not re-ranked (a fallback
+    answer). Exact while one call runs at a time."""
     if after[1] > before[1]:
         return 1
-    return 0 if after[0] > before[0] else -1
+    if after[0] > before[0]:
+        return 0
+    return 2 if after[2] > before[2] else -1
 
 
 def _grpc_roundtrip_ms(ch: Any, calls: int = 200) -> float:
@@ -242,7 +251,7 @@ def _grpc_roundtrip_ms(ch: Any, calls: int = 200) -> float:
 
 
 def _overhead(
-    latencies: list[float], user_pass: list[int], floors: dict[str, Any], concurrency: int
+    latencies: list[float], classes: list[int], floors: dict[str, Any], concurrency: int
 ) -> dict[str, Any]:
     """overhead_ratio, overhead_ms and overhead_by_class (module docstring); null where they
     are not defined: concurrency above 1, no floors, or no re-ranked call."""
@@ -251,20 +260,25 @@ def _overhead(
     if concurrency != 1 or not {"faiss", "redis_raw", "forward"} <= stages.keys():
         return none
     fetch = stages["faiss"] + stages["redis_raw"]
-    floor_of = {1: fetch + stages["forward"], 0: fetch + stages.get("forward_user_cached", 0.0)}
-    pairs = [(ms, floor_of[c]) for ms, c in zip(latencies, user_pass, strict=True) if c >= 0]
+    floor_of = {
+        1: fetch + stages["forward"],
+        0: fetch + stages.get("forward_user_cached", 0.0),
+        2: fetch,
+    }
+    pairs = [(ms, floor_of[c]) for ms, c in zip(latencies, classes, strict=True) if c >= 0]
     if not pairs or not all(f > 0 for f in floor_of.values()):
         return none
     lat = np.asarray([ms for ms, _ in pairs])
     floor = np.asarray([f for _, f in pairs])
     by_class = {}
-    for name, c in (("user_pass", 1), ("user_cached", 0)):
-        mine = np.asarray([ms for ms, k in zip(latencies, user_pass, strict=True) if k == c])
+    for name, c in (("user_pass", 1), ("user_cached", 0), ("scores_cached", 2)):
+        mine = np.asarray([ms for ms, k in zip(latencies, classes, strict=True) if k == c])
         if len(mine):
             p50 = float(np.median(mine))
             by_class[name] = {
                 "requests": len(mine),
                 "p50_ms": round(p50, 2),
+                "p99_ms": round(float(np.percentile(mine, 99)), 2),
                 "floor_ms": round(floor_of[c], 2),
                 "ratio": round(p50 / floor_of[c], 2),
             }
@@ -369,8 +383,8 @@ def _stage_floors(
             stages["forward"].append(_median_ms(forward, 2))
             cached = partial(models.reranker.serving_logits, inputs, user_cache=True)
             stages["forward_user_cached"].append(_median_ms(cached, 2))
-        stages["rerank_serving"].append(
-            _median_ms(partial(models.reranker.score, context, texts), 2)
+        stages["rerank_serving"].append(  # the forward pass timed, not the score cache
+            _median_ms(partial(models.reranker.score, context, texts, cache=False), 2)
         )
         stages["rerank_reference"].append(
             _median_ms(partial(reference.score_pairs, [context] * len(texts), texts), 2)

@@ -182,6 +182,13 @@ class RankingConfig(_Section):
         "computes when a version loads, before it serves; the rest are computed on first use. "
         "The state cache holds max(50,000, this) items (~25-50 KB each).",
     )
+    score_cache: bool = Field(
+        True,
+        description="Keep a split re-ranker's BERT logits per (user-context tokens, item text) "
+        "for as many users as the user-state cache (2,048): a repeat request with the same "
+        "profile, item texts and model version runs no forward pass (same scores). A profile "
+        "change, a changed item text or a new version misses. false: every request runs it.",
+    )
     score_log_seconds: float = Field(
         10,
         ge=0,

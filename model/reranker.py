@@ -53,6 +53,9 @@ TOKEN_CACHE_SIZE = 200_000  # texts; ~60 ids each, a few hundred MB at most for 
 ITEM_STATE_CACHE_SIZE = 50_000
 # User-side states by user-context text: <= 32 tokens x 384 x 4 bytes = 48 KiB each, ~100 MB.
 USER_STATE_CACHE_SIZE = 2048
+# BERT logits by (user-context tokens, item text), for as many users as the user-state cache;
+# a user's entry starts over past this many item texts (texts change with popularity levels).
+SCORE_CACHE_ITEMS_PER_USER = 1024
 
 
 def _truncated_lengths(n_first: int, n_second: int, budget: int) -> tuple[int, int]:
@@ -120,6 +123,12 @@ class CrossEncoderReranker:
         self._user_states_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.user_cache_hits = 0
         self.user_cache_misses = 0
+        # A split model's BERT logits per user-context tokens, then per item text: a repeat
+        # request (same profile, same item texts, same version) needs no forward pass.
+        self._score_cache: OrderedDict[tuple[int, ...], dict[str, float]] = OrderedDict()
+        self.use_score_cache = True  # what `score` does when its caller does not say
+        self.score_cache_hits = 0  # requests answered without a forward pass
+        self.score_cache_misses = 0  # requests that ran one, for some or all of their items
         # BERT's logit blended with the item's fresh signals (model/blend.py); None = BERT alone
         self.blend: ScoreBlend | None = None
         # Item factors for the blend's collaborative term (model/collab.py); None = not used
@@ -141,6 +150,7 @@ class CrossEncoderReranker:
         state["_state_lock"] = None
         state["_item_states"] = copy.copy(self._item_states)  # empty (item_states.py)
         state["_user_states_cache"] = OrderedDict()
+        state["_score_cache"] = OrderedDict()
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
@@ -157,6 +167,7 @@ class CrossEncoderReranker:
     def item_state_dtype(self, dtype: torch.dtype) -> None:
         with self._state_lock:
             self._item_states = self._new_item_states(dtype, self._item_states.capacity)
+            self._score_cache.clear()  # the states' precision moves the logits a little
 
     def _new_item_states(
         self, dtype: torch.dtype, capacity: int
@@ -209,6 +220,7 @@ class CrossEncoderReranker:
             self.split.quantize_user_side()
             with self._state_lock:
                 self._user_states_cache.clear()
+                self._score_cache.clear()
 
     @classmethod
     def from_pretrained(
@@ -386,12 +398,13 @@ class CrossEncoderReranker:
         return len(missing)
 
     def clear_item_states(self) -> None:
-        """Forget cached item- and user-side states and the int8 user-side copy (they belong
-        to the weights they were computed with; `model.training.train` calls this when it
-        changes the weights)."""
+        """Forget cached item- and user-side states, cached logits and the int8 user-side copy
+        (they belong to the weights they were computed with; `model.training.train` calls
+        this when it changes the weights)."""
         self._item_states.clear()
         with self._state_lock:
             self._user_states_cache.clear()
+            self._score_cache.clear()
         if self.split is not None:
             self.split.drop_quantized()
 
@@ -450,6 +463,38 @@ class CrossEncoderReranker:
             self._user_states_cache.update(states)
             while len(self._user_states_cache) > USER_STATE_CACHE_SIZE:
                 self._user_states_cache.popitem(last=False)
+
+    def _known_logits(self, key: tuple[int, ...], item_texts: Sequence[str]) -> dict[str, float]:
+        """The cached logits of `item_texts` for the user-context tokens `key`."""
+        with self._state_lock:
+            mine = self._score_cache.get(key)
+            if mine is None:
+                return {}
+            self._score_cache.move_to_end(key)
+            return {t: mine[t] for t in item_texts if t in mine}
+
+    def _remember_logits(self, key: tuple[int, ...], logits: Mapping[str, float]) -> None:
+        with self._state_lock:
+            mine = self._score_cache.get(key)
+            if mine is None or len(mine) + len(logits) > SCORE_CACHE_ITEMS_PER_USER:
+                mine = self._score_cache[key] = {}
+            mine.update(logits)
+            self._score_cache.move_to_end(key)
+            while len(self._score_cache) > USER_STATE_CACHE_SIZE:
+                self._score_cache.popitem(last=False)
+
+    def _from_known(
+        self, known: Mapping[str, float], item_texts: Sequence[str], hit: bool
+    ) -> np.ndarray:
+        """Relevance of `item_texts` from their logits in `known`, counted as a score-cache
+        hit (no forward pass ran) or miss."""
+        with self._state_lock:
+            if hit:
+                self.score_cache_hits += 1
+            else:
+                self.score_cache_misses += 1
+        logits = np.fromiter((known[t] for t in item_texts), np.float32, len(item_texts))
+        return self._relevance(torch.from_numpy(logits), item_texts)
 
     def serving_logits(
         self, inputs: dict[str, torch.Tensor], user_cache: bool = True
@@ -525,23 +570,39 @@ class CrossEncoderReranker:
         return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
 
     @torch.inference_mode()
-    def score_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[np.ndarray]:
+    def score_many(
+        self, requests: Sequence[tuple[str, Sequence[str]]], cache: bool | None = None
+    ) -> list[np.ndarray]:
         """`score` for several requests at once (what a micro-batcher hands over).
 
         For a split model the user passes that miss the user-state cache run as one batch
         (one set of matrix products over all their tokens instead of one per request; small
         products use these cores poorly), and the joint layer's feed-forward and head run over
-        all requests' candidates at once (`SplitEncoder.joint_logits_many`). A full
-        cross-encoder scores request by request.
+        all requests' candidates at once (`SplitEncoder.joint_logits_many`); items whose logit
+        is cached for the user (`score`) are not run again. A full cross-encoder scores request
+        by request.
         """
         if self.split is None or len(requests) < 2:
-            return [self.score(user, items) for user, items in requests]
+            return [self.score(user, items, cache=cache) for user, items in requests]
         if self.model.training:
             self.model.eval()
-        self.warm_items([t for _, items in requests for t in items])
+        cache = self.use_score_cache if cache is None else cache
         rows = [tuple(self._user_row(user)) for user, _ in requests]
+        known = [
+            self._known_logits(row, items) if cache else {}
+            for row, (_, items) in zip(rows, requests, strict=True)
+        ]
+        todo = [
+            list(dict.fromkeys(t for t in items if t not in have))
+            for (_, items), have in zip(requests, known, strict=True)
+        ]
+        self.warm_items([t for texts in todo for t in texts])
         with self._state_lock:
-            missing = [r for r in dict.fromkeys(rows) if r not in self._user_states_cache]
+            missing = [
+                r
+                for r in dict.fromkeys(row for row, texts in zip(rows, todo, strict=True) if texts)
+                if r not in self._user_states_cache
+            ]
         fresh: dict[tuple[int, ...], torch.Tensor] = {}
         if missing:
             ids, mask = self._segments([list(r) for r in missing])
@@ -555,11 +616,14 @@ class CrossEncoderReranker:
                 self.user_cache_misses += len(missing)
         out: list[np.ndarray | None] = [None] * len(requests)
         parts, slots = [], []
-        for r, ((user, items), row) in enumerate(zip(requests, rows, strict=True)):
+        for r, ((user, items), row, texts) in enumerate(zip(requests, rows, todo, strict=True)):
             if not items:
                 out[r] = np.zeros(0, dtype=np.float32)
                 continue
-            inputs = self.serving_inputs(user, items)
+            if not texts:  # every logit cached
+                out[r] = self._from_known(known[r], items, hit=True)
+                continue
+            inputs = self.serving_inputs(user, texts)
             state = fresh.get(row)
             if state is None:  # cached before this batch: counted as a hit there
                 with self._autocast():
@@ -570,18 +634,46 @@ class CrossEncoderReranker:
             with self._autocast():
                 logits = self.split.joint_logits_many(parts)
             for r, value in zip(slots, logits, strict=True):
-                out[r] = self._relevance(value, requests[r][1])
+                new = dict(zip(todo[r], value.float().cpu().tolist(), strict=True))
+                if cache:
+                    self._remember_logits(rows[r], new)
+                out[r] = self._from_known({**known[r], **new}, requests[r][1], hit=False)
         return [o if o is not None else np.zeros(0, dtype=np.float32) for o in out]
 
     @torch.inference_mode()
-    def score(self, user_text: str, item_texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    def score(
+        self,
+        user_text: str,
+        item_texts: Sequence[str],
+        batch_size: int = 64,
+        cache: bool | None = None,
+    ) -> np.ndarray:
         """Relevance of each item for one user context (the serving path: cached token ids;
-        for a split model, cached item-side states and one user-side pass)."""
+        for a split model, cached item-side states and one user-side pass).
+
+        Args:
+            cache: for a split model, reuse the BERT logits cached for this user-context and
+                these item texts, and cache the new ones (a repeat request with the same
+                profile and item texts runs no forward pass); False always runs it
+                (benchmarks timing the forward pass); None: `use_score_cache`.
+        """
         if self.model.training:  # walking every module costs ~5 ms a call: only when needed
             self.model.eval()
+        cache = self.use_score_cache if cache is None else cache
+        if self.split is not None:
+            if not item_texts:
+                return np.zeros(0, dtype=np.float32)
+            key = tuple(self._user_row(user_text))
+            known = self._known_logits(key, item_texts) if cache else {}
+            todo = list(dict.fromkeys(t for t in item_texts if t not in known))
+            if not todo:
+                return self._from_known(known, item_texts, hit=True)
+            inputs = self.serving_inputs(user_text, todo)
+            new = dict(zip(todo, self.serving_logits(inputs).float().cpu().tolist(), strict=True))
+            if cache:
+                self._remember_logits(key, new)
+            return self._from_known({**known, **new}, item_texts, hit=False)
         out = np.empty(len(item_texts), dtype=np.float32)
-        if self.split is not None:  # the per-candidate work is small: one user pass for all
-            batch_size = max(len(item_texts), 1)
         for start in range(0, len(item_texts), batch_size):
             chunk = item_texts[start : start + batch_size]
             inputs = self.serving_inputs(user_text, chunk)

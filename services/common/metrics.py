@@ -33,6 +33,11 @@ USER_STATE_CACHE_HIT_RATE = Gauge(
     "freshrec_user_state_cache_hit_rate",
     "Share of re-ranks that found the user side cached, since the serving version loaded.",
 )
+SCORE_CACHE_HIT_RATE = Gauge(
+    "freshrec_score_cache_hit_rate",
+    "Share of re-ranks answered from cached logits (same user context, same item texts) "
+    "without a forward pass, since the serving version loaded.",
+)
 ITEM_STATES_CACHED = Gauge(
     "freshrec_item_states_cached", "Items whose re-ranker item side is cached (serving version)."
 )
@@ -56,7 +61,13 @@ def watch_reranker_caches(current: Callable[[], Any]) -> None:
         total = reranker.user_cache_hits + reranker.user_cache_misses
         return reranker.user_cache_hits / total if total else 0.0
 
+    def score_hit_rate() -> float:
+        reranker = current()
+        total = reranker.score_cache_hits + reranker.score_cache_misses
+        return reranker.score_cache_hits / total if total else 0.0
+
     USER_STATE_CACHE_HIT_RATE.set_function(hit_rate)
+    SCORE_CACHE_HIT_RATE.set_function(score_hit_rate)
     ITEM_STATES_CACHED.set_function(lambda: float(current().cached_items()))
 
 

@@ -191,6 +191,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         if reranker.split is None:
             return reranker
         reranker.prepare_serving(config.model.user_side_int8, config.model.item_states_int8)
+        reranker.use_score_cache = config.ranking.score_cache
         reranker.item_state_capacity = max(
             reranker.item_state_capacity, config.ranking.warm_item_states
         )

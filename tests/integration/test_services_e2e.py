@@ -321,6 +321,32 @@ def test_log_events_accepts_dedups_rejects_and_updates_the_profile(stack: Stack)
     assert fresh not in {i.item_id for i in reply.items}
 
 
+def test_a_repeat_request_reuses_its_scores_until_the_profile_changes(stack: Stack) -> None:
+    user = stack.user.user_id
+    reranker = stack.ranking.models.current.reranker
+
+    def relevance(reply: ranking_pb2.RecommendResponse) -> dict[str, float]:
+        return {i.item_id: i.relevance for i in reply.items if i.stage == ranking_pb2.STAGE_RECALL}
+
+    first = relevance(_recommend(stack, user, 10))
+    hits, misses = reranker.score_cache_hits, reranker.score_cache_misses
+    again = relevance(_recommend(stack, user, 10))
+    # No forward pass for the repeat, and the same scores for the items both answers hold.
+    assert (reranker.score_cache_hits, reranker.score_cache_misses) == (hits + 1, misses)
+    assert {i: again[i] for i in first.keys() & again.keys()} == {
+        i: first[i] for i in first.keys() & again.keys()
+    }
+
+    # A click changes the profile, so the user context: the next answer runs the model again.
+    profile = stack.features.get_user_profile(user)
+    assert profile is not None
+    clicked = next(i for i in stack.catalog if i not in profile.recent_items)
+    event = _event(uuid.uuid4().hex, user, clicked, ranking_pb2.EVENT_TYPE_CLICK, datetime.now(UTC))
+    assert stack.rank.LogEvents(ranking_pb2.LogEventsRequest(events=[event])).accepted == 1
+    _recommend(stack, user, 10)
+    assert (reranker.score_cache_hits, reranker.score_cache_misses) == (hits + 1, misses + 1)
+
+
 def test_log_events_rejects_an_empty_batch(stack: Stack) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stack.rank.LogEvents(ranking_pb2.LogEventsRequest(events=[]), timeout=10)

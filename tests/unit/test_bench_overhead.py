@@ -21,8 +21,20 @@ def test_each_request_is_compared_with_the_floors_of_its_own_class() -> None:
     # Per-request overheads 1, 2, 4, 0.9, 4.5: median 2.
     assert got["overhead_ms"] == 2.0
     assert got["overhead_by_class"] == {
-        "user_pass": {"requests": 2, "p50_ms": 11.7, "floor_ms": 9.0, "ratio": 1.3},
-        "user_cached": {"requests": 3, "p50_ms": 6.0, "floor_ms": 4.0, "ratio": 1.5},
+        "user_pass": {
+            "requests": 2,
+            "p50_ms": 11.7,
+            "p99_ms": 13.46,
+            "floor_ms": 9.0,
+            "ratio": 1.3,
+        },
+        "user_cached": {
+            "requests": 3,
+            "p50_ms": 6.0,
+            "p99_ms": 7.96,
+            "floor_ms": 4.0,
+            "ratio": 1.5,
+        },
     }
 
 
@@ -49,9 +61,22 @@ def test_undefined_overhead_is_null(
 
 
 def test_call_class_reads_the_cache_counters() -> None:
-    assert _call_class((5, 2), (5, 3)) == 1  # a miss: the user pass ran
-    assert _call_class((5, 2), (6, 2)) == 0  # a hit
-    assert _call_class((5, 2), (5, 2)) == -1  # not re-ranked
+    assert _call_class((5, 2, 0), (5, 3, 0)) == 1  # a miss: the user pass ran
+    assert _call_class((5, 2, 0), (6, 2, 0)) == 0  # a hit, then the joint layer
+    assert _call_class((5, 2, 0), (5, 2, 1)) == 2  # every logit cached: no forward pass
+    assert _call_class((5, 2, 0), (5, 2, 0)) == -1  # not re-ranked
+
+
+def test_answers_from_cached_scores_are_held_to_the_fetch_floors() -> None:
+    got = _overhead([2.0, 3.0, 9.0], [2, 2, 0], FLOORS, concurrency=1)
+    assert got["overhead_by_class"]["scores_cached"] == {
+        "requests": 2,
+        "p50_ms": 2.5,
+        "p99_ms": 2.99,
+        "floor_ms": 1.0,
+        "ratio": 2.5,
+    }
+    assert got["overhead_ratio"] == 2.25  # ratios 2, 3 and 2.25
 
 
 def test_percentiles_per_step() -> None:

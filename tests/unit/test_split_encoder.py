@@ -232,16 +232,71 @@ def test_as_cross_encoder_runs_the_same_weights_with_full_attention() -> None:
 
 def test_user_states_are_cached_per_context_and_give_the_same_scores() -> None:
     reranker = _split(joint=1)
-    first = reranker.score(USERS[0], ITEMS)
+    first = reranker.score(USERS[0], ITEMS, cache=False)
     assert (reranker.user_cache_hits, reranker.user_cache_misses) == (0, 1)
-    again = reranker.score(USERS[0], ITEMS[::-1])
+    again = reranker.score(USERS[0], ITEMS[::-1], cache=False)
     assert (reranker.user_cache_hits, reranker.user_cache_misses) == (1, 1)
     np.testing.assert_allclose(again[::-1], first, atol=1e-6)
-    reranker.score(USERS[1], ITEMS)
+    reranker.score(USERS[1], ITEMS, cache=False)
     assert reranker.user_cache_misses == 2
     reranker.clear_item_states()
-    reranker.score(USERS[0], ITEMS)
+    reranker.score(USERS[0], ITEMS, cache=False)
     assert reranker.user_cache_misses == 3  # cleared with the weights' other states
+
+
+def _count_forwards(reranker: CrossEncoderReranker) -> list[list[str]]:
+    """The item texts of every forward pass `reranker` runs from now on."""
+    passes: list[list[str]] = []
+    inputs = reranker.serving_inputs
+
+    def spy(user_text: str, item_texts: list[str]) -> dict[str, torch.Tensor]:
+        passes.append(list(item_texts))
+        return inputs(user_text, item_texts)
+
+    reranker.serving_inputs = spy  # type: ignore[method-assign]
+    return passes
+
+
+def test_a_repeat_request_reuses_its_logits_and_runs_only_what_changed() -> None:
+    reranker = _split(joint=1)
+    reranker.blend = None
+    passes = _count_forwards(reranker)
+    first = reranker.score(USERS[0], ITEMS)
+    assert passes == [ITEMS]
+
+    # Same user context, same item texts: no forward pass, the same scores.
+    again = reranker.score(USERS[0], ITEMS[::-1])
+    assert len(passes) == 1 and (reranker.score_cache_hits, reranker.score_cache_misses) == (1, 1)
+    np.testing.assert_array_equal(again[::-1], first)
+
+    # One changed item text (its popularity level moved): only that text runs.
+    changed = [*ITEMS[:-1], ITEMS[-1] + " popular."]
+    mixed = reranker.score(USERS[0], changed)
+    assert passes[-1] == [changed[-1]]
+    np.testing.assert_allclose(mixed, reranker.score(USERS[0], changed, cache=False), atol=1e-6)
+    np.testing.assert_array_equal(mixed[:-1], first[:-1])
+
+    # Another context (the profile changed) runs again; new weights forget every logit.
+    reranker.score(USERS[1], ITEMS)
+    assert passes[-1] == ITEMS
+    reranker.clear_item_states()
+    reranker.score(USERS[0], ITEMS)
+    assert passes[-1] == ITEMS
+
+
+def test_batched_requests_reuse_cached_logits_and_match_uncached_scores() -> None:
+    reranker = _split(joint=1)
+    reranker.item_state_dtype = torch.float32
+    reranker.score(USERS[0], ITEMS[:2])
+    passes = _count_forwards(reranker)
+    requests = [(USERS[0], ITEMS[:2]), (USERS[0], ITEMS), (USERS[1], ITEMS[1:])]
+
+    together = reranker.score_many(requests)
+
+    # The first request was cached whole, the second needs only the texts it lacks.
+    assert sorted(map(sorted, passes)) == sorted([sorted(ITEMS[2:]), sorted(ITEMS[1:])])
+    for (user, items), got in zip(requests, together, strict=True):
+        np.testing.assert_allclose(got, reranker.score(user, items, cache=False), atol=1e-5)
 
 
 def test_frozen_prefix_reuses_each_rows_states_and_keeps_the_logits_and_gradients() -> None:
