@@ -74,10 +74,10 @@ class _Kept:
             self._entries.move_to_end(text)
         return entries
 
-    def _evict(self) -> None:
-        """Drop the least recently used entries beyond `capacity` (the caller holds the
-        lock), handing each to `_forget`."""
-        while len(self._entries) > self.capacity:
+    def _evict(self, incoming: int = 0) -> None:
+        """Drop the least recently used entries beyond `capacity`, leaving room for
+        `incoming` new ones (the caller holds the lock), handing each to `_forget`."""
+        while self._entries and len(self._entries) + incoming > self.capacity:
             self._forget(self._entries.popitem(last=False)[1])
 
     def _forget(self, entry: Any) -> None:
@@ -118,7 +118,14 @@ class PagedItemStates(_Kept):
         pages = sum(-(-int(n) // PAGE_TOKENS) for n in lengths)
         with self._lock:
             if self._arena is None:
-                self._expected = pages
+                # Room for `capacity` items of the announced size, not the warm-up alone: the
+                # pages no item uses are never touched, so they cost address space, not RSS,
+                # and items arriving after the warm-up (changed texts, the uncached tail) find
+                # free pages instead of growing the arena, which would copy it and hold the
+                # old and the new at once.
+                spare = max(self.capacity - len(self._entries) - len(lengths), 0)
+                per_item = pages / max(len(lengths), 1)
+                self._expected = pages + int(spare * per_item)
             elif len(self._free) < pages:
                 self._make_room(pages, self._arena.shape[-1])
 
@@ -128,6 +135,9 @@ class PagedItemStates(_Kept):
         `capacity`. The texts are distinct."""
         counts = [-(-int(n) // PAGE_TOKENS) for n in lengths]
         with self._lock:
+            # Evict first, so the pages of what goes are reused: in a full warmed arena a new
+            # text would otherwise grow it by half, holding the old and the new arena at once.
+            self._evict(incoming=sum(1 for t in texts if t not in self._entries))
             self._make_room(sum(counts), states.shape[-1])
             assert self._arena is not None
             offsets = np.arange(PAGE_TOKENS)

@@ -88,7 +88,7 @@ def test_growing_the_arena_keeps_what_it_held() -> None:
 
 def test_an_announced_warm_up_is_allocated_once() -> None:
     lengths = [PAGE_TOKENS * 3, 5, 1] * 100  # 500 pages
-    announced = PagedItemStates(torch.float32, capacity=10_000)
+    announced = PagedItemStates(torch.float32, capacity=len(lengths))
     announced.expect(lengths)
     states = _batch(lengths, seed=4)
     texts = [f"w{i}" for i in range(len(lengths))]
@@ -100,6 +100,19 @@ def test_an_announced_warm_up_is_allocated_once() -> None:
     assert announced.pages == 501
     got = announced.gather([texts[-1], texts[0]], torch.float32)
     assert got is not None and torch.equal(got[0][1], states[0])
+
+
+def test_a_warm_up_below_capacity_reserves_room_for_the_rest() -> None:
+    """Room for `capacity` items of the warm-up's average size, in one allocation (untouched
+    pages are address space, not resident memory): later items do not grow the arena."""
+    lengths = [PAGE_TOKENS * 3, 5, 1] * 100  # 300 items, 500 pages
+    store = PagedItemStates(torch.float32, capacity=600)
+    store.expect(lengths)
+    store.put([f"w{i}" for i in range(300)], _batch(lengths, seed=7), lengths)
+    assert store.pages == 1 + 500 + 500  # the zero page, the warm-up, 300 more alike
+    later = [PAGE_TOKENS * 3, 5, 1] * 90
+    store.put([f"later{i}" for i in range(270)], _batch(later, seed=8), later)
+    assert store.pages == 1001 and len(store) == 570
 
 
 def test_putting_a_text_again_replaces_its_states() -> None:
@@ -124,3 +137,21 @@ def test_copies_and_cleared_stores_hold_nothing(clear: bool) -> None:
     assert other.dtype == torch.float16 and other.capacity == 7
     other.put(["b"], _batch([2]), [2])  # and work afterwards
     assert "b" in other
+
+
+def test_a_new_text_in_a_full_warmed_store_takes_the_pages_of_the_one_it_evicts() -> None:
+    """A warmed catalogue fills the arena to its capacity; an item whose text changes then
+    arrives as a new text. Growing the arena by half for it held the old and the new arena at
+    once (the 100k service peaked at 11.0 GB RSS against 6.4 GB in steady state)."""
+    lengths = [PAGE_TOKENS] * 100  # one page each: 100 pages, above the arena's minimum
+    store = PagedItemStates(torch.float32, capacity=100)
+    store.expect(lengths)
+    store.put([f"w{i}" for i in range(100)], _batch(lengths, seed=5), lengths)
+    assert store.pages == 101
+    fresh = _batch([PAGE_TOKENS, PAGE_TOKENS], seed=6)
+    store.put(["w3 changed", "new"], fresh, [PAGE_TOKENS, PAGE_TOKENS])
+    assert store.pages == 101 and len(store) == 100
+    assert "w0" not in store and "w1" not in store and "w2" in store  # least recently used
+    got = store.gather(["new", "w3 changed"], torch.float32)
+    assert got is not None
+    assert torch.equal(got[0][0], fresh[1]) and torch.equal(got[0][1], fresh[0])
