@@ -11,7 +11,9 @@ rows (row 0 of page 0 stays zero: the padding every gather points at). A request
 index array in numpy and gathers its batch with one `index_select`. Eviction (least recently
 used, at `capacity` items) returns an item's pages to a free list, so the arena never fragments
 and never needs compacting. A warm-up announces its items (`expect`), so the arena is
-allocated once for them; past that it grows by half when the free list runs out.
+allocated once, with room for `capacity` items of their average size (pages never written cost
+no RSS); at capacity a new item takes the pages of the one it evicts, and only when the free
+list still runs short does the arena grow by half (a copy that holds both for a moment).
 
 Least recently used, not first in: a warm-up puts the most popular items first, and an item's
 ranking text changes with its popularity level and new-arrival flag, so changed texts arrive
