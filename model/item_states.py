@@ -120,12 +120,15 @@ class PagedItemStates(_Kept):
         pages = sum(-(-int(n) // PAGE_TOKENS) for n in lengths)
         with self._lock:
             if self._arena is None:
-                # Room for `capacity` items of the announced size, not the warm-up alone: the
-                # pages no item uses are never touched, so they cost address space, not RSS,
-                # and items arriving after the warm-up (changed texts, the uncached tail) find
-                # free pages instead of growing the arena, which would copy it and hold the
-                # old and the new at once.
+                # On CPU, room for `capacity` items of the announced size, not the warm-up
+                # alone: the pages no item uses are never touched, so they cost address
+                # space, not RSS, and items arriving after the warm-up (changed texts, the
+                # uncached tail) find free pages instead of growing the arena, which would
+                # copy it and hold the old and the new at once. GPU memory is committed when
+                # allocated, so there the arena is sized for the warm-up.
                 spare = max(self.capacity - len(self._entries) - len(lengths), 0)
+                if self.device.type != "cpu":
+                    spare = 0
                 per_item = pages / max(len(lengths), 1)
                 self._expected = pages + int(spare * per_item)
             elif len(self._free) < pages:
