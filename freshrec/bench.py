@@ -265,14 +265,17 @@ def _overhead(
         0: fetch + stages.get("forward_user_cached", 0.0),
         2: fetch,
     }
-    pairs = [(ms, floor_of[c]) for ms, c in zip(latencies, classes, strict=True) if c >= 0]
-    if not pairs or not all(f > 0 for f in floor_of.values()):
+    if not all(f > 0 for f in floor_of.values()):
         return none
-    lat = np.asarray([ms for ms, _ in pairs])
-    floor = np.asarray([f for _, f in pairs])
+    lat = np.asarray(latencies, dtype=np.float64)
+    cls = np.asarray(classes, dtype=np.int64)
+    kept = cls >= 0
+    if not kept.any():
+        return none
+    floor = np.asarray([floor_of[int(c)] for c in cls[kept]])
     by_class = {}
     for name, c in (("user_pass", 1), ("user_cached", 0), ("scores_cached", 2)):
-        mine = np.asarray([ms for ms, k in zip(latencies, classes, strict=True) if k == c])
+        mine = lat[cls == c]
         if len(mine):
             p50 = float(np.median(mine))
             by_class[name] = {
@@ -283,8 +286,8 @@ def _overhead(
                 "ratio": round(p50 / floor_of[c], 2),
             }
     return {
-        "overhead_ratio": round(float(np.median(lat / floor)), 2),
-        "overhead_ms": round(float(np.median(lat - floor)), 2),
+        "overhead_ratio": round(float(np.median(lat[kept] / floor)), 2),
+        "overhead_ms": round(float(np.median(lat[kept] - floor)), 2),
         "overhead_by_class": by_class,
     }
 
@@ -395,10 +398,6 @@ def _stage_floors(
         return {}
     return {
         "stages_ms": med,
-        "floor_sum_ms": med["faiss"] + med["redis_raw"] + med["forward"],
-        "floor_sum_user_cached_ms": (
-            med["faiss"] + med["redis_raw"] + med.get("forward_user_cached", med["forward"])
-        ),
         "rerank_speedup_vs_reference": round(med["rerank_reference"] / med["rerank_serving"], 2),
         "feature_fetch_speedup_vs_feast_sdk": round(med["feast_sdk"] / med["redis_raw"], 2),
         "identical": bool(identical),
