@@ -203,6 +203,9 @@ class CrossEncoderReranker:
             self.quantize_user_side()
         if item_states_int8 and self.split is not None:
             self.quantize_item_states()
+        compute = autocast_dtype(self.device, self.cpu_dtype)
+        if compute is not None and self.split is not None:
+            self.split.cast_for_inference(compute)
 
     def quantize_item_states(self) -> None:
         """Keep cached item-side states in int8 with one fp32 scale per token and per

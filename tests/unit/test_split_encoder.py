@@ -117,6 +117,29 @@ def test_int8_user_side_serves_under_every_cpu_dtype(cpu_dtype: str) -> None:
         np.testing.assert_allclose(got, exact.score(user, ITEMS), atol=0.05)
 
 
+@pytest.mark.parametrize("joint", [1, 2])
+def test_weights_cast_for_inference_give_the_same_bf16_scores_and_training_keeps_fp32(
+    joint: int,
+) -> None:
+    autocast, cast = _split(joint=joint), _split(joint=joint)
+    autocast.cpu_dtype = cast.cpu_dtype = "bf16"
+    cast.prepare_serving(user_side_int8=False, item_states_int8=False)
+    split = cast.split
+    assert split is not None and split._cast_layers is not None
+    assert split._cast_layers[-1].output.dense.weight.dtype == torch.bfloat16
+    assert split._cast_layers[-1].output.LayerNorm.weight.dtype == torch.float32
+    assert cast.model.bert.encoder.layer[-1].output.dense.weight.dtype == torch.float32
+    for user in USERS:  # autocast made the same casts at every call: equal bit for bit
+        np.testing.assert_array_equal(cast.score(user, ITEMS), autocast.score(user, ITEMS))
+    batched = cast.score_many([(u, ITEMS) for u in USERS])
+    for user, got in zip(USERS, batched, strict=True):
+        np.testing.assert_array_equal(got, autocast.score(user, ITEMS))
+    with torch.enable_grad():  # a gradient pass trains the model's own fp32 weights
+        assert split._layers() is cast.model.bert.encoder.layer
+    cast.clear_item_states()  # what training calls when it changes the weights
+    assert split._cast_layers is None
+
+
 def test_int8_item_states_halve_the_cache_and_keep_scores_close() -> None:
     exact, served = _split(joint=1), _split(joint=1)
     served.prepare_serving(user_side_int8=False, item_states_int8=True)
