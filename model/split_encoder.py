@@ -179,6 +179,7 @@ class SplitEncoder:
         self.n_heads = int(model.config.num_attention_heads)
         self._user_layers: Any = None
         self._cast_layers: Any = None  # `cast_for_inference`
+        self._cast_dtype: torch.dtype | None = None
         # Training with a frozen bottom (`begin_frozen_prefix`): how many encoder layers below
         # the split are frozen, and their output per distinct segment row.
         self._prefix_layers = 0
@@ -213,13 +214,13 @@ class SplitEncoder:
 
     def cast_for_inference(self, dtype: torch.dtype) -> None:
         """Keep a copy of the encoder layers whose Linear weights and biases are already in
-        `dtype` (the autocast compute dtype), for inference: autocast casts every weight
-        again at every call (it keeps casts only inside one autocast region): ~0.5 ms of a
-        request's joint layer in a profile (bf16, 2-core Xeon with AMX; docs/performance.md).
-        Under autocast the copy gives the same results
-        bit for bit: autocast would have made the same casts. LayerNorm and embeddings keep
-        their fp32 parameters (autocast runs LayerNorm in fp32). Dropped with the int8 copy
-        (`drop_quantized`) when training changes the weights."""
+        `dtype` (the autocast compute dtype), for inference under that autocast: autocast
+        casts every weight again at every call (it keeps its casts only inside one autocast
+        region), ~0.5 ms of a request's joint layer in a profile (bf16, 2-core Xeon with
+        AMX; docs/performance.md). The copy gives the same results bit for bit: autocast
+        would have made the same casts. LayerNorm and embeddings keep their fp32 parameters
+        (autocast runs LayerNorm in fp32). Dropped with the int8 copy (`drop_quantized`) when
+        training changes the weights."""
         import copy
 
         layers = copy.deepcopy(self.model.bert.encoder.layer)
@@ -227,6 +228,7 @@ class SplitEncoder:
             if isinstance(module, torch.nn.Linear):
                 module.to(dtype)
         self._cast_layers = layers.eval()
+        self._cast_dtype = dtype
 
     def drop_quantized(self) -> None:
         """Forget the serving copies (int8 user side, `cast_for_inference`)."""
@@ -234,10 +236,16 @@ class SplitEncoder:
         self._cast_layers = None
 
     def _layers(self) -> Any:
-        """The encoder layers this pass runs: the compute-dtype copy at inference when there
-        is one, the model's own otherwise (training always)."""
+        """The encoder layers this pass runs: the compute-dtype copy at inference under the
+        autocast it was made for, the model's own otherwise (training always; a pass with
+        another precision, such as an fp32 evaluation, too)."""
         if self._cast_layers is not None and not torch.is_grad_enabled():
-            return self._cast_layers
+            device = self.model.device.type
+            if (
+                torch.is_autocast_enabled(device)
+                and torch.get_autocast_dtype(device) == self._cast_dtype
+            ):
+                return self._cast_layers
         return self.model.bert.encoder.layer
 
     @property

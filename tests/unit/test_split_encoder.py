@@ -140,6 +140,16 @@ def test_weights_cast_for_inference_give_the_same_bf16_scores_and_training_keeps
     assert split._cast_layers is None
 
 
+def test_a_pass_in_another_precision_runs_the_fp32_layers_not_the_cast_copy() -> None:
+    exact, served = _split(joint=1), _split(joint=1)
+    served.cpu_dtype = "bf16"
+    served.prepare_serving(user_side_int8=False, item_states_int8=False)
+    assert served.split is not None and served.split._cast_layers is not None
+    served.cpu_dtype = "fp32"  # e.g. an evaluation asking for full precision: no autocast
+    for user in USERS:
+        np.testing.assert_array_equal(served.score(user, ITEMS), exact.score(user, ITEMS))
+
+
 def test_int8_item_states_halve_the_cache_and_keep_scores_close() -> None:
     exact, served = _split(joint=1), _split(joint=1)
     served.prepare_serving(user_side_int8=False, item_states_int8=True)
