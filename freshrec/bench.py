@@ -65,6 +65,7 @@ def bench_serving(
     from freshrec.clients import channel, ranking_stub
     from freshrec.data import load_dataset
     from freshrec.v1 import ranking_pb2
+    from model.device import cpu_description
     from services.jobs.bootstrap import bootstrap
     from services.ranking.server import build_ranking
     from services.registry import open_registry
@@ -186,6 +187,7 @@ def bench_serving(
             "cores": os.cpu_count(),
             "torch_threads": _torch_threads(),
             "cpu": platform.processor() or platform.machine(),
+            **cpu_description(),
         },
         "model_dtype": config.model.rerank_dtype,
         "architecture": architecture,

@@ -240,6 +240,7 @@ def bench_recall(
     import psutil
     import torch
 
+    from model.device import cpu_description
     from model.index import RecallIndex
 
     started = time.perf_counter()
@@ -297,5 +298,6 @@ def bench_recall(
             "torch_threads": int(torch.get_num_threads()),
             "faiss_threads": int(faiss.omp_get_max_threads()),
             "cpu": platform.processor() or platform.machine(),
+            **cpu_description(),
         },
     }

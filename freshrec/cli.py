@@ -486,6 +486,11 @@ def bench_serving_cmd(
         f"{result['qps']} req/s, errors {result['errors']} ({result['items']:,} items, "
         f"{result['candidates']} candidates, concurrency {result['concurrency']})"
     )
+    machine = result["machine"]
+    console.print(
+        f"machine: {machine['cores']} cores, {machine['torch_threads']} torch threads, "
+        f"{machine['cpu_model'] or machine['cpu']} ({', '.join(machine['cpu_features']) or '-'})"
+    )
     steps = result["service_stages_ms"]
     console.print(
         "service steps p50/p99 ms: "

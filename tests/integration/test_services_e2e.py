@@ -27,6 +27,7 @@ from freshrec.config import FreshRecConfig, load_config
 from freshrec.data.synthetic import generate_shop
 from freshrec.records import UserProfile
 from freshrec.v1 import ranking_pb2, ranking_pb2_grpc, updater_pb2, updater_pb2_grpc
+from model.device import COMPUTE_FLAGS
 from model.reranker import CrossEncoderReranker, pretrained_path
 from services.features.feast_store import FeastFeatureStore
 from services.features.store import open_feature_store
@@ -619,3 +620,8 @@ def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) 
     for p in steps.values():
         assert 0 <= p["p50"] <= p["p95"] <= p["p99"]
     assert steps["total"]["p50"] <= result["p50_ms"]
+    # The machine, with what decides its speed: figures from CPUs with and without AMX differ.
+    machine = result["machine"]
+    assert machine["cores"] >= 1 and machine["torch_threads"] >= 1
+    assert isinstance(machine["cpu_model"], str)
+    assert set(machine["cpu_features"]) <= set(COMPUTE_FLAGS)
