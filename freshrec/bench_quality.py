@@ -1,8 +1,9 @@
 """`freshrec bench quality`: does the fast re-ranker keep the full cross-encoder's quality?
 
 Both models are fine-tuned from the same pretrained backbone on the same pairs with the same
-hyper-parameters (the updater's own pair recipe: `sample_mix` + `make_pairs`), then re-rank the
-same recall candidates for held-out users:
+hyper-parameters (the updater's own pair recipe: `sample_mix` + `make_pairs` with its
+serving-like negatives, `model.negatives.ServingLikeNegatives`), then re-rank the same recall
+candidates for held-out users:
 
 - reference: the full cross-encoder (every layer joint), run in fp32 with plain transformers;
 - served: the configured architecture (`model.joint_layers`) through its serving path, at the
@@ -55,7 +56,7 @@ def bench_quality(
     from services.ingestion.offline_log import OfflineEventLog
     from services.registry import open_registry
     from services.updater.examples import Window, positives_in_windows, sample_mix
-    from services.updater.job import train_params
+    from services.updater.job import serving_like_negatives, train_params
 
     config = load_config(workdir)
     registry = open_registry(config)
@@ -82,9 +83,12 @@ def bench_quality(
         positives["train"], None, tcfg.max_examples, tcfg.negatives_per_positive, 0.0, rng
     )
     clock = PopularityClock.from_events(events, EVENT_WEIGHTS)
-    pairs = make_pairs(
-        train_pos, list(items.values()), tcfg.negatives_per_positive, rng, clock.stamp
-    )
+    catalog = list(items.values())
+    # Negatives drawn as the updater draws them (services/updater/job.py): the user's own
+    # recall candidates, popular items and random ones. Until stop 19 this benchmark drew
+    # uniform random negatives only, a recipe nothing served.
+    sampler = serving_like_negatives(config, catalog, index, events)
+    pairs = make_pairs(train_pos, catalog, tcfg.negatives_per_positive, rng, clock.stamp, sampler)
     start = holdout_start.to_pydatetime()  # candidates are read as serving had them then
     params = train_params(tcfg, from_parent=False)
     backbone = pretrained_path(config.model.base_model)
@@ -159,6 +163,7 @@ def bench_quality(
         "users": len(scored),
         "candidates": candidates,
         "training_pairs": len(pairs),
+        "negatives_drawn": dict(sampler.drawn),
         "architecture": served.architecture,
         "item_states_int8": served.item_states_int8,
         "served_dtype": config.model.rerank_dtype,

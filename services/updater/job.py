@@ -71,6 +71,20 @@ def train_params(tcfg: TrainingConfig, from_parent: bool, seed: int | None = Non
     )
 
 
+def serving_like_negatives(
+    config: FreshRecConfig,
+    catalog: Sequence[ItemFeatures],
+    index: RecallIndex | None,
+    events: pd.DataFrame,
+) -> ServingLikeNegatives:
+    """The negatives every re-ranker training run draws: the user's own recall candidates,
+    popular and random items (`model.negatives`). `freshrec bench quality` draws them with
+    this too, so it measures the recipe that serves."""
+    return ServingLikeNegatives.from_events(
+        catalog, index, events, POSITIVE_EVENT_TYPES, config.ranking.recall_candidates
+    )
+
+
 def collab_features(
     tcfg: TrainingConfig,
     events: pd.DataFrame,
@@ -233,9 +247,7 @@ def run_training(
     clock = PopularityClock.from_events(events, EVENT_WEIGHTS)
     if index is None and (index_version := registry.champion("index")) is not None:
         index = RecallIndex.load(registry.path("index", index_version))
-    sampler = ServingLikeNegatives.from_events(
-        catalog, index, events, POSITIVE_EVENT_TYPES, config.ranking.recall_candidates
-    )
+    sampler = serving_like_negatives(config, catalog, index, events)
     source = (
         str(registry.path("reranker", parent))
         if parent
