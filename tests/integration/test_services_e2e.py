@@ -625,3 +625,31 @@ def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) 
     assert machine["cores"] >= 1 and machine["torch_threads"] >= 1
     assert isinstance(machine["cpu_model"], str)
     assert set(machine["cpu_features"]) <= set(COMPUTE_FLAGS)
+
+
+def test_bench_quality_trains_both_models_on_the_updaters_serving_like_pairs(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from freshrec.bench_quality import bench_quality
+
+    # Tiny random BERTs in place of the pretrained backbone: this checks the protocol, not
+    # MiniLM's NDCG (`freshrec bench quality` on a real workdir measures that).
+    made: list[int | None] = []
+
+    def tiny(cls: type, path: str, *args: object, **kwargs: object) -> CrossEncoderReranker:
+        joint = kwargs.get("joint_layers")
+        made.append(joint if isinstance(joint, int) else None)
+        return CrossEncoderReranker.tiny(seed=0, max_length=32, joint_layers=made[-1])
+
+    monkeypatch.setattr(CrossEncoderReranker, "from_pretrained", classmethod(tiny))
+    result = bench_quality(stack.config.workdir, say=lambda _m: None)
+    # The reference (every layer joint) and the served architecture, from the same backbone.
+    assert made == [None, stack.config.model.joint_layers]
+    # The updater's negatives: the user's own recall candidates among them, not only random.
+    drawn = result["negatives_drawn"]
+    assert drawn["hard"] > 0 and drawn["popular"] > 0 and drawn["random"] > 0
+    assert sum(drawn.values()) == result["training_pairs"] - result["training_pairs"] // (
+        1 + stack.config.training.negatives_per_positive
+    )
+    for key in ("ndcg@10_served", "ndcg@10_reference", "ndcg@10_recall_order"):
+        assert 0.0 <= result[key] <= 1.0
