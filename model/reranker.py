@@ -412,7 +412,7 @@ class CrossEncoderReranker:
             self._user_states_cache.clear()
             self._score_cache.clear()
         if self.split is not None:
-            self.split.drop_quantized()
+            self.split.drop_serving_copies()
 
     def cached_items(self) -> int:
         """Item texts whose item-side states are cached."""

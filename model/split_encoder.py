@@ -122,9 +122,9 @@ def _shared_query_attention(
     once, item scores as one product with the cached item keys. Same result as `_layer` over
     the concatenated keys, without copying the user keys N times.
 
-    `item_cache` holds the candidates' cached keys and values as `item_cache` made them,
-    (N, Li, 2H): keys in the first H columns, values in the rest, head h in columns
-    h*d..(h+1)*d of each. Splitting them into heads first ((N, nh, Li, d) views) made every
+    `item_cache` holds the candidates' cached keys and values as `SplitEncoder.item_cache`
+    made them, (N, Li, 2H): keys in the first H columns, values in the rest, head h in
+    columns h*d..(h+1)*d of each. Splitting them into heads first ((N, nh, Li, d) views) made every
     batched product copy them (three copies of all candidates' keys and values per request,
     half of the joint layer's time in a profile). Instead both products read the cache in
     place:
@@ -201,7 +201,7 @@ class SplitEncoder:
         (a copy; the model's own weights and the item side stay as they are). For serving
         only: on a 2-core AVX2 EPYC a 32-token user pass took ~19 ms in fp32, most of it
         small matrix products that int8 runs ~1.8x faster. Training drops the copy
-        (`drop_quantized`)."""
+        (`drop_serving_copies`)."""
         import copy
         import warnings
 
@@ -219,8 +219,8 @@ class SplitEncoder:
         region), ~0.5 ms of a request's joint layer in a profile (bf16, 2-core Xeon with
         AMX; docs/performance.md). The copy gives the same results bit for bit: autocast
         would have made the same casts. LayerNorm and embeddings keep their fp32 parameters
-        (autocast runs LayerNorm in fp32). Dropped with the int8 copy (`drop_quantized`) when
-        training changes the weights."""
+        (autocast runs LayerNorm in fp32). Dropped with the int8 copy (`drop_serving_copies`)
+        when training changes the weights."""
         import copy
 
         layers = copy.deepcopy(self.model.bert.encoder.layer)
@@ -230,7 +230,7 @@ class SplitEncoder:
         self._cast_layers = layers.eval()
         self._cast_dtype = dtype
 
-    def drop_quantized(self) -> None:
+    def drop_serving_copies(self) -> None:
         """Forget the serving copies (int8 user side, `cast_for_inference`)."""
         self._user_layers = None
         self._cast_layers = None
