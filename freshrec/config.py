@@ -189,6 +189,16 @@ class RankingConfig(_Section):
         "profile, item texts and model version runs no forward pass (same scores). A profile "
         "change, a changed item text or a new version misses. false: every request runs it.",
     )
+    item_cache_seconds: float = Field(
+        30,
+        ge=0,
+        description="Keep item features read from a Redis online store in the ranking process "
+        "for at most this long: a request then reads only the items it does not hold, plus the "
+        "item generation, which every FreshRec writer (catalogue service, materialize) bumps "
+        "after it writes, so their edits are seen by the next request. The limit bounds how "
+        "long a write from outside FreshRec (e.g. `feast materialize` by hand) goes unseen; "
+        "0 = read every item on every request.",
+    )
     score_log_seconds: float = Field(
         10,
         ge=0,

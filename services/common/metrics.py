@@ -38,6 +38,11 @@ SCORE_CACHE_HIT_RATE = Gauge(
     "Share of re-ranks answered from cached logits (same user context, same item texts) "
     "without a forward pass, since the serving version loaded.",
 )
+ITEM_FEATURE_CACHE_HIT_RATE = Gauge(
+    "freshrec_item_feature_cache_hit_rate",
+    "Share of item feature reads served from the ranking process's item cache "
+    "(`ranking.item_cache_seconds`) instead of Redis, since the process started.",
+)
 ITEM_STATES_CACHED = Gauge(
     "freshrec_item_states_cached", "Items whose re-ranker item side is cached (serving version)."
 )
@@ -69,6 +74,17 @@ def watch_reranker_caches(current: Callable[[], Any]) -> None:
     USER_STATE_CACHE_HIT_RATE.set_function(hit_rate)
     SCORE_CACHE_HIT_RATE.set_function(score_hit_rate)
     ITEM_STATES_CACHED.set_function(lambda: float(current().cached_items()))
+
+
+def watch_item_feature_cache(reader: Any) -> None:
+    """Point the item-feature cache gauge at `reader` (a RedisFeatureReader), read at scrape
+    time."""
+
+    def hit_rate() -> float:
+        total = reader.item_cache_hits + reader.item_cache_misses
+        return reader.item_cache_hits / total if total else 0.0
+
+    ITEM_FEATURE_CACHE_HIT_RATE.set_function(hit_rate)
 
 
 def observe_update(state: str, seconds: float, champion: str) -> None:

@@ -46,7 +46,8 @@ import yaml
 
 from freshrec.config import FreshRecConfig
 from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable, InvalidArgument
-from services.features.redis_reader import _connection_kwargs
+from services.features.item_generation import item_generation_key
+from services.features.redis_reader import connection_kwargs
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
@@ -286,7 +287,7 @@ def _redis_client(store: FeatureStore) -> tuple[redis.Redis, Any]:
         )
     if getattr(store.config.registry, "enable_online_feature_view_versioning", False):
         raise FastMaterializeUnsupported("online feature view versioning is not mirrored")
-    kwargs = _connection_kwargs(online.connection_string)
+    kwargs = connection_kwargs(online.connection_string)
     return redis.Redis(socket_timeout=_WRITE_SOCKET_TIMEOUT_S, **kwargs), online
 
 
@@ -409,6 +410,9 @@ def fast_materialize(
                 client, store, view, table, overwrite, key_ttl, batch_size
             )
             store.registry.apply_materialization(view, store.project, since, end)
+            if view_name == "item_features" and written:
+                # After the write: caching readers drop what they hold (item_generation.py).
+                client.incr(item_generation_key(store.project))
             report["views"][view_name] = {
                 "rows": written,
                 "skipped": skipped,

@@ -18,6 +18,7 @@ import redis
 
 from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable
 from freshrec.records import ItemFeatures, UserProfile
+from services.features.item_generation import ItemGeneration
 from services.features.profiles import (
     ITEM_FEATURES,
     USER_PROFILE_FEATURES,
@@ -47,6 +48,7 @@ class FeastFeatureStore:
         self._store: FeatureStore | None = None
         self._profile_refs = [f"{USER_PROFILE_VIEW}:{f}" for f in USER_PROFILE_FEATURES]
         self._item_refs = [f"{ITEM_FEATURES_VIEW}:{f}" for f in ITEM_FEATURES]
+        self._generation = ItemGeneration(self.repo_dir)
 
     def start(self) -> None:
         """Open the Feast store and load its registry (imports Feast: about a second).
@@ -110,6 +112,8 @@ class FeastFeatureStore:
         frame = items_frame(items, datetime.now(UTC))
         if not frame.empty:
             self._push(ITEM_FEATURES_PUSH, frame)
+            # After the write: readers that keep item features drop them (item_generation.py).
+            self._generation.bump()
 
     # Internals -------------------------------------------------------------------------------
 

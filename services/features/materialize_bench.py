@@ -22,7 +22,7 @@ from freshrec.data import generate_shop
 from freshrec.errors import FailedPrecondition
 from services.features.fast_materialize import VIEW_TABLES, entity_keys, fast_materialize
 from services.features.profiles import build_item_features, build_user_profiles
-from services.features.redis_reader import _connection_kwargs
+from services.features.redis_reader import connection_kwargs
 from services.features.store import (
     OnlineStoreChoice,
     apply_feature_repo,
@@ -167,7 +167,7 @@ def _same_hashes(
         "item_features": ("item_id", list(items["item_id"])),
     }
     url = configs["fast"][1]
-    client = redis.Redis(**_connection_kwargs(_feast_connection(url)))
+    client = redis.Redis(**connection_kwargs(_feast_connection(url)))
     try:
         same, sampled = True, 0
         for view in VIEW_TABLES:

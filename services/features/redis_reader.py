@@ -12,6 +12,9 @@ mmh3("<view>:<feature>") and "_ts:<view>"; values = serialized `feast.types.Valu
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +28,7 @@ from redis.retry import Retry
 
 from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable
 from freshrec.records import ItemFeatures, UserProfile
+from services.features.item_generation import item_generation_key
 from services.features.profiles import (
     ITEM_FEATURES,
     USER_PROFILE_FEATURES,
@@ -34,10 +38,17 @@ from services.features.profiles import (
 
 KEY_CACHE_SIZE = 500_000  # entity keys (~40 bytes each)
 DECODED_CACHE_SIZE = 200_000  # decoded item records by their raw bytes (~1 KB each)
+ITEM_CACHE_SIZE = 200_000  # items kept by `item_cache_max_age_s` (records shared with the above)
 # HMGET of the same fields on every key, in one call (EVALSHA; redis-py loads it on NOSCRIPT).
 HMGET_MANY = (
     "local out = {} "
     "for i, key in ipairs(KEYS) do out[i] = redis.call('HMGET', key, unpack(ARGV)) end "
+    "return out"
+)
+# The same after a GET of KEYS[1] (the item generation), read atomically with the items.
+GET_THEN_HMGET_MANY = (
+    "local out = {redis.call('GET', KEYS[1])} "
+    "for i = 2, #KEYS do out[i] = redis.call('HMGET', KEYS[i], unpack(ARGV)) end "
     "return out"
 )
 _SCALARS = frozenset(
@@ -79,7 +90,7 @@ USER_PROFILE_VIEW = "user_profile"
 ITEM_FEATURES_VIEW = "item_features"
 
 
-def _connection_kwargs(connection_string: str) -> dict[str, Any]:
+def connection_kwargs(connection_string: str) -> dict[str, Any]:
     """redis-py kwargs from Feast's `host:port,db=N,password=..` connection string."""
     kwargs: dict[str, Any] = {}
     for part in connection_string.split(","):
@@ -100,16 +111,34 @@ def _connection_kwargs(connection_string: str) -> dict[str, Any]:
 
 
 class RedisFeatureReader:
-    """FeatureReader over a rendered Feast repo whose online store is Redis."""
+    """FeatureReader over a rendered Feast repo whose online store is Redis.
 
-    def __init__(self, repo_dir: Path, socket_timeout: float = 2.0) -> None:
+    With `item_cache_max_age_s` > 0 it keeps the item features it read in process and asks
+    Redis only for the item generation (services/features/item_generation.py) plus the items it
+    does not hold, in one round trip: a changed generation drops them all (FreshRec's own
+    writers bump it after each write), and an item read longer ago than the maximum age is read
+    again (a writer that does not bump it). Profiles are always read: they change with every
+    event.
+    """
+
+    def __init__(
+        self, repo_dir: Path, socket_timeout: float = 2.0, item_cache_max_age_s: float = 0.0
+    ) -> None:
         self.repo_dir = Path(repo_dir)
         self.socket_timeout = socket_timeout
+        self.item_cache_max_age_s = item_cache_max_age_s
         self._client: redis.Redis | None = None
         self._project = b""
         self._keys: dict[tuple[str, str], bytes] = {}
         self._hmget_many: Any = None
+        self._get_then_hmget_many: Any = None
         self._decoded: dict[tuple[Any, ...], ItemFeatures] = {}
+        # item id -> (record, monotonic time read), all read under generation `_generation`.
+        self._item_cache: OrderedDict[str, tuple[ItemFeatures, float]] = OrderedDict()
+        self._generation: bytes | None = None
+        self._item_lock = threading.Lock()
+        self.item_cache_hits = 0
+        self.item_cache_misses = 0
 
     def start(self) -> None:
         """Read feature_store.yaml and connect (one PING).
@@ -136,7 +165,7 @@ class RedisFeatureReader:
         self._version = int(config.get("entity_key_serialization_version", 3))
         self._profile_fields = [_mmh3(f"{USER_PROFILE_VIEW}:{f}") for f in USER_PROFILE_FEATURES]
         self._item_fields = [_mmh3(f"{ITEM_FEATURES_VIEW}:{f}") for f in ITEM_FEATURES]
-        kwargs = _connection_kwargs(str(online["connection_string"]))
+        kwargs = connection_kwargs(str(online["connection_string"]))
         # redis-py's default retries connection errors 3 times with exponential backoff
         # (1 s base, 10 s cap): during an outage one request would stall for seconds instead of
         # failing over to the degraded path (seen as a 10 s DEADLINE_EXCEEDED in
@@ -152,6 +181,8 @@ class RedisFeatureReader:
             raise FeatureStoreUnavailable(f"online store Redis did not answer: {exc}") from exc
         self._client = client
         self._hmget_many = client.register_script(HMGET_MANY)
+        self._get_then_hmget_many = client.register_script(GET_THEN_HMGET_MANY)
+        self._generation_key = item_generation_key(self._project.decode())
 
     def _key(self, join_key: str, value: str) -> bytes:
         """Feast's Redis key of one entity, cached (ids repeat across requests; building and
@@ -207,7 +238,66 @@ class RedisFeatureReader:
 
     def get_items(self, item_ids: Sequence[str]) -> dict[str, ItemFeatures]:
         unique = list(dict.fromkeys(item_ids))
+        if self.item_cache_max_age_s <= 0 or not unique:
+            return self._read_items(unique)
+        now = time.monotonic()
+        oldest = now - self.item_cache_max_age_s
+        held: dict[str, ItemFeatures] = {}
+        with self._item_lock:
+            seen = self._generation
+            for item_id in unique:
+                entry = self._item_cache.get(item_id)
+                if entry is not None and entry[1] >= oldest:
+                    held[item_id] = entry[0]
+                    self._item_cache.move_to_end(item_id)
+        missing = [i for i in unique if i not in held]
+        generation, fetched = self._read_items_and_generation(missing)
+        if generation != seen and held:
+            # A writer bumped it after `held` was read: those may be old, so read them again.
+            fetched.update(self._read_items(list(held)))
+            missing += list(held)
+            held = {}
+        with self._item_lock:
+            # Every entry kept was read under `_generation` (a reader that read an older one
+            # than the last stored resets it, and the next read resets it back: a lost clear,
+            # never a mislabelled entry).
+            if generation != self._generation:
+                self._item_cache.clear()
+                self._generation = generation
+            for item_id, item in fetched.items():
+                self._item_cache[item_id] = (item, now)
+                self._item_cache.move_to_end(item_id)
+            while len(self._item_cache) > ITEM_CACHE_SIZE:
+                self._item_cache.popitem(last=False)
+            self.item_cache_hits += len(held)
+            self.item_cache_misses += len(missing)
+        found = {**held, **fetched}
+        return {i: found[i] for i in unique if i in found}
+
+    def _read_items_and_generation(
+        self, item_ids: list[str]
+    ) -> tuple[bytes | None, dict[str, ItemFeatures]]:
+        """(the item generation, the features of `item_ids`) read atomically, one round trip."""
+        if self._client is None or self._get_then_hmget_many is None:
+            raise FailedPrecondition("RedisFeatureReader.start() must be called before use")
+        keys = [self._generation_key, *(self._key("item_id", i) for i in item_ids)]
+        try:
+            if not item_ids:
+                return self._client.get(self._generation_key), {}  # type: ignore[return-value]
+            reply = list(self._get_then_hmget_many(keys=keys, args=self._item_fields))
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"online feature read failed: {exc}") from exc
+        return reply[0], self._items_from(item_ids, reply[1:])
+
+    def _read_items(self, unique: list[str]) -> dict[str, ItemFeatures]:
+        if not unique:
+            return {}
         replies = self._read([self._key("item_id", i) for i in unique], self._item_fields)
+        return self._items_from(unique, replies)
+
+    def _items_from(
+        self, unique: list[str], replies: Sequence[Sequence[bytes | None]]
+    ) -> dict[str, ItemFeatures]:
         out: dict[str, ItemFeatures] = {}
         for item_id, values in zip(unique, replies, strict=True):
             # Decoding is a pure function of the bytes just read: the same bytes give the same

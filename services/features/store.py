@@ -34,6 +34,7 @@ from redis.retry import Retry
 
 from freshrec.config import FreshRecConfig
 from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable
+from services.features.item_generation import ItemGeneration
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -488,6 +489,8 @@ def materialize(
             "start": start.isoformat(),
             "end": end.isoformat(),
         }
+    # After the write: readers that keep item features drop them (item_generation.py).
+    ItemGeneration(config.feature_repo_dir).bump()
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
 

@@ -243,7 +243,7 @@ KEPT_ON_START_OVER = frozenset({CONFIG_FILE_NAME, "cache"})
 
 def forget_online_state(workdir: Path) -> str | None:
     """Delete the online-store keys a workdir's project wrote (its Feast project's features
-    and its event-dedup keys, nothing else); returns the project, or None when the workdir has
+    and its event-dedup keys and item generation, nothing else); returns the project, or None when the workdir has
     no feature repository.
 
     Raises:
@@ -261,6 +261,7 @@ def forget_online_state(workdir: Path) -> str | None:
 
         client = redis.Redis.from_url(str(choice["redis_url"]))
         keys = list(client.scan_iter(match=f"freshrec:{previous.project}:event:*", count=1000))
+        keys.append(f"freshrec:{previous.project}:item_generation")  # item_generation.py
         for start in range(0, len(keys), 1000):
             client.delete(*keys[start : start + 1000])
     return previous.project

@@ -264,6 +264,8 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         credentials=credentials,
     )
     metrics.watch_reranker_caches(lambda: holder.current.reranker)
+    if isinstance(reader.inner, RedisFeatureReader):
+        metrics.watch_item_feature_cache(reader.inner)
     if config.ranking.metrics_port:
         metrics.serve_metrics(config.ranking.metrics_port)
 
@@ -305,7 +307,9 @@ def _hot_path_reader(
     otherwise (SQLite, Redis Cluster)."""
     if online["kind"] != "redis":
         return features
-    raw = RedisFeatureReader(config.feature_repo_dir)
+    raw = RedisFeatureReader(
+        config.feature_repo_dir, item_cache_max_age_s=config.ranking.item_cache_seconds
+    )
     try:
         raw.start()
     except FailedPrecondition as exc:  # e.g. a Redis Cluster repo

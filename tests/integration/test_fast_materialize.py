@@ -19,6 +19,7 @@ from services.features.fast_materialize import (
     fast_materialize,
 )
 from services.features.feast_store import FeastFeatureStore
+from services.features.item_generation import ItemGeneration
 from services.features.materialize_bench import compare_materialize, synthetic_feature_tables
 from services.features.store import (
     apply_feature_repo,
@@ -79,6 +80,7 @@ def pair(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
     yield Pair(loaded["sdk"], loaded["fast"], profiles, items, as_of, redis_url)
     for run in loaded.values():
         open_feature_store(run.config.feature_repo_dir).teardown()
+        ItemGeneration(run.config.feature_repo_dir).forget()
 
 
 def test_every_user_reads_back_identically_through_the_sdk(pair: Pair) -> None:
@@ -155,6 +157,7 @@ def test_older_rows_never_overwrite_a_fresher_pushed_profile(
         assert reader.get_user_profile(user_id) == before
     finally:
         open_feature_store(config.feature_repo_dir).teardown()
+        ItemGeneration(config.feature_repo_dir).forget()
 
 
 def test_key_ttl_is_applied_when_configured(pair: Pair, redis_url: str, tmp_path: Path) -> None:
@@ -172,6 +175,7 @@ def test_key_ttl_is_applied_when_configured(pair: Pair, redis_url: str, tmp_path
         client.close()
     finally:
         open_feature_store(config.feature_repo_dir).teardown()
+        ItemGeneration(config.feature_repo_dir).forget()
 
 
 def test_sqlite_repo_is_refused_and_materialize_falls_back_to_the_sdk(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from freshrec.config import FreshRecConfig
 from freshrec.errors import FeatureStoreUnavailable
 from freshrec.records import ItemFeatures, UserProfile
 from services.features.feast_store import FeastFeatureStore
+from services.features.item_generation import ItemGeneration
 from services.features.profiles import (
     build_item_features,
     build_user_profiles,
@@ -126,6 +128,7 @@ def on_redis(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     yield prepared
     # The Redis may be shared ($FRESHREC_TEST_REDIS_URL): remove this project's keys only.
     open_feature_store(prepared.config.feature_repo_dir).teardown()
+    ItemGeneration(prepared.config.feature_repo_dir).forget()
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +271,11 @@ def test_reads_and_pushes_fail_with_feature_store_unavailable_when_redis_stops(
     reader = FeastFeatureStore(config.feature_repo_dir)
     reader.start()
     assert reader.get_user_profile("u1") is not None
+    from services.features.redis_reader import RedisFeatureReader
+
+    cached = RedisFeatureReader(config.feature_repo_dir, item_cache_max_age_s=3600)
+    cached.start()
+    assert set(cached.get_items(["i1"])) == {"i1"}
 
     choice.stop()
     with pytest.raises(FeatureStoreUnavailable) as info:
@@ -275,6 +283,10 @@ def test_reads_and_pushes_fail_with_feature_store_unavailable_when_redis_stops(
     assert isinstance(info.value.__cause__, redis.RedisError)
     with pytest.raises(FeatureStoreUnavailable):
         reader.get_items(["i1"])
+    # A reader that holds the item still asks Redis for the generation: no held value is
+    # served from get_items while the store is down (the degraded path says so explicitly).
+    with pytest.raises(FeatureStoreUnavailable):
+        cached.get_items(["i1"])
     with pytest.raises(FeatureStoreUnavailable):
         reader.push_profiles([UserProfile(user_id="u1", last_seen=_hours(50))])
 
@@ -358,3 +370,79 @@ def test_raw_redis_reader_refuses_a_sqlite_repo_and_a_dead_redis(
     (dead / "feature_store.yaml").write_text(text.replace(f":{port},", ":1,"))
     with pytest.raises(FeatureStoreUnavailable):
         RedisFeatureReader(dead).start()
+
+
+# -- RedisFeatureReader's item cache: held items are served only while the generation holds --
+
+
+def _generation(prepared: Prepared) -> bytes | None:
+    from services.features.item_generation import item_generation_key
+
+    client = redis.Redis.from_url(prepared.choice.redis_url)  # type: ignore[arg-type]
+    try:
+        return client.get(item_generation_key(prepared.config.project))  # type: ignore[return-value]
+    finally:
+        client.close()
+
+
+def test_item_cache_serves_held_items_and_sees_a_pushed_edit_at_once(on_redis: Prepared) -> None:
+    from services.features.redis_reader import RedisFeatureReader
+
+    cached = RedisFeatureReader(on_redis.config.feature_repo_dir, item_cache_max_age_s=3600)
+    cached.start()
+    try:
+        ids = ["i1", "i2", "missing", "i3"]
+        first = cached.get_items(ids)
+        assert first == on_redis.reader.get_items(ids)
+        assert list(first) == ["i1", "i2", "i3"]  # request order, unknown ids absent
+        assert (cached.item_cache_hits, cached.item_cache_misses) == (0, 4)
+        assert cached.get_items(ids) == first
+        # Held: only the unknown id was read again.
+        assert (cached.item_cache_hits, cached.item_cache_misses) == (3, 5)
+
+        before = _generation(on_redis)
+        edited = replace(first["i2"], price=first["i2"].price + 1.5, in_stock=False)
+        on_redis.reader.push_items([edited])  # the catalogue service's write: bumps
+        assert _generation(on_redis) != before
+        after = cached.get_items(ids)
+        assert after["i2"] == edited == on_redis.reader.get_items(["i2"])["i2"]
+        assert after["i1"] == first["i1"]
+        assert cached.item_cache_hits == 3  # nothing was served from before the edit
+    finally:
+        cached.close()
+
+
+def test_item_cache_max_age_bounds_a_write_that_does_not_bump(on_redis: Prepared) -> None:
+    """A write from outside FreshRec (Feast's own write path, as `feast materialize` by hand
+    would do) leaves the generation alone: the held value is served until the maximum age."""
+    from services.features.profiles import items_frame
+    from services.features.redis_reader import RedisFeatureReader
+
+    cached = RedisFeatureReader(on_redis.config.feature_repo_dir, item_cache_max_age_s=0.5)
+    cached.start()
+    try:
+        held = cached.get_items(["i4"])["i4"]
+        outside = replace(held, title=held.title + " (renamed)")
+        before = _generation(on_redis)
+        store = open_feature_store(on_redis.config.feature_repo_dir)
+        store.write_to_online_store("item_features", items_frame([outside], datetime.now(UTC)))
+        assert _generation(on_redis) == before
+        assert cached.get_items(["i4"])["i4"] == held  # within the maximum age: held
+        time.sleep(0.6)
+        assert cached.get_items(["i4"])["i4"] == outside
+    finally:
+        cached.close()
+
+
+def test_materialize_bumps_the_item_generation(on_redis: Prepared) -> None:
+    before = _generation(on_redis)
+    materialize(on_redis.config, AS_OF + timedelta(hours=1))
+    after_sdk = _generation(on_redis)
+    assert after_sdk != before
+    from services.features.fast_materialize import fast_materialize
+
+    report = fast_materialize(
+        on_redis.config, AS_OF, overwrite=True, start=AS_OF - timedelta(days=30)
+    )
+    assert report["views"]["item_features"]["rows"] == len(ITEMS)
+    assert _generation(on_redis) not in (before, after_sdk)

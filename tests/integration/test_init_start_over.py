@@ -16,6 +16,7 @@ from freshrec.data.synthetic import generate_shop
 from freshrec.errors import FailedPrecondition
 from model.reranker import CrossEncoderReranker, pretrained_path
 from services.features.feast_store import FeastFeatureStore
+from services.features.item_generation import ItemGeneration
 from services.features.store import open_feature_store
 from services.ingestion.offline_log import OfflineEventLog
 from services.jobs.bootstrap import REPLAY_FILE, bootstrap, start_over
@@ -104,3 +105,4 @@ def test_init_refuses_an_initialised_workdir_and_force_starts_it_over(
         assert _profile_of(config, user) is not None
     finally:
         open_feature_store(config.feature_repo_dir).teardown()
+        ItemGeneration(config.feature_repo_dir).forget()

@@ -14,6 +14,7 @@ from freshrec.config import load_config
 from freshrec.data.synthetic import generate_shop
 from freshrec.v1 import updater_pb2
 from model.reranker import CrossEncoderReranker, pretrained_path
+from services.features.item_generation import ItemGeneration
 from services.features.store import open_feature_store
 from services.ingestion.offline_log import OfflineEventLog
 from services.jobs.bootstrap import bootstrap
@@ -80,6 +81,7 @@ def updater(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         app.stop(grace=1)
         torch.set_num_threads(threads)
         open_feature_store(config.feature_repo_dir).teardown()
+        ItemGeneration(config.feature_repo_dir).forget()
 
 
 def test_scheduler_starts_an_update_when_a_threshold_is_crossed(updater: UpdaterApp) -> None:

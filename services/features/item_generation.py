@@ -1,0 +1,91 @@
+"""The item-feature generation: a counter every FreshRec writer of online item features bumps
+after it writes, so that a reader keeping item features in memory knows when to drop them.
+
+The ranking service reads the features of ~70 candidates per request. Item features change
+rarely (catalogue edits, a materialisation), so `RedisFeatureReader` can keep them in process
+(`item_cache_max_age_s`). Each read still asks Redis for this counter, in the same round trip as
+the items it does not hold; a changed counter drops everything it holds. So an edit is
+visible to the first request that starts after the writer bumped the counter, as it is
+without the cache.
+
+Writers that bump it: `FeastFeatureStore.push_items` (the catalogue service, the bootstrap),
+`store.materialize` and `fast_materialize`. A writer outside FreshRec (e.g. `feast materialize`
+run by hand) does not: for it the reader's maximum age bounds how long an old value is served.
+
+Key: `freshrec:<feast project>:item_generation`, an integer (absent = 0), in the online store's
+Redis. Only a single-node Redis online store has one; elsewhere `bump` does nothing (no reader
+caches item features there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import redis
+import yaml
+
+from freshrec.errors import FeatureStoreUnavailable
+
+
+def item_generation_key(project: str) -> bytes:
+    return f"freshrec:{project}:item_generation".encode()
+
+
+def redis_online_store(repo_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """(Feast project, redis-py connection kwargs) when the repo's online store is a single
+    Redis node; None otherwise (SQLite, Redis Cluster)."""
+    from services.features.redis_reader import connection_kwargs
+
+    config = yaml.safe_load((Path(repo_dir) / "feature_store.yaml").read_text())
+    online = config.get("online_store", {})
+    if online.get("type") != "redis" or online.get("redis_type", "redis") != "redis":
+        return None
+    return str(config["project"]), connection_kwargs(str(online["connection_string"]))
+
+
+class ItemGeneration:
+    """Bumps the counter of one Feast repo's online store (a no-op when it is not Redis)."""
+
+    def __init__(self, repo_dir: Path, socket_timeout: float = 5.0) -> None:
+        self.repo_dir = Path(repo_dir)
+        self.socket_timeout = socket_timeout
+        self._client: redis.Redis | None = None
+        self._key = b""
+        self._checked = False
+
+    def _connect(self) -> redis.Redis | None:
+        if not self._checked:
+            store = redis_online_store(self.repo_dir)
+            if store is not None:
+                project, kwargs = store
+                self._key = item_generation_key(project)
+                self._client = redis.Redis(socket_timeout=self.socket_timeout, **kwargs)
+            self._checked = True
+        return self._client
+
+    def forget(self) -> None:
+        """Delete the counter (with the project's other online keys: a start over, a test's
+        clean-up). Readers see the change like a bump."""
+        client = self._connect()
+        if client is not None:
+            client.delete(self._key)
+
+    def bump(self) -> None:
+        """Tell caching readers that item features changed (call after the write).
+
+        Raises:
+            FeatureStoreUnavailable: Redis did not take it (the write before it may have
+                landed; readers then serve what they hold until their maximum age).
+        """
+        client = self._connect()
+        if client is None:
+            return
+        try:
+            client.incr(self._key)
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"item generation bump failed: {exc}") from exc
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
