@@ -13,8 +13,8 @@ Writers that bump it: `FeastFeatureStore.push_items` (the catalogue service, the
 run by hand) does not: for it the reader's maximum age bounds how long an old value is served.
 
 Key: `freshrec:<feast project>:item_generation`, an integer (absent = 0), in the online store's
-Redis. Only a single-node Redis online store has one; elsewhere `bump` does nothing (no reader
-caches item features there).
+Redis (one node or a cluster). Elsewhere (SQLite, Sentinel) `bump` does nothing: no reader
+caches item features there.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 import yaml
+from redis.cluster import RedisCluster
 
 from freshrec.errors import FeatureStoreUnavailable
 
@@ -33,15 +34,15 @@ def item_generation_key(project: str) -> bytes:
 
 
 def redis_online_store(repo_dir: Path) -> tuple[str, dict[str, Any]] | None:
-    """(Feast project, redis-py connection kwargs) when the repo's online store is a single
-    Redis node; None otherwise (SQLite, Redis Cluster)."""
-    from services.features.redis_reader import connection_kwargs
-
+    """(Feast project, the `online_store:` mapping) when the repo's online store is one Redis
+    node or a Redis Cluster; None otherwise (SQLite, Sentinel: no reader caches items there)."""
     config = yaml.safe_load((Path(repo_dir) / "feature_store.yaml").read_text())
     online = config.get("online_store", {})
-    if online.get("type") != "redis" or online.get("redis_type", "redis") != "redis":
+    if online.get("type") != "redis":
         return None
-    return str(config["project"]), connection_kwargs(str(online["connection_string"]))
+    if online.get("redis_type", "redis") not in ("redis", "redis_cluster"):
+        return None
+    return str(config["project"]), online
 
 
 class ItemGeneration:
@@ -50,17 +51,19 @@ class ItemGeneration:
     def __init__(self, repo_dir: Path, socket_timeout: float = 5.0) -> None:
         self.repo_dir = Path(repo_dir)
         self.socket_timeout = socket_timeout
-        self._client: redis.Redis | None = None
+        self._client: redis.Redis | RedisCluster | None = None
         self._key = b""
         self._checked = False
 
-    def _connect(self) -> redis.Redis | None:
+    def _connect(self) -> redis.Redis | RedisCluster | None:
         if not self._checked:
+            from services.features.redis_reader import online_client
+
             store = redis_online_store(self.repo_dir)
             if store is not None:
-                project, kwargs = store
+                project, online = store
                 self._key = item_generation_key(project)
-                self._client = redis.Redis(socket_timeout=self.socket_timeout, **kwargs)
+                self._client = online_client(online, self.socket_timeout)
             self._checked = True
         return self._client
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import redis
 import yaml
 from feast.type_map import NULL_TIMESTAMP_INT_VALUE
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable
@@ -110,8 +111,53 @@ def connection_kwargs(connection_string: str) -> dict[str, Any]:
     return kwargs
 
 
+def online_client(
+    online: Mapping[str, Any], socket_timeout: float = 2.0
+) -> redis.Redis | RedisCluster:
+    """A redis-py client for a Feast Redis online store (the `online_store:` mapping of
+    feature_store.yaml): one node, or a cluster found from its startup nodes, as Feast's own
+    client connects (`RedisOnlineStore._get_client`).
+
+    Raises:
+        FailedPrecondition: a redis_type other than redis and redis_cluster (sentinel).
+    """
+    kind = str(online.get("redis_type", "redis"))
+    connection = str(online["connection_string"])
+    if kind == "redis":
+        # redis-py's default retries connection errors 3 times with exponential backoff
+        # (1 s base, 10 s cap): during an outage one request would stall for seconds instead
+        # of failing over to the degraded path (seen as a 10 s DEADLINE_EXCEEDED in
+        # test_redis_outage). One immediate retry covers a dropped idle connection.
+        return redis.Redis(
+            socket_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 1),
+            **connection_kwargs(connection),
+        )
+    if kind == "redis_cluster":
+        parts = connection.split(",")
+        options = [p for p in parts if "=" in p]
+        kwargs = connection_kwargs(",".join(options)) if options else {}
+        kwargs.pop("db", None)  # a cluster has database 0 only
+        nodes = []
+        for part in parts:
+            if part and "=" not in part:
+                host, _, port = part.partition(":")
+                nodes.append(ClusterNode(host, int(port or 6379)))
+        return RedisCluster(startup_nodes=nodes, socket_timeout=socket_timeout, **kwargs)
+    raise FailedPrecondition(
+        f"RedisFeatureReader reads redis_type redis or redis_cluster, the repo's online store "
+        f"is {kind!r}; use FeastFeatureStore"
+    )
+
+
 class RedisFeatureReader:
-    """FeatureReader over a rendered Feast repo whose online store is Redis.
+    """FeatureReader over a rendered Feast repo whose online store is Redis (one node or a
+    Redis Cluster).
+
+    On one node a read is one round trip: a server-side script HMGETs every key. A cluster
+    spreads the keys over its shards and a script may not touch keys of several slots, so
+    there a read is one pipeline of HMGETs, which redis-py splits by shard and sends to every
+    shard before it reads any reply.
 
     With `item_cache_max_age_s` > 0 it keeps the item features it read in process and asks
     Redis only for the item generation (services/features/item_generation.py) plus the items it
@@ -127,9 +173,10 @@ class RedisFeatureReader:
         self.repo_dir = Path(repo_dir)
         self.socket_timeout = socket_timeout
         self.item_cache_max_age_s = item_cache_max_age_s
-        self._client: redis.Redis | None = None
+        self._client: redis.Redis | RedisCluster | None = None
         self._project = b""
         self._keys: dict[tuple[str, str], bytes] = {}
+        self._cluster = False
         self._hmget_many: Any = None
         self._get_then_hmget_many: Any = None
         self._decoded: dict[tuple[Any, ...], ItemFeatures] = {}
@@ -144,7 +191,7 @@ class RedisFeatureReader:
         """Read feature_store.yaml and connect (one PING).
 
         Raises:
-            FailedPrecondition: the repo's online store is not Redis, or is a Redis Cluster.
+            FailedPrecondition: the repo's online store is not Redis, or is a Redis Sentinel.
             FeatureStoreUnavailable: Redis does not answer.
         """
         from feast.infra.online_stores.helpers import _mmh3
@@ -155,33 +202,20 @@ class RedisFeatureReader:
             raise FailedPrecondition(
                 f"RedisFeatureReader needs a Redis online store, the repo has {online.get('type')!r}"
             )
-        if online.get("redis_type", "redis") != "redis":
-            # One connection to one node: on a cluster most keys live on other shards (MOVED).
-            raise FailedPrecondition(
-                "RedisFeatureReader reads a single Redis node, the repo's online store is "
-                f"redis_type {online.get('redis_type')!r}; use FeastFeatureStore for Redis Cluster"
-            )
         self._project = str(config["project"]).encode()
         self._version = int(config.get("entity_key_serialization_version", 3))
         self._profile_fields = [_mmh3(f"{USER_PROFILE_VIEW}:{f}") for f in USER_PROFILE_FEATURES]
         self._item_fields = [_mmh3(f"{ITEM_FEATURES_VIEW}:{f}") for f in ITEM_FEATURES]
-        kwargs = connection_kwargs(str(online["connection_string"]))
-        # redis-py's default retries connection errors 3 times with exponential backoff
-        # (1 s base, 10 s cap): during an outage one request would stall for seconds instead of
-        # failing over to the degraded path (seen as a 10 s DEADLINE_EXCEEDED in
-        # test_redis_outage). One immediate retry covers a dropped idle connection.
-        client = redis.Redis(
-            socket_timeout=self.socket_timeout,
-            retry=Retry(NoBackoff(), 1),
-            **kwargs,
-        )
         try:
+            client = online_client(online, self.socket_timeout)  # a cluster connects here
             client.ping()
         except redis.RedisError as exc:
             raise FeatureStoreUnavailable(f"online store Redis did not answer: {exc}") from exc
         self._client = client
-        self._hmget_many = client.register_script(HMGET_MANY)
-        self._get_then_hmget_many = client.register_script(GET_THEN_HMGET_MANY)
+        self._cluster = isinstance(client, RedisCluster)
+        if isinstance(client, redis.Redis):
+            self._hmget_many = client.register_script(HMGET_MANY)
+            self._get_then_hmget_many = client.register_script(GET_THEN_HMGET_MANY)
         self._generation_key = item_generation_key(self._project.decode())
 
     def _key(self, join_key: str, value: str) -> bytes:
@@ -208,11 +242,16 @@ class RedisFeatureReader:
         """HMGET `fields` of every key in one round trip: one HMGET for one key, else one
         server-side script over all keys (one command to pack and one reply to parse instead
         of a pipeline of N: ~0.4 ms saved on 50 keys here)."""
-        if self._client is None or self._hmget_many is None:
+        if self._client is None:
             raise FailedPrecondition("RedisFeatureReader.start() must be called before use")
         try:
             if len(keys) == 1:
                 return [self._client.hmget(keys[0], fields)]  # type: ignore[list-item,arg-type]
+            if self._cluster:
+                pipe = self._client.pipeline()
+                for key in keys:
+                    pipe.hmget(key, fields)  # type: ignore[arg-type]
+                return list(pipe.execute())
             return list(self._hmget_many(keys=keys, args=fields))
         except redis.RedisError as exc:
             raise FeatureStoreUnavailable(f"online feature read failed: {exc}") from exc
@@ -277,13 +316,18 @@ class RedisFeatureReader:
     def _read_items_and_generation(
         self, item_ids: list[str]
     ) -> tuple[bytes | None, dict[str, ItemFeatures]]:
-        """(the item generation, the features of `item_ids`) read atomically, one round trip."""
-        if self._client is None or self._get_then_hmget_many is None:
+        """(the item generation, the features of `item_ids`): on one node read atomically, in
+        one round trip; on a cluster the generation first, then the items (a cross-shard
+        pipeline has no order, and items read before the generation could be older than it)."""
+        if self._client is None:
             raise FailedPrecondition("RedisFeatureReader.start() must be called before use")
         keys = [self._generation_key, *(self._key("item_id", i) for i in item_ids)]
         try:
             if not item_ids:
                 return self._client.get(self._generation_key), {}  # type: ignore[return-value]
+            if self._cluster:
+                generation = self._client.get(self._generation_key)
+                return generation, self._read_items(item_ids)  # type: ignore[return-value]
             reply = list(self._get_then_hmget_many(keys=keys, args=self._item_fields))
         except redis.RedisError as exc:
             raise FeatureStoreUnavailable(f"online feature read failed: {exc}") from exc

@@ -302,9 +302,10 @@ def _warm_texts(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:
 def _hot_path_reader(
     config: FreshRecConfig, features: FeastFeatureStore, online: dict[str, str | None]
 ) -> FeatureReader:
-    """Reads on the request path: one pipelined Redis round trip on Feast's layout when the
-    online store is a single Redis (same values as the SDK, ~1.5-3x cheaper); the Feast SDK
-    otherwise (SQLite, Redis Cluster)."""
+    """Reads on the request path: `RedisFeatureReader` on Feast's layout when the online store
+    is Redis, one node (one round trip) or a cluster (one pipeline split by shard); same values
+    as the SDK, several times cheaper; item features kept in process for
+    `ranking.item_cache_seconds` at most. The Feast SDK otherwise (SQLite, Sentinel)."""
     if online["kind"] != "redis":
         return features
     raw = RedisFeatureReader(

@@ -14,9 +14,9 @@ import pytest
 import redis
 import yaml
 from _feast_parity import materialize_shop, read_back, small_shop
+from redis.cluster import RedisCluster
 
 from freshrec.config import FreshRecConfig
-from freshrec.errors import FailedPrecondition
 from services.features.feast_store import FeastFeatureStore
 from services.features.redis_reader import RedisFeatureReader
 from services.features.store import resolve_online_store
@@ -147,11 +147,45 @@ def test_feast_on_redis_cluster_reads_back_what_a_single_node_holds(
     assert reader.get_user_profile("nobody") is None
 
 
-def test_raw_redis_reader_refuses_a_cluster_repo(tmp_path: Path, redis_cluster: list[int]) -> None:
-    from services.features.store import render_feature_store_yaml
+def test_raw_redis_reader_on_a_cluster_matches_the_feast_sdk_and_sees_edits(
+    tmp_path: Path, redis_cluster: list[int]
+) -> None:
+    """The hot-path reader reads a cluster repo itself (one pipeline split by shard) and
+    returns exactly what the SDK returns; its item cache sees a catalogue edit at once."""
+    from dataclasses import replace
 
+    from services.features.item_generation import item_generation_key
+
+    profiles, items, as_of = small_shop()
     config = _cluster_config(tmp_path, redis_cluster)
-    render_feature_store_yaml(config, resolve_online_store(config))
-    reader = RedisFeatureReader(config.feature_repo_dir)
-    with pytest.raises(FailedPrecondition, match="redis_cluster"):
-        reader.start()
+    materialize_shop(config, resolve_online_store(config), profiles, items, as_of)
+    sdk = FeastFeatureStore(config.feature_repo_dir)
+    sdk.start()
+    plain = RedisFeatureReader(config.feature_repo_dir)
+    cached = RedisFeatureReader(config.feature_repo_dir, item_cache_max_age_s=3600)
+    plain.start()
+    cached.start()
+    try:
+        for user_id in [*profiles["user_id"].astype(str)[:10], "nobody"]:
+            assert plain.get_user_profile(user_id) == sdk.get_user_profile(user_id)
+        item_ids = [*items["item_id"].astype(str), "no-such-item"]
+        expected = sdk.get_items(item_ids)
+        assert len(expected) == len(items)
+        assert plain.get_items(item_ids) == expected
+        assert cached.get_items(item_ids) == expected
+        assert cached.get_items(item_ids) == expected  # from the item cache this time
+        assert cached.item_cache_hits == len(items)
+
+        # The generation lives on the cluster too: the SDK writer bumps it after the push.
+        node = RedisCluster(host="127.0.0.1", port=redis_cluster[0])
+        key = item_generation_key(config.project)
+        before = node.get(key)
+        first = item_ids[0]
+        edited = replace(expected[first], in_stock=not expected[first].in_stock)
+        sdk.push_items([edited])
+        assert node.get(key) != before
+        assert cached.get_items([first])[first] == edited == plain.get_items([first])[first]
+        node.close()
+    finally:
+        plain.close()
+        cached.close()

@@ -44,3 +44,23 @@ def test_decode_value_equals_feasts_conversion(value: Value) -> None:
     ours, theirs = decode_value(wire), feast_value_type_to_python_type(wire)
     assert ours == theirs
     assert type(ours) is type(theirs)
+
+
+def test_online_client_connects_one_node_and_refuses_sentinel() -> None:
+    import redis
+
+    from freshrec.errors import FailedPrecondition
+    from services.features.redis_reader import online_client
+
+    node = online_client({"connection_string": "10.0.0.5:6380,db=2,password=pw"}, 1.5)
+    assert isinstance(node, redis.Redis)
+    kwargs = node.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["password"]) == (
+        "10.0.0.5",
+        6380,
+        2,
+        "pw",
+    )
+    assert kwargs["socket_timeout"] == 1.5
+    with pytest.raises(FailedPrecondition, match="redis_sentinel"):
+        online_client({"redis_type": "redis_sentinel", "connection_string": "s:26379"})
