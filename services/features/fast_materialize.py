@@ -46,7 +46,7 @@ import yaml
 
 from freshrec.config import FreshRecConfig
 from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable, InvalidArgument
-from services.features.item_generation import item_generation_key
+from services.features.item_generation import item_generation_key, new_generation
 from services.features.redis_reader import connection_kwargs
 
 if TYPE_CHECKING:
@@ -412,7 +412,7 @@ def fast_materialize(
             store.registry.apply_materialization(view, store.project, since, end)
             if view_name == "item_features" and written:
                 # After the write: caching readers drop what they hold (item_generation.py).
-                client.incr(item_generation_key(store.project))
+                client.set(item_generation_key(store.project), new_generation())
             report["views"][view_name] = {
                 "rows": written,
                 "skipped": skipped,

@@ -1,24 +1,28 @@
-"""The item-feature generation: a counter every FreshRec writer of online item features bumps
-after it writes, so that a reader keeping item features in memory knows when to drop them.
+"""The item-feature generation: a key every FreshRec writer of online item features sets to a
+new value after it writes, so that a reader keeping item features in memory knows when to
+drop them.
 
 The ranking service reads the features of ~70 candidates per request. Item features change
 rarely (catalogue edits, a materialisation), so `RedisFeatureReader` can keep them in process
-(`item_cache_max_age_s`). Each read still asks Redis for this counter, in the same round trip as
-the items it does not hold; a changed counter drops everything it holds. So an edit is
-visible to the first request that starts after the writer bumped the counter, as it is
-without the cache.
+(`item_cache_max_age_s`). Each read still asks Redis for the generation, in the same round
+trip as the items it does not hold; a changed generation drops everything it holds. So an
+edit is visible to the first request that starts after the writer bumped the generation, as
+it is without the cache.
 
 Writers that bump it: `FeastFeatureStore.push_items` (the catalogue service, the bootstrap),
 `store.materialize` and `fast_materialize`. A writer outside FreshRec (e.g. `feast materialize`
 run by hand) does not: for it the reader's maximum age bounds how long an old value is served.
 
-Key: `freshrec:<feast project>:item_generation`, an integer (absent = 0), in the online store's
-Redis (one node or a cluster). Elsewhere (SQLite, Sentinel) `bump` does nothing: no reader
-caches item features there.
+Key: `freshrec:<feast project>:item_generation` in the online store's Redis (one node or a
+cluster). Its value is a random token, new at every bump, not a counter: a Redis that lost its
+data and was loaded again must not come back to a value a reader saw before the loss. Where
+the online store is not Redis (SQLite, Sentinel) `bump` does nothing: no reader caches item
+features there.
 """
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +49,13 @@ def redis_online_store(repo_dir: Path) -> tuple[str, dict[str, Any]] | None:
     return str(config["project"]), online
 
 
+def new_generation() -> str:
+    """A value no reader has seen before."""
+    return uuid.uuid4().hex
+
+
 class ItemGeneration:
-    """Bumps the counter of one Feast repo's online store (a no-op when it is not Redis)."""
+    """Bumps the generation of one Feast repo's online store (a no-op when it is not Redis)."""
 
     def __init__(self, repo_dir: Path, socket_timeout: float = 5.0) -> None:
         self.repo_dir = Path(repo_dir)
@@ -68,7 +77,7 @@ class ItemGeneration:
         return self._client
 
     def forget(self) -> None:
-        """Delete the counter (with the project's other online keys: a start over, a test's
+        """Delete the key (with the project's other online keys: a start over, a test's
         clean-up). Readers see the change like a bump."""
         client = self._connect()
         if client is not None:
@@ -85,7 +94,7 @@ class ItemGeneration:
         if client is None:
             return
         try:
-            client.incr(self._key)
+            client.set(self._key, new_generation())
         except redis.RedisError as exc:
             raise FeatureStoreUnavailable(f"item generation bump failed: {exc}") from exc
 

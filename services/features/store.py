@@ -490,7 +490,11 @@ def materialize(
             "end": end.isoformat(),
         }
     # After the write: readers that keep item features drop them (item_generation.py).
-    ItemGeneration(config.feature_repo_dir).bump()
+    generation = ItemGeneration(config.feature_repo_dir)
+    try:
+        generation.bump()
+    finally:
+        generation.close()
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
 

@@ -242,9 +242,9 @@ KEPT_ON_START_OVER = frozenset({CONFIG_FILE_NAME, "cache"})
 
 
 def forget_online_state(workdir: Path) -> str | None:
-    """Delete the online-store keys a workdir's project wrote (its Feast project's features
-    and its event-dedup keys and item generation, nothing else); returns the project, or None when the workdir has
-    no feature repository.
+    """Delete the online-store keys a workdir's project wrote (its Feast project's features,
+    its event-dedup keys and its item generation, nothing else); returns the project, or None
+    when the workdir has no feature repository.
 
     Raises:
         Whatever Feast or Redis raise (callers decide whether leftovers may block them).
