@@ -163,11 +163,11 @@ def bench_serving(
     if floors.get("stages_ms"):
         floors["stages_ms"]["grpc_roundtrip"] = round(roundtrip, 3)
     service_stages = _percentiles(list(app.pipeline.timings_log))
-    item_cache = getattr(app.pipeline.features, "inner", None)
-    item_reads = getattr(item_cache, "item_cache_hits", 0) + getattr(
-        item_cache, "item_cache_misses", 0
+    # The hot-path reader under the breaker (services/ranking/server.py); the Feast SDK reader
+    # of a non-Redis store keeps no item cache.
+    item_hit_rate = getattr(
+        getattr(app.pipeline.features, "inner", None), "item_cache_hit_rate", 0.0
     )
-    item_hit_rate = getattr(item_cache, "item_cache_hits", 0) / item_reads if item_reads else 0.0
     architecture = app.models.current.reranker.architecture
     item_states_int8 = app.models.current.reranker.item_states_int8
     cached_states = app.models.current.reranker.cached_items()

@@ -79,12 +79,7 @@ def watch_reranker_caches(current: Callable[[], Any]) -> None:
 def watch_item_feature_cache(reader: Any) -> None:
     """Point the item-feature cache gauge at `reader` (a RedisFeatureReader), read at scrape
     time."""
-
-    def hit_rate() -> float:
-        total = reader.item_cache_hits + reader.item_cache_misses
-        return reader.item_cache_hits / total if total else 0.0
-
-    ITEM_FEATURE_CACHE_HIT_RATE.set_function(hit_rate)
+    ITEM_FEATURE_CACHE_HIT_RATE.set_function(lambda: float(reader.item_cache_hit_rate))
 
 
 def observe_update(state: str, seconds: float, champion: str) -> None:

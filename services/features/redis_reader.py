@@ -275,6 +275,12 @@ class RedisFeatureReader:
         row = self._decode(USER_PROFILE_FEATURES, values)
         return None if row is None else profile_from_row({"user_id": user_id, **row})
 
+    @property
+    def item_cache_hit_rate(self) -> float:
+        """Share of item reads answered from the item cache since start (0 with none)."""
+        total = self.item_cache_hits + self.item_cache_misses
+        return self.item_cache_hits / total if total else 0.0
+
     def get_items(self, item_ids: Sequence[str]) -> dict[str, ItemFeatures]:
         unique = list(dict.fromkeys(item_ids))
         if self.item_cache_max_age_s <= 0 or not unique:
@@ -321,13 +327,13 @@ class RedisFeatureReader:
         pipeline has no order, and items read before the generation could be older than it)."""
         if self._client is None:
             raise FailedPrecondition("RedisFeatureReader.start() must be called before use")
-        keys = [self._generation_key, *(self._key("item_id", i) for i in item_ids)]
         try:
             if not item_ids:
                 return self._client.get(self._generation_key), {}  # type: ignore[return-value]
             if self._cluster:
                 generation = self._client.get(self._generation_key)
                 return generation, self._read_items(item_ids)  # type: ignore[return-value]
+            keys = [self._generation_key, *(self._key("item_id", i) for i in item_ids)]
             reply = list(self._get_then_hmget_many(keys=keys, args=self._item_fields))
         except redis.RedisError as exc:
             raise FeatureStoreUnavailable(f"online feature read failed: {exc}") from exc

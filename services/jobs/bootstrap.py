@@ -251,6 +251,7 @@ def forget_online_state(workdir: Path) -> str | None:
     """
     if not (workdir / "feature_repo" / "feature_store.yaml").exists():
         return None
+    from services.features.item_generation import item_generation_key
     from services.features.store import open_feature_store
 
     previous = load_config(workdir)
@@ -261,7 +262,7 @@ def forget_online_state(workdir: Path) -> str | None:
 
         client = redis.Redis.from_url(str(choice["redis_url"]))
         keys = list(client.scan_iter(match=f"freshrec:{previous.project}:event:*", count=1000))
-        keys.append(f"freshrec:{previous.project}:item_generation")  # item_generation.py
+        keys.append(item_generation_key(previous.project))
         for start in range(0, len(keys), 1000):
             client.delete(*keys[start : start + 1000])
     return previous.project

@@ -313,7 +313,7 @@ def _hot_path_reader(
     )
     try:
         raw.start()
-    except FailedPrecondition as exc:  # e.g. a Redis Cluster repo
+    except FailedPrecondition as exc:  # e.g. a Redis Sentinel repo
         log.info("feature reads through the Feast SDK: %s", exc)
         return features
     return raw
