@@ -117,7 +117,7 @@ class OfflineEventLog:
         return self._write(frame, ingested_at)
 
     def read(self, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
-        """Events with `since <= timestamp < until`, sorted by timestamp (stable).
+        """Events with `since <= timestamp < until`, sorted by timestamp; ties in arrival order.
 
         Partitions whose date lies wholly outside the range are not opened. Naive bounds are
         read as UTC; None means unbounded.
@@ -133,7 +133,10 @@ class OfflineEventLog:
             filter=_time_filter(since, until)
         )
         frame = table.to_pandas()
-        return frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
+        # Events of the same instant keep the order they arrived in (ingested_at), not the
+        # order their files happen to be listed in: batch file names are random, so without
+        # the second key two reads of equal logs could order such ties differently.
+        return frame.sort_values(["timestamp", "ingested_at"], kind="stable").reset_index(drop=True)
 
     def count(self, since: datetime | None = None) -> int:
         """How many events have `timestamp >= since` (all events when None)."""

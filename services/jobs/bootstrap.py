@@ -54,13 +54,20 @@ class BootstrapReport:
 
 
 def shift_to(dataset: Dataset, end: datetime) -> Dataset:
-    """The same dataset moved in time so that its last interaction happens at `end`.
+    """The same dataset moved by a whole number of days so that its last interaction happens
+    in the day before `end` (at most 24 hours before it, never after).
 
     Historical data sets (MovieLens is from 1998) then behave like a live shop: TTLs, popularity
-    windows and the event API's lateness bound all see plausible times.
+    windows and the event API's lateness bound all see plausible times. The shift is whole days
+    so that every event keeps its time of day: daily features (`popularity_7d` counts the 7
+    full UTC days before an event's day) then group the same events whenever `init` runs, and
+    the first model, its gate and the demo's update come out the same at any hour.
     """
-    latest = dataset.interactions["timestamp"].max()
-    delta = pd.Timestamp(end) - latest
+    latest = pd.Timestamp(dataset.interactions["timestamp"].max())
+    end_ts = pd.Timestamp(end)
+    if latest.tzinfo is None and end_ts.tzinfo is not None:
+        latest = latest.tz_localize("UTC")
+    delta = pd.Timedelta(days=(end_ts - latest) // pd.Timedelta(days=1))
     items = dataset.items.assign(created_at=dataset.items["created_at"] + delta)
     inter = dataset.interactions.assign(timestamp=dataset.interactions["timestamp"] + delta)
     return Dataset(dataset.name, items, inter, dict(dataset.notes))
@@ -127,9 +134,10 @@ def bootstrap(
     clock = time.perf_counter
 
     t = clock()
-    # The whole data set ends a minute ago: history is the past, and the newer events keep
-    # their real spacing and land between the end of history and now, so replaying them
-    # through LogEvents looks like the live traffic it was (not a burst stamped "now").
+    # The whole data set ends within the day before a minute ago: history is the past, and the
+    # newer events keep their real spacing and land between the end of history and now, so
+    # replaying them through LogEvents looks like the live traffic it was (not a burst stamped
+    # "now").
     shifted = shift_to(dataset, datetime.now(UTC) - timedelta(minutes=1))
     history, newer = shifted.split_by_time(history_fraction)
     if pseudonyms is not None:

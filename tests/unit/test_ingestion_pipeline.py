@@ -332,6 +332,20 @@ def test_one_file_per_event_date_and_never_rewritten(log: OfflineEventLog) -> No
     assert log.append([]) == []
 
 
+def test_events_of_one_instant_are_read_in_arrival_order_whatever_their_file_names(
+    log: OfflineEventLog,
+) -> None:
+    # Two batches whose events share a timestamp; the later batch's file name sorts first.
+    at = datetime(2024, 5, 1, 10, tzinfo=UTC)
+    log.append([row("first", at)], ingested_at=NOW, batch_id="ffff")
+    log.append([row("second", at)], ingested_at=NOW + timedelta(seconds=1), batch_id="0000")
+    assert sorted(p.name for p in log.events_dir.rglob("*.parquet")) == [
+        "batch-0000.parquet",
+        "batch-ffff.parquet",
+    ]
+    assert list(log.read()["event_id"]) == ["first", "second"]
+
+
 def test_append_frame_seeds_the_log(log: OfflineEventLog) -> None:
     history = pd.DataFrame(
         {
