@@ -412,6 +412,57 @@ def test_item_cache_serves_held_items_and_sees_a_pushed_edit_at_once(on_redis: P
         cached.close()
 
 
+def test_the_generation_read_with_a_profile_spares_the_item_round_trip_once(
+    on_redis: Prepared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request reads its profile, then its items: with every item held, the generation read
+    in the profile's round trip is used and the items cost no second one. It serves the next
+    `get_items` of the same thread only, and only while young."""
+    import threading
+
+    from services.features.redis_reader import PROFILE_GENERATION_MAX_AGE_S, RedisFeatureReader
+
+    cached = RedisFeatureReader(on_redis.config.feature_repo_dir, item_cache_max_age_s=3600)
+    cached.start()
+    rounds: list[list[str]] = []
+    real = cached._read_items_and_generation
+
+    def counted(item_ids: list[str]) -> tuple[bytes | None, dict[str, ItemFeatures]]:
+        rounds.append(list(item_ids))
+        return real(item_ids)
+
+    monkeypatch.setattr(cached, "_read_items_and_generation", counted)
+    ids = ["i1", "i2"]
+    try:
+        assert cached.get_user_profile("u1") == on_redis.reader.get_user_profile("u1")
+        first = cached.get_items(ids)
+        assert rounds == [["i1", "i2"]]  # nothing held yet: read, with the generation
+        cached.get_user_profile("u1")
+        assert cached.get_items(ids) == first
+        assert len(rounds) == 1  # all held, generation from the profile read: no round trip
+        assert cached.get_items(ids) == first
+        assert rounds[-1] == []  # already taken: the generation is read on its own
+
+        # A catalogue edit made before a request's profile read is in that request's items.
+        edited = replace(first["i1"], in_stock=False, price=first["i1"].price + 2.0)
+        on_redis.reader.push_items([edited])
+        assert cached.get_user_profile("u1") is not None
+        assert cached.get_items(ids)["i1"] == edited
+
+        cached.get_user_profile("u1")  # another thread's items do not use this thread's read
+        other = threading.Thread(target=cached.get_items, args=(ids,))
+        other.start()
+        other.join()
+        assert len(rounds) == 3
+        cached.get_user_profile("u1")
+        time.sleep(PROFILE_GENERATION_MAX_AGE_S + 0.02)  # too old to stand in for a read
+        cached.get_items(ids)
+        assert len(rounds) == 4
+    finally:
+        on_redis.reader.push_items([first["i1"]])
+        cached.close()
+
+
 def test_item_cache_max_age_bounds_a_write_that_does_not_bump(on_redis: Prepared) -> None:
     """A write from outside FreshRec (Feast's own write path, as `feast materialize` by hand
     would do) leaves the generation alone: the held value is served until the maximum age."""

@@ -167,7 +167,10 @@ def test_raw_redis_reader_on_a_cluster_matches_the_feast_sdk_and_sees_edits(
     cached.start()
     try:
         for user_id in [*profiles["user_id"].astype(str)[:10], "nobody"]:
-            assert plain.get_user_profile(user_id) == sdk.get_user_profile(user_id)
+            want = sdk.get_user_profile(user_id)
+            assert plain.get_user_profile(user_id) == want
+            # With the item cache on, the profile comes with the generation (a pipeline).
+            assert cached.get_user_profile(user_id) == want
         item_ids = [*items["item_id"].astype(str), "no-such-item"]
         expected = sdk.get_items(item_ids)
         assert len(expected) == len(items)
@@ -184,6 +187,8 @@ def test_raw_redis_reader_on_a_cluster_matches_the_feast_sdk_and_sees_edits(
         edited = replace(expected[first], in_stock=not expected[first].in_stock)
         sdk.push_items([edited])
         assert node.get(key) != before
+        # A request's profile read carries the new generation; its held items are re-read.
+        assert cached.get_user_profile(str(profiles["user_id"].iloc[0])) is not None
         assert cached.get_items([first])[first] == edited == plain.get_items([first])[first]
         node.close()
     finally:
