@@ -20,6 +20,7 @@ def test_each_request_is_compared_with_the_floors_of_its_own_class() -> None:
     assert got["overhead_ratio"] == 1.5
     # Per-request overheads 1, 2, 4, 0.9, 4.5: median 2.
     assert got["overhead_ms"] == 2.0
+    assert got["overhead_ratio_with_transport"] is None  # no round trip measured
     assert got["overhead_by_class"] == {
         "user_pass": {
             "requests": 2,
@@ -57,7 +58,12 @@ def test_undefined_overhead_is_null(
     latencies: list[float], classes: list[int], floors: dict, concurrency: int
 ) -> None:
     got = _overhead(latencies, classes, floors, concurrency)
-    assert got == {"overhead_ratio": None, "overhead_ms": None, "overhead_by_class": {}}
+    assert got == {
+        "overhead_ratio": None,
+        "overhead_ratio_with_transport": None,
+        "overhead_ms": None,
+        "overhead_by_class": {},
+    }
 
 
 def test_call_class_reads_the_cache_counters() -> None:
@@ -85,3 +91,11 @@ def test_percentiles_per_step() -> None:
     got = _percentiles(timings)
     assert got["rerank"] == {"p50": 50.5, "p95": 95.05, "p99": 99.01}
     assert got["total"]["p99"] > got["total"]["p95"] > got["total"]["p50"] == 52.0
+
+
+def test_the_transport_ratio_adds_the_round_trip_to_each_requests_floors() -> None:
+    floors = {"stages_ms": {**FLOORS["stages_ms"], "grpc_roundtrip": 1.0}}
+    # Floors 4 (cached) and 9 (user pass), each + 1 ms of transport: 6/5, 10/5, 15/10.
+    got = _overhead([6.0, 10.0, 15.0], [0, 0, 1], floors, concurrency=1)
+    assert got["overhead_ratio_with_transport"] == 1.5
+    assert got["overhead_ratio"] == 1.67  # 1.5, 2.5, 1.67 against the three floors
