@@ -621,6 +621,9 @@ def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) 
     # The median over all requests lies between the classes' medians.
     ratios = [c["ratio"] for c in classes.values()]
     assert min(ratios) - 0.01 <= result["overhead_ratio"] <= max(ratios) + 0.01
+    # Counting the measured round trip as a floor as well can only lower the ratio.
+    assert 0 < result["overhead_ratio_with_transport"] <= result["overhead_ratio"]
+    assert stages["faiss_repeated"] > 0  # the pre-stop-21 floor, shown beside the first search
     # The service's own step timings under the load: ordered percentiles, and a server-side
     # total below the client's end-to-end time.
     steps = result["service_stages_ms"]
