@@ -404,10 +404,10 @@ def _stage_floors(
         search = partial(models.index.search, query, candidates, exclude)
         # The query's first search, as a request runs it (module docstring: stages_ms.faiss).
         t = time.perf_counter()
-        search()
+        found = search()
         stages["faiss"].append((time.perf_counter() - t) * 1e3)
         stages["faiss_repeated"].append(_median_ms(search, 3))
-        ids = [i for i, _ in search()]
+        ids = [i for i, _ in found]
         # The second recall source, as the pipeline adds it (pipeline.popular_extras).
         have = set(ids)
         extra = [i for i in models.index.popular if i not in have and i not in exclude]

@@ -63,11 +63,8 @@ def shift_to(dataset: Dataset, end: datetime) -> Dataset:
     full UTC days before an event's day) then group the same events whenever `init` runs, and
     the first model, its gate and the demo's update come out the same at any hour.
     """
-    latest = pd.Timestamp(dataset.interactions["timestamp"].max())
-    end_ts = pd.Timestamp(end)
-    if latest.tzinfo is None and end_ts.tzinfo is not None:
-        latest = latest.tz_localize("UTC")
-    delta = pd.Timedelta(days=(end_ts - latest) // pd.Timedelta(days=1))
+    latest = dataset.interactions["timestamp"].max()
+    delta = pd.Timedelta(days=(pd.Timestamp(end) - latest) // pd.Timedelta(days=1))
     items = dataset.items.assign(created_at=dataset.items["created_at"] + delta)
     inter = dataset.interactions.assign(timestamp=dataset.interactions["timestamp"] + delta)
     return Dataset(dataset.name, items, inter, dict(dataset.notes))
