@@ -199,6 +199,13 @@ class RankingConfig(_Section):
         "long a write from outside FreshRec (e.g. `feast materialize` by hand) goes unseen; "
         "0 = read every item on every request.",
     )
+    freeze_heap: bool = Field(
+        True,
+        description="Freeze the objects alive once the service has loaded (and again after "
+        "each model swap) out of Python's garbage collector (`gc.freeze`): a full collection "
+        "then walks only newer objects instead of pausing every request (~310 ms at 100,000 "
+        "items). false: leave the collector as Python sets it.",
+    )
     score_log_seconds: float = Field(
         10,
         ge=0,

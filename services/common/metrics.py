@@ -43,6 +43,13 @@ ITEM_FEATURE_CACHE_HIT_RATE = Gauge(
     "Share of item feature reads served from the ranking process's item cache "
     "(`ranking.item_cache_seconds`) instead of Redis, since the process started.",
 )
+GC_PAUSE_SECONDS = Histogram(
+    "freshrec_gc_pause_seconds",
+    "Python's cyclic garbage collections by generation: how long each held the interpreter "
+    "(no request moves meanwhile; services/common/heap.py).",
+    ["generation"],
+    buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
 ITEM_STATES_CACHED = Gauge(
     "freshrec_item_states_cached", "Items whose re-ranker item side is cached (serving version)."
 )
@@ -80,6 +87,21 @@ def watch_item_feature_cache(reader: Any) -> None:
     """Point the item-feature cache gauge at `reader` (a RedisFeatureReader), read at scrape
     time."""
     ITEM_FEATURE_CACHE_HIT_RATE.set_function(lambda: float(reader.item_cache_hit_rate))
+
+
+_gc_watched: list[bool] = []
+
+
+def watch_gc_pauses() -> None:
+    """Time every garbage collection of this process into GC_PAUSE_SECONDS (once a process,
+    however many services it starts)."""
+    from services.common.heap import watch_pauses
+
+    if _gc_watched:
+        return
+    _gc_watched.append(True)
+    by_generation = [GC_PAUSE_SECONDS.labels(generation=str(g)) for g in range(3)]
+    watch_pauses(lambda generation, seconds: by_generation[generation].observe(seconds))
 
 
 def observe_update(state: str, seconds: float, champion: str) -> None:

@@ -40,6 +40,7 @@ from services.catalog.servicer import CatalogServicer
 from services.common import metrics
 from services.common.auth import server_credentials
 from services.common.breaker import CircuitBreaker
+from services.common.heap import freeze_heap
 from services.common.memory import release_free_heap
 from services.common.privacy import pseudonymizer
 from services.common.served_scores import SERVED_SCORES_DIR, ServedScoreLog
@@ -60,7 +61,12 @@ from services.jobs.bootstrap import read_online_store_choice
 from services.ranking.batching import RerankBatcher
 from services.ranking.compute import TorchWorker, WorkerEncoder, in_passing_thread
 from services.ranking.models import ModelHolder
-from services.ranking.pipeline import PipelineSettings, RankingPipeline, RecommendInput
+from services.ranking.pipeline import (
+    PipelineSettings,
+    RankingPipeline,
+    RecommendInput,
+    ServingModels,
+)
 from services.ranking.servicer import RankingServicer
 from services.registry import open_registry
 
@@ -209,11 +215,20 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
             )
         return reranker
 
+    serving = threading.Event()
+
+    def on_swap(models: ServingModels) -> None:
+        metrics.observe_swap(models.model_version, models.index_version)
+        if serving.is_set() and config.ranking.freeze_heap:
+            # The new version's objects out of the collector too (services/common/heap.py);
+            # at start-up the freeze before SERVING does it.
+            freeze_heap(full=False)
+
     holder = ModelHolder(
         registry,
         load_reranker,
         config.ranking.registry_poll_seconds,
-        on_swap=lambda m: metrics.observe_swap(m.model_version, m.index_version),
+        on_swap=on_swap,
         ef_search=config.ranking.ef_search,
     )
     holder.start()
@@ -278,6 +293,10 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     report_features(breaker.closed)
     watcher = StoreWatcher(reader, ingestor)
     watcher.start()
+    metrics.watch_gc_pauses()
+    if config.ranking.freeze_heap:
+        log.info("%d objects frozen out of garbage collection", freeze_heap())
+    serving.set()
     handle.mark_serving()
     log.info("ranking service on port %d", handle.port)
     # score_log.stop runs after the server stopped: its last flush holds every answer.

@@ -431,6 +431,33 @@ def test_holder_swaps_on_promote(
     assert holder.current.model_version == "v0001"
 
 
+def test_a_released_version_is_freed_by_reference_counting_with_the_heap_frozen(
+    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
+) -> None:
+    """The ranking service freezes its objects out of the garbage collector
+    (services/common/heap.py); a frozen object in a reference cycle would never be freed. A
+    swapped-out version must go by reference counting alone, with no collection at all."""
+    import gc
+    import weakref
+
+    from services.common.heap import freeze_heap
+
+    holder = ModelHolder(registry, _loader, on_swap=lambda _: freeze_heap(full=False))
+    holder.refresh()
+    old = weakref.ref(holder.current.reranker)
+    old_model = weakref.ref(holder.current.reranker.model)
+    old_index = weakref.ref(holder.current.index)
+    registry.promote("reranker", _publish_reranker(registry, _different_reranker(tiny_reranker)))
+    registry.promote("index", _publish_index(registry, _index(seed=1)))
+    gc.disable()
+    try:
+        assert holder.refresh() is True
+        assert old() is None and old_model() is None and old_index() is None
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
 def test_holder_swaps_a_new_index(registry: ModelRegistry) -> None:
     holder = ModelHolder(registry, _loader)
     holder.refresh()
