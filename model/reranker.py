@@ -124,9 +124,6 @@ class CrossEncoderReranker:
             torch.bfloat16 if compute == torch.bfloat16 else torch.float16, ITEM_STATE_CACHE_SIZE
         )
         self._user_states_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
-        # Keys whose states `warm_users` computed ahead of their request and no request has
-        # used yet: their first use counts as a miss (that request paid for a user pass).
-        self._warmed_ahead: set[tuple[int, ...]] = set()
         self.user_cache_hits = 0
         self.user_cache_misses = 0
         # A split model's BERT logits per user-context tokens, then per item text: a repeat
@@ -156,7 +153,6 @@ class CrossEncoderReranker:
         state["_state_lock"] = None
         state["_item_states"] = copy.copy(self._item_states)  # empty (item_states.py)
         state["_user_states_cache"] = OrderedDict()
-        state["_warmed_ahead"] = set()
         state["_score_cache"] = OrderedDict()
         return state
 
@@ -191,12 +187,6 @@ class CrossEncoderReranker:
     @item_state_capacity.setter
     def item_state_capacity(self, items: int) -> None:
         self._item_states.capacity = items
-
-    @property
-    def has_user_side(self) -> bool:
-        """Whether a user pass can run before the candidates are known (`warm_users`): a
-        split model's user side depends on the user-context text alone."""
-        return self.split is not None
 
     @property
     def architecture(self) -> str:
@@ -236,7 +226,6 @@ class CrossEncoderReranker:
             self.split.quantize_user_side()
             with self._state_lock:
                 self._user_states_cache.clear()
-                self._warmed_ahead.clear()
                 self._score_cache.clear()
 
     @classmethod
@@ -421,7 +410,6 @@ class CrossEncoderReranker:
         self._item_states.clear()
         with self._state_lock:
             self._user_states_cache.clear()
-            self._warmed_ahead.clear()
             self._score_cache.clear()
         if self.split is not None:
             self.split.drop_serving_copies()
@@ -469,66 +457,18 @@ class CrossEncoderReranker:
             hit = self._user_states_cache.get(key)
             if hit is not None:
                 self._user_states_cache.move_to_end(key)
-                self._count_use(key)
+                self.user_cache_hits += 1
                 return hit
             self.user_cache_misses += 1
         states = self.split.user_states(inputs["user_ids"], inputs["user_mask"])
         self._remember_user_states({key: states})
         return states
 
-    def _count_use(self, key: tuple[int, ...]) -> None:
-        """A request found `key`'s states cached: a hit, or a miss when `warm_users` ran them
-        for this request (the caller holds the lock)."""
-        if key in self._warmed_ahead:
-            self._warmed_ahead.discard(key)
-            self.user_cache_misses += 1
-        else:
-            self.user_cache_hits += 1
-
     def _remember_user_states(self, states: dict[tuple[int, ...], torch.Tensor]) -> None:
         with self._state_lock:
             self._user_states_cache.update(states)
             while len(self._user_states_cache) > USER_STATE_CACHE_SIZE:
-                self._warmed_ahead.discard(self._user_states_cache.popitem(last=False)[0])
-
-    @torch.inference_mode()
-    def warm_users(self, user_texts: Sequence[str]) -> int:
-        """Run the user pass of those `user_texts` whose states are not cached, as one batch,
-        and cache the states; returns how many ran. The ranking service calls it as soon as a
-        request's profile is read, so the user pass runs while the request recalls candidates
-        and reads their features (services/ranking/pipeline.py). Skips a user whose logits
-        are in the score cache: a repeat request may need no forward pass at all. No-op for a
-        full cross-encoder (no user side)."""
-        if self.split is None or not user_texts:
-            return 0
-        if self.model.training:
-            self.model.eval()
-        rows = list(dict.fromkeys(tuple(self._user_row(t)) for t in user_texts))
-        with self._state_lock:
-            missing = [
-                r
-                for r in rows
-                if r not in self._user_states_cache
-                and not (self.use_score_cache and r in self._score_cache)
-            ]
-        if not missing:
-            return 0
-        self._user_passes(missing)
-        with self._state_lock:
-            self._warmed_ahead.update(r for r in missing if r in self._user_states_cache)
-        return len(missing)
-
-    def _user_passes(self, rows: list[tuple[int, ...]]) -> dict[tuple[int, ...], torch.Tensor]:
-        """The user pass of `rows` (user-segment token ids) as one batch, cached; returns
-        each row's states, trimmed to its own tokens: equal to the row run alone (padding is
-        masked out of attention)."""
-        assert self.split is not None
-        ids, mask = self._segments([list(r) for r in rows])
-        with self._autocast():
-            states = self.split.user_states(ids, mask)
-        fresh = {row: states[b : b + 1, : len(row)] for b, row in enumerate(rows)}
-        self._remember_user_states(fresh)
-        return fresh
+                self._user_states_cache.popitem(last=False)
 
     def _known_logits(
         self, key: tuple[int, ...], item_texts: Sequence[str], cache: bool
@@ -673,7 +613,13 @@ class CrossEncoderReranker:
             ]
         fresh: dict[tuple[int, ...], torch.Tensor] = {}
         if missing:
-            fresh = self._user_passes(missing)
+            ids, mask = self._segments([list(r) for r in missing])
+            with self._autocast():
+                states = self.split.user_states(ids, mask)
+            # Trimmed to the row's own tokens: equal to the row run alone (padding is masked
+            # out of attention).
+            fresh = {row: states[b : b + 1, : len(row)] for b, row in enumerate(missing)}
+            self._remember_user_states(fresh)
             with self._state_lock:
                 self.user_cache_misses += len(missing)
         out: list[np.ndarray | None] = [None] * len(requests)

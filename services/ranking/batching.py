@@ -11,16 +11,10 @@ moment (up to `max_batch`) in one call (`CrossEncoderReranker.score_many`, which
 user passes), and goes on until the queue is empty; each request waits for its result. A request
 that arrives while the model is idle is scored at once, alone; batches form only from requests
 that arrived while a model call was running.
-
-A request also hands the worker its user pass (`warm_user`) as soon as its profile is read,
-without waiting: for a split re-ranker the user side depends on the profile alone, so it runs
-while the request thread searches FAISS and reads the candidates' features, and the request's
-later score call finds it cached. User passes queued together run as one batch.
 """
 
 from __future__ import annotations
 
-import logging
 import queue
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -31,19 +25,11 @@ import numpy as np
 
 from services.ranking.compute import TorchWorker
 
-log = logging.getLogger(__name__)
-
 
 class BatchScorer(Protocol):
     """What the batcher needs from a re-ranker."""
 
     def score_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[np.ndarray]: ...
-
-
-class UserWarmer(Protocol):
-    """What `warm_user` needs: a re-ranker that can run user passes ahead of scoring."""
-
-    def warm_users(self, user_texts: Sequence[str]) -> int: ...
 
 
 @dataclass
@@ -67,7 +53,6 @@ class RerankBatcher:
         self.max_batch = max_batch
         self.worker = worker or TorchWorker()
         self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._warm_queue: queue.SimpleQueue[tuple[UserWarmer, str]] = queue.SimpleQueue()
         self.batches = 0
         self.requests = 0
 
@@ -83,27 +68,6 @@ class RerankBatcher:
         # after the put takes it; drains that find the queue empty return at once.
         self.worker.submit(self._drain)
         return job.done.result()
-
-    def warm_user(self, warmer: UserWarmer, user_text: str) -> None:
-        """Queue `user_text`'s user pass on the worker and return at once (module docstring).
-        A failure is logged, not raised: the request's score call runs the pass itself and
-        reports its error there."""
-        self._warm_queue.put((warmer, user_text))
-        self.worker.submit(self._drain_warm)
-
-    def _drain_warm(self) -> None:
-        pending: dict[int, tuple[UserWarmer, list[str]]] = {}
-        while True:
-            try:
-                warmer, text = self._warm_queue.get_nowait()
-            except queue.Empty:
-                break
-            pending.setdefault(id(warmer), (warmer, []))[1].append(text)
-        for warmer, texts in pending.values():  # one group per version (a hot swap)
-            try:
-                warmer.warm_users(texts)
-            except Exception:
-                log.exception("user pass ahead of scoring failed; requests will run their own")
 
     def _drain(self) -> None:
         while True:

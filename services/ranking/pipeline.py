@@ -388,14 +388,6 @@ class RankingPipeline:
                 exclude.update(profile.purchased_items)
         frozen_exclude = frozenset(exclude)
         cold = profile is None and not reasons
-        user_text = user_context_text(profile, req.query)
-        if (
-            self.batcher is not None
-            and models.reranker.has_user_side
-            and (profile is not None or req.query)
-        ):
-            # The user pass runs on the torch thread while this one recalls and reads.
-            self.batcher.warm_user(models.reranker, user_text)
 
         def answer(items: list[ScoredItem], relevance: np.ndarray | None = None) -> Recommendation:
             timings["total"] = (clock() - t0) * 1e3
@@ -427,7 +419,7 @@ class RankingPipeline:
         kept = self.filter_candidates(candidates, items)
         ordered = [items[i] for i, _ in kept]
         t = clock()
-        relevance = self.rerank(models, user_text, ordered, profile)
+        relevance = self.rerank(models, user_context_text(profile, req.query), ordered, profile)
         timings["rerank"] = (clock() - t) * 1e3
         ranked = self.apply_weights(ordered, relevance, STAGE_RECALL, limit=req.k)
         rng = _request_rng(req.request_id, req.user_id)

@@ -563,39 +563,3 @@ def test_popular_candidates_are_reranked_and_filtered_like_the_rest(
     assert all(s.stage == STAGE_RECALL for s in result.items)  # re-ranked, not a fallback
     assert OUT_OF_STOCK not in ids  # i05 is popular but out of stock
     assert not {"i00", "i03", "i06", "i09"} & set(ids)  # recent and purchased
-
-
-def test_the_user_pass_is_queued_before_recall_and_the_answer_is_unchanged(
-    recall_index: RecallIndex,
-) -> None:
-    """With a batcher, a split re-ranker's user pass is handed to the torch thread as soon as
-    the profile is read (before FAISS runs), and the request then finds it cached."""
-    from services.ranking.batching import RerankBatcher
-
-    split = CrossEncoderReranker.tiny(seed=0, joint_layers=1)
-    models = ServingModels(split, "v0001", recall_index, "v0001")
-    alone = _pipeline().recommend(RecommendInput("u1", 5), copy.deepcopy(models))
-
-    batcher = RerankBatcher()
-    order: list[str] = []  # on the request thread: what it queued or ran, in order
-    queue_warm, search = batcher.warm_user, recall_index.search
-    batcher.warm_user = lambda *a: (order.append("queue user pass"), queue_warm(*a))[1]  # type: ignore[method-assign]
-    recall_index.search = lambda *a: (order.append("search"), search(*a))[1]  # type: ignore[method-assign]
-    try:
-        pipeline = RankingPipeline(
-            InMemoryFeatureStore([USER], ITEMS),
-            PipelineSettings(exploration_rate=0.0),
-            batcher=batcher,
-        )
-        result = pipeline.recommend(RecommendInput("u1", 5), models)
-        pipeline.recommend(RecommendInput("nobody", 5), models)  # cold: nothing to warm
-    finally:
-        del recall_index.search
-        batcher.worker.close()
-
-    assert order == ["queue user pass", "search"]
-    assert [s.item_id for s in result.items] == [s.item_id for s in alone.items]
-    np.testing.assert_allclose(
-        [s.score for s in result.items], [s.score for s in alone.items], rtol=1e-5
-    )
-    assert (split.user_cache_hits, split.user_cache_misses) == (0, 1)

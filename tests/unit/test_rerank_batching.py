@@ -112,58 +112,6 @@ def test_requests_of_two_versions_are_scored_by_their_own_version(batcher: Reran
     assert all(r[1].tolist() == [2.0, 3.0] for r in results)  # type: ignore[index]
 
 
-class SlowWarmer:
-    """Records the user texts of each `warm_users` call and the thread it ran on."""
-
-    def __init__(self, seconds: float = 0.0, fail: bool = False) -> None:
-        self.seconds = seconds
-        self.fail = fail
-        self.calls: list[list[str]] = []
-        self.threads: set[str] = set()
-
-    def warm_users(self, user_texts: Sequence[str]) -> int:
-        self.threads.add(threading.current_thread().name)
-        self.calls.append(list(user_texts))
-        time.sleep(self.seconds)
-        if self.fail:
-            raise ValueError("user pass exploded")
-        return len(user_texts)
-
-
-def test_warming_a_user_returns_at_once_and_runs_on_the_worker(batcher: RerankBatcher) -> None:
-    warmer = SlowWarmer(seconds=0.3)
-    started = time.perf_counter()
-    batcher.warm_user(warmer, USERS[0])
-    assert time.perf_counter() - started < 0.2  # the caller does not wait for the pass
-    # Queued behind it on the one worker: a score call sees the pass done.
-    assert batcher.score(SlowScorer(seconds=0.0), "u", ITEMS[:1]).tolist() == [1.0]
-    assert warmer.calls == [[USERS[0]]]
-    assert len(warmer.threads) == 1 and next(iter(warmer.threads)).startswith("freshrec-torch")
-
-
-def test_users_queued_together_are_warmed_in_one_call(batcher: RerankBatcher) -> None:
-    blocker = SlowScorer(seconds=0.3)
-    busy = threading.Thread(target=batcher.score, args=(blocker, "u", ITEMS))
-    busy.start()
-    time.sleep(0.05)  # the worker is now scoring
-    warmer, other = SlowWarmer(), SlowWarmer()
-    for text in USERS:
-        batcher.warm_user(warmer, text)
-    batcher.warm_user(other, USERS[1])  # another version (a hot swap): its own call
-    busy.join(5)
-    batcher.score(SlowScorer(seconds=0.0), "u", ITEMS[:1])  # runs after the warm-ups
-    assert warmer.calls == [USERS]
-    assert other.calls == [[USERS[1]]]
-
-
-def test_a_failing_warm_up_is_logged_and_the_worker_goes_on(
-    batcher: RerankBatcher, caplog: pytest.LogCaptureFixture
-) -> None:
-    batcher.warm_user(SlowWarmer(fail=True), USERS[0])
-    assert batcher.score(SlowScorer(seconds=0.0), "ok", ITEMS[:1]).tolist() == [2.0]
-    assert "user pass ahead of scoring failed" in caplog.text
-
-
 def test_max_batch_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         RerankBatcher(max_batch=0)

@@ -277,50 +277,6 @@ def test_user_states_are_cached_per_context_and_give_the_same_scores() -> None:
     assert reranker.user_cache_misses == 3  # cleared with the weights' other states
 
 
-def test_users_warmed_ahead_score_the_same_and_count_one_miss_per_request() -> None:
-    cold = _split(joint=1).score(USERS[0], ITEMS, cache=False)
-    reranker = _split(joint=1)
-    user_passes = 0
-    run = reranker.split.user_states  # type: ignore[union-attr]
-
-    def spy(*args: torch.Tensor) -> torch.Tensor:
-        nonlocal user_passes
-        user_passes += 1
-        return run(*args)
-
-    reranker.split.user_states = spy  # type: ignore[method-assign, union-attr]
-
-    # Two contexts, one of them twice: one batched user pass for the two distinct rows.
-    assert reranker.warm_users([USERS[0], USERS[1], USERS[0]]) == 2
-    assert user_passes == 1
-    assert (reranker.user_cache_hits, reranker.user_cache_misses) == (0, 0)  # no request yet
-
-    warmed = reranker.score(USERS[0], ITEMS, cache=False)
-    np.testing.assert_allclose(warmed, cold, atol=1e-6)
-    assert user_passes == 1  # the request used the warmed states
-    assert (reranker.user_cache_hits, reranker.user_cache_misses) == (0, 1)  # it paid for one
-    reranker.score(USERS[0], ITEMS, cache=False)
-    assert (reranker.user_cache_hits, reranker.user_cache_misses) == (1, 1)
-    assert reranker.warm_users([USERS[0]]) == 0  # cached: nothing runs
-    assert user_passes == 1
-
-
-def test_warming_skips_a_user_whose_logits_are_cached() -> None:
-    reranker = _split(joint=1)
-    reranker.score(USERS[0], ITEMS)  # fills both caches
-    reranker._user_states_cache.clear()  # the user side evicted, the logits kept
-    assert reranker.warm_users([USERS[0]]) == 0
-    reranker.use_score_cache = False
-    assert reranker.warm_users([USERS[0]]) == 1
-
-
-def test_a_full_cross_encoder_has_no_user_side_to_warm() -> None:
-    reranker = CrossEncoderReranker.tiny(seed=3, max_length=32)
-    assert not reranker.has_user_side
-    assert reranker.warm_users(USERS) == 0
-    assert _split(joint=1).has_user_side
-
-
 def _count_forwards(reranker: CrossEncoderReranker) -> list[list[str]]:
     """The item texts of every forward pass `reranker` runs from now on."""
     passes: list[list[str]] = []
