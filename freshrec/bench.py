@@ -33,6 +33,8 @@ seconds. Then, in the same run, it measures the stage floors on sampled requests
   so the overhead can be read against it.
 - overhead_ratio_with_transport: overhead_ratio with that round trip added to each request's
   floors: what the service's own Python costs beyond work no server in Python can skip.
+- p999_ms, max_ms: the tail beyond p99, where pauses of the whole process show (e.g. a full
+  garbage collection: `ranking.freeze_heap`, services/common/heap.py).
 - service_stages_ms: p50/p95/p99 of each pipeline step as the service timed it under the load.
 - item_cache_hit_rate: the share of candidates' item features the service answered from its
   in-process item cache (`ranking.item_cache_seconds`) rather than Redis. The `redis_raw` floor
@@ -185,6 +187,8 @@ def bench_serving(
         "p50_ms": round(p50, 2),
         "p95_ms": round(float(np.percentile(arr, 95)), 2),
         "p99_ms": round(float(np.percentile(arr, 99)), 2),
+        "p999_ms": round(float(np.percentile(arr, 99.9)), 2),
+        "max_ms": round(float(arr.max()), 2),
         "qps": round(len(latencies) / elapsed, 2),
         "calls": len(latencies),
         "errors": errors,

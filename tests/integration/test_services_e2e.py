@@ -598,7 +598,7 @@ def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) 
         stack.config.workdir, candidates=20, concurrency=1, duration=2.0, say=lambda _m: None
     )
     assert result["errors"] == 0 and result["calls"] > 0 and result["qps"] > 0
-    assert result["p99_ms"] >= result["p50_ms"] > 0
+    assert result["max_ms"] >= result["p999_ms"] >= result["p99_ms"] >= result["p50_ms"] > 0
     assert result["candidates"] == 20 and result["items"] == len(stack.catalog)
     # Target 4's second ratio is only meaningful on identical values, and the bench checks it.
     assert result["feature_values_identical"] is True
