@@ -676,9 +676,16 @@ class CrossEncoderReranker:
             if not todo:
                 return self._from_known(known, item_texts, hit=True)
             inputs = self.serving_inputs(user_text, todo)
-            new = dict(zip(todo, self.serving_logits(inputs).float().cpu().tolist(), strict=True))
+            logits = self.serving_logits(inputs).float().cpu()
             if cache:
-                self._remember_logits(key, new)
+                self._remember_logits(key, dict(zip(todo, logits.tolist(), strict=True)))
+            if not known and len(todo) == len(item_texts):
+                # Every text ran, each once, in request order: the logits are the answer
+                # (skips two dicts over the candidates: ~0.08 ms of 70).
+                with self._state_lock:
+                    self.score_cache_misses += 1
+                return self._relevance(logits, item_texts)
+            new = dict(zip(todo, logits.tolist(), strict=True))
             return self._from_known({**known, **new}, item_texts, hit=False)
         out = np.empty(len(item_texts), dtype=np.float32)
         for start in range(0, len(item_texts), batch_size):
