@@ -385,6 +385,21 @@ class RedisFeatureReader:
             raise FeatureStoreUnavailable(f"online feature read failed: {exc}") from exc
         return reply[0], self._items_from(item_ids, reply[1:])
 
+    def warm_records(self, item_ids: Sequence[str], chunk: int = 512) -> int:
+        """Read `item_ids` once, `chunk` at a time, so their Redis keys and decoded records
+        are memoised before requests need them; returns how many records were found.
+
+        A first read of 70 items that were never read costs ~3x a repeat (at 100k items:
+        1.88 ms against 0.63-0.71, stop 22): building the keys and decoding the protobuf
+        values is most of it. The memo is keyed by the bytes read, so a record that changes
+        later is decoded again; what this warms is never served stale. The item cache
+        (`item_cache_max_age_s`) is left as it was."""
+        unique = list(dict.fromkeys(item_ids))
+        found = 0
+        for start in range(0, len(unique), chunk):
+            found += len(self._read_items(unique[start : start + chunk]))
+        return found
+
     def _read_items(self, unique: list[str]) -> dict[str, ItemFeatures]:
         if not unique:
             return {}

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2
 
 from freshrec.config import FreshRecConfig
 from freshrec.errors import FailedPrecondition
+from freshrec.records import ItemFeatures
 from freshrec.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from model.embeddings import TextEncoder
 from model.index import RecallIndex
@@ -237,6 +238,15 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
             f"no champion model/index under {config.registry_url or config.registry_dir}: "
             "run `freshrec init` first"
         )
+    if isinstance(reader.inner, RedisFeatureReader):
+        # Keys and decoded records of the warm set, before SERVING: a user's first request
+        # would otherwise build and decode its candidates' (services/features/redis_reader.py).
+        started = time.perf_counter()
+        found = reader.inner.warm_records(list(_warm_set(config, holder.current.index)))
+        if found:
+            log.info(
+                "%d item records read and decoded in %.1f s", found, time.perf_counter() - started
+            )
     settings = PipelineSettings(
         recall_candidates=config.ranking.recall_candidates,
         popular_candidates=config.ranking.popular_candidates,
@@ -304,18 +314,23 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     return RankingApp(handle, holder, closers, ingestor, breaker, worker, pipeline)
 
 
-def _warm_texts(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:
-    """Item texts to precompute for a split re-ranker: the most popular first (the index's
-    popularity list when one is serving), then catalogue order, `warm_item_states` at most."""
+def _warm_set(config: FreshRecConfig, index: RecallIndex | None) -> dict[str, ItemFeatures]:
+    """The items a loading version and a starting service prepare, by id from the offline
+    catalogue: the most popular first (the index's popularity list when one is serving), then
+    catalogue order, `warm_item_states` at most."""
     limit = config.ranking.warm_item_states
     table = config.offline_dir / ITEM_FEATURES_TABLE
     if limit <= 0 or not table.exists():
-        return []
+        return {}
     catalogue = read_item_catalog(table)
     head = [i for i in (index.popular if index is not None else []) if i in catalogue]
-    order = list(dict.fromkeys([*head, *catalogue]))[:limit]
+    return {i: catalogue[i] for i in list(dict.fromkeys([*head, *catalogue]))[:limit]}
+
+
+def _warm_texts(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:
+    """Item texts to precompute for a split re-ranker (`_warm_set`)."""
     now = datetime.now(UTC)
-    return [ranking_item_text(catalogue[i], now) for i in order]
+    return [ranking_item_text(item, now) for item in _warm_set(config, index).values()]
 
 
 def _hot_path_reader(

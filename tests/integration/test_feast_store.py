@@ -355,6 +355,34 @@ def test_raw_redis_reader_sees_a_changed_item_at_once(on_redis: Prepared) -> Non
         raw.close()
 
 
+def test_warmed_records_are_served_without_decoding_and_an_edit_is_still_seen(
+    on_redis: Prepared,
+) -> None:
+    """`warm_records` (the ranking service's start-up) decodes the warm set once; a request
+    then decodes nothing for those items, and an item edited after the warm-up comes back
+    edited (the memo is keyed by the bytes read)."""
+    from services.features.redis_reader import RedisFeatureReader
+
+    raw = RedisFeatureReader(on_redis.config.feature_repo_dir, item_cache_max_age_s=30)
+    raw.start()
+    decoded: list[int] = []
+    decode = raw._decode
+    raw._decode = lambda names, values: (decoded.append(1), decode(names, values))[1]  # type: ignore[method-assign]
+    try:
+        assert raw.warm_records(["i1", "i2", "i3", "missing", "i1"], chunk=2) == 3
+        assert len(decoded) == 4  # i1, i2, i3 and the missing one's empty row; i1 once
+        assert raw.item_cache_hits == raw.item_cache_misses == 0  # the item cache untouched
+        warm = raw.get_items(["i1", "i2", "i3"])
+        assert len(decoded) == 4  # read from Redis, decoded from the memo
+        assert warm == on_redis.reader.get_items(["i1", "i2", "i3"])
+        changed = replace(warm["i2"], price=warm["i2"].price + 1.25)
+        on_redis.reader.push_items([changed])
+        assert raw.get_items(["i2"])["i2"] == changed
+        assert len(decoded) == 5
+    finally:
+        raw.close()
+
+
 def test_raw_redis_reader_refuses_a_sqlite_repo_and_a_dead_redis(
     on_sqlite: Prepared, on_redis: Prepared, tmp_path: Path
 ) -> None:
