@@ -223,7 +223,13 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         if serving.is_set() and config.ranking.freeze_heap:
             # The new version's objects out of the collector too (services/common/heap.py);
             # at start-up the freeze before SERVING does it.
-            freeze_heap(full=False)
+            started = time.perf_counter()
+            frozen = freeze_heap()
+            log.info(
+                "%d objects frozen out of garbage collection after the swap (%.0f ms)",
+                frozen,
+                (time.perf_counter() - started) * 1e3,
+            )
 
     holder = ModelHolder(
         registry,

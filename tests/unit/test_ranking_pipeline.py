@@ -442,7 +442,7 @@ def test_a_released_version_is_freed_by_reference_counting_with_the_heap_frozen(
 
     from services.common.heap import freeze_heap
 
-    holder = ModelHolder(registry, _loader, on_swap=lambda _: freeze_heap(full=False))
+    holder = ModelHolder(registry, _loader, on_swap=lambda _: freeze_heap())
     holder.refresh()
     old = weakref.ref(holder.current.reranker)
     old_model = weakref.ref(holder.current.reranker.model)
