@@ -57,8 +57,7 @@ def test_garbage_cycles_that_reached_the_oldest_generation_are_collected_before_
     a, b = Node(), Node()
     a.other, b.other = b, a
     gone = weakref.ref(a)
-    gc.collect(1)
-    gc.collect(1)  # survivors of two young collections: now in the oldest generation
+    gc.collect(1)  # a young collection moves its survivors into the oldest generation
     del a, b
     freeze_heap()
     assert gone() is None
