@@ -23,8 +23,6 @@ import gc
 import time
 from collections.abc import Callable
 
-_started = [0.0]
-
 
 def freeze_heap() -> int:
     """Collect garbage (every generation), then freeze every object alive (module
@@ -44,11 +42,14 @@ def watch_pauses(observe: Callable[[int, float], None]) -> Callable[[str, dict[s
     """Call `observe(generation, seconds)` after every collection of this process (a
     `gc.callbacks` hook; collections run one at a time, under the GIL); returns the hook."""
 
+    started = 0.0
+
     def hook(phase: str, info: dict[str, int]) -> None:
+        nonlocal started
         if phase == "start":
-            _started[0] = time.perf_counter()
+            started = time.perf_counter()
         else:
-            observe(info["generation"], time.perf_counter() - _started[0])
+            observe(info["generation"], time.perf_counter() - started)
 
     gc.callbacks.append(hook)
     return hook

@@ -15,16 +15,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pandas as pd
 import torch
 from grpc_health.v1 import health_pb2
 
 from freshrec.config import FreshRecConfig
 from freshrec.errors import FailedPrecondition
-from freshrec.records import ItemFeatures
 from freshrec.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from model.embeddings import TextEncoder
 from model.index import RecallIndex
@@ -248,7 +249,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         # Keys and decoded records of the warm set, before SERVING: a user's first request
         # would otherwise build and decode its candidates' (services/features/redis_reader.py).
         started = time.perf_counter()
-        found = reader.inner.warm_records(list(_warm_set(config, holder.current.index)))
+        found = reader.inner.warm_records(_warm_ids(config, holder.current.index))
         if found:
             log.info(
                 "%d item records read and decoded in %.1f s", found, time.perf_counter() - started
@@ -320,23 +321,33 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     return RankingApp(handle, holder, closers, ingestor, breaker, worker, pipeline)
 
 
-def _warm_set(config: FreshRecConfig, index: RecallIndex | None) -> dict[str, ItemFeatures]:
-    """The items a loading version and a starting service prepare, by id from the offline
-    catalogue: the most popular first (the index's popularity list when one is serving), then
-    catalogue order, `warm_item_states` at most."""
+def _warm_order(ids: Iterable[str], index: RecallIndex | None, limit: int) -> list[str]:
+    """The items a loading version and a starting service prepare: the most popular first (the
+    index's popularity list when one is serving), then catalogue order, `limit` at most."""
+    catalogue = dict.fromkeys(ids)
+    head = [i for i in (index.popular if index is not None else []) if i in catalogue]
+    return list(dict.fromkeys([*head, *catalogue]))[:limit]
+
+
+def _warm_ids(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:
+    """The warm set's item ids (`_warm_order`), from the offline catalogue's id column only."""
     limit = config.ranking.warm_item_states
     table = config.offline_dir / ITEM_FEATURES_TABLE
     if limit <= 0 or not table.exists():
-        return {}
-    catalogue = read_item_catalog(table)
-    head = [i for i in (index.popular if index is not None else []) if i in catalogue]
-    return {i: catalogue[i] for i in list(dict.fromkeys([*head, *catalogue]))[:limit]}
+        return []
+    ids = pd.read_parquet(table, columns=["item_id"])["item_id"].astype(str)
+    return _warm_order(ids, index, limit)
 
 
 def _warm_texts(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:
-    """Item texts to precompute for a split re-ranker (`_warm_set`)."""
+    """Item texts to precompute for a split re-ranker: the warm set's (`_warm_order`)."""
+    limit = config.ranking.warm_item_states
+    table = config.offline_dir / ITEM_FEATURES_TABLE
+    if limit <= 0 or not table.exists():
+        return []
+    catalogue = read_item_catalog(table)
     now = datetime.now(UTC)
-    return [ranking_item_text(item, now) for item in _warm_set(config, index).values()]
+    return [ranking_item_text(catalogue[i], now) for i in _warm_order(catalogue, index, limit)]
 
 
 def _hot_path_reader(
