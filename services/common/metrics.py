@@ -2,10 +2,70 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+
+class ArrayHistogram(Collector):
+    """A label-less Prometheus histogram that takes a whole array per `observe`.
+
+    prometheus_client's `Histogram.observe` takes one value under a lock: ~2 µs a value,
+    ~0.14 ms for one answer's ~70 relevance scores, on the request thread (measured on the
+    2-core EPYC). Here one answer is one `np.searchsorted` + `np.bincount` into numpy counts
+    (~10 µs), exposed in the same exposition format (`_bucket{le}`, `_count`, `_sum`).
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+        bounds = [float(b) for b in buckets]
+        if bounds != sorted(bounds) or len(set(bounds)) != len(bounds):
+            raise ValueError(f"buckets must be strictly increasing, got {bounds}")
+        if bounds[-1] != float("inf"):
+            bounds.append(float("inf"))
+        self.name = name
+        self.documentation = documentation
+        self._bounds = np.asarray(bounds)
+        self._counts = np.zeros(len(bounds), dtype=np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, values: Iterable[float] | np.ndarray) -> None:
+        """Add every finite value of `values` (NaN and infinities are dropped: they carry no
+        relevance and would poison `_sum`)."""
+        x = np.asarray(values, dtype=np.float64).ravel()
+        x = x[np.isfinite(x)]
+        if not len(x):
+            return
+        # Prometheus buckets are cumulative upper bounds (value <= le): side="left".
+        counts = np.bincount(
+            np.searchsorted(self._bounds, x, side="left"), minlength=len(self._bounds)
+        )
+        total = float(x.sum())
+        with self._lock:
+            self._counts += counts
+            self._sum += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts)
+            total = self._sum
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric(
+            [],
+            [
+                (floatToGoString(float(b)), float(c))
+                for b, c in zip(self._bounds, cumulative, strict=True)
+            ],
+            total,
+        )
+        yield family
+
 
 STAGE_SECONDS = Histogram(
     "freshrec_stage_seconds",
@@ -21,11 +81,12 @@ SERVING_VERSION = Gauge(
     ["model", "index"],
 )
 EVENTS = Counter("freshrec_events_total", "LogEvents events by outcome/reason.", ["outcome"])
-SERVED_RELEVANCE = Histogram(
+SERVED_RELEVANCE = ArrayHistogram(
     "freshrec_served_relevance",
     "Relevance of every candidate the re-ranker scored for a Recommend answer.",
     buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)),
 )
+REGISTRY.register(SERVED_RELEVANCE)
 
 
 # The split re-ranker's caches (model/reranker.py), read from the serving version at scrape time.
@@ -122,10 +183,9 @@ def serve_metrics(port: int) -> None:
     start_http_server(port)
 
 
-def observe_relevance(relevance: Iterable[float]) -> None:
+def observe_relevance(relevance: Iterable[float] | np.ndarray) -> None:
     """Add one answer's re-ranked relevance scores to SERVED_RELEVANCE."""
-    for value in relevance:
-        SERVED_RELEVANCE.observe(float(value))
+    SERVED_RELEVANCE.observe(relevance)
 
 
 def observe_swap(model: str, index: str) -> None:
