@@ -58,6 +58,14 @@ def popularity_level(popularity_7d: float) -> int:
     return min(POPULARITY_LEVELS, int(2.0 * math.log2(1.0 + popularity_7d)))
 
 
+def _is_new_arrival(created: datetime | None, now: datetime | None) -> bool:
+    if now is None or created is None:
+        return False
+    if created.tzinfo is None and now.tzinfo is not None:
+        created = created.replace(tzinfo=now.tzinfo)
+    return timedelta(0) <= now - created <= timedelta(days=NEW_ITEM_DAYS)
+
+
 def ranking_item_text(item: ItemFeatures, now: datetime | None = None) -> str:
     """The item side the re-ranker reads: fresh signals first (so truncation never cuts them),
     then `item_text`. The recall embedding reads `item_text` alone: it must not move when
@@ -71,11 +79,47 @@ def ranking_item_text(item: ItemFeatures, now: datetime | None = None) -> str:
         e.g. "popularity 5. new arrival. Aurora [shoes] by Kairo. Light."
     """
     head = f"popularity {popularity_level(item.popularity_7d)}."
-    created = item.created_at
-    if now is not None and created is not None:
-        if created.tzinfo is None and now.tzinfo is not None:
-            created = created.replace(tzinfo=now.tzinfo)
-        age = now - created
-        if timedelta(0) <= age <= timedelta(days=NEW_ITEM_DAYS):
-            head += " new arrival."
+    if _is_new_arrival(item.created_at, now):
+        head += " new arrival."
     return f"{head} {item_text(item)}"
+
+
+class RankingTextMemo:
+    """`ranking_item_text` for a request's candidates, built once per item record.
+
+    Every request re-reads the texts of its ~70 candidates: 95 µs built each time, measured on
+    the 2-core EPYC. The feature readers hand back the same `ItemFeatures` object while an
+    item's stored record is unchanged (services/features/redis_reader.py), so the texts are
+    kept per record object (held here, so its id cannot be reused) and a changed record, a
+    new object, gets a new text. Only "new arrival" depends on the request's time: it is
+    decided per call, as `ranking_item_text` decides it.
+    """
+
+    def __init__(self, capacity: int = 1 << 18) -> None:
+        self.capacity = capacity
+        # id(record) -> (record, its text without "new arrival", with it (built when asked))
+        self._memo: dict[int, list[object]] = {}
+
+    def texts(self, items: list[ItemFeatures], now: datetime | None) -> list[str]:
+        """[ranking_item_text(item, now) for item in items], the same strings."""
+        out = []
+        memo = self._memo
+        tz = now.tzinfo if now is not None else None
+        cutoff = now - timedelta(days=NEW_ITEM_DAYS) if now is not None else None
+        for item in items:
+            entry = memo.get(id(item))
+            if entry is None or entry[0] is not item:
+                if len(memo) >= self.capacity:
+                    memo.clear()  # records replaced over time: start over, never grow
+                entry = memo[id(item)] = [item, ranking_item_text(item, None), None]
+            created = item.created_at
+            if now is not None and created is not None:
+                if created.tzinfo is None and tz is not None:
+                    created = created.replace(tzinfo=tz)
+                if cutoff <= created <= now:  # type: ignore[operator]
+                    if entry[2] is None:
+                        entry[2] = ranking_item_text(item, now)
+                    out.append(entry[2])
+                    continue
+            out.append(entry[1])
+        return out  # type: ignore[return-value]

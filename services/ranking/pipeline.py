@@ -24,7 +24,7 @@ from model.collab import profile_history
 from model.embeddings import Embedder, user_vector
 from model.index import RecallIndex
 from model.reranker import CrossEncoderReranker
-from model.text import ranking_item_text, user_context_text
+from model.text import RankingTextMemo, user_context_text
 from services.features.caching import FeatureCache
 from services.features.reader import FeatureReader
 from services.ranking.batching import RerankBatcher
@@ -170,6 +170,7 @@ class RankingPipeline:
         self.cache = cache
         self.batcher = batcher
         self.now = now or (lambda: datetime.now(UTC))
+        self._texts = RankingTextMemo()
         # Each answer's step timings, newest last, when a benchmark sets a deque here (the
         # service's per-stage percentiles under load; metrics keep only histogram buckets).
         self.timings_log: deque[dict[str, float]] | None = None
@@ -247,7 +248,7 @@ class RankingPipeline:
         if not candidates:
             return np.zeros(0, dtype=np.float32)
         now = self.now()
-        texts = [ranking_item_text(i, now) for i in candidates]
+        texts = self._texts.texts(candidates, now)
         if self.batcher is not None:
             relevance = self.batcher.score(models.reranker, user_text, texts)
         else:

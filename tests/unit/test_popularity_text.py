@@ -12,7 +12,7 @@ import pytest
 from freshrec.data.schema import EVENT_WEIGHTS
 from freshrec.records import Example, ItemFeatures, UserProfile
 from model.popularity import PopularityClock
-from model.text import item_text, popularity_level, ranking_item_text
+from model.text import RankingTextMemo, item_text, popularity_level, ranking_item_text
 from model.training import make_eval_groups, make_pairs
 
 DAY = timedelta(days=1)
@@ -116,3 +116,33 @@ def test_pairs_read_items_as_known_before_the_event() -> None:
         clock.stamp,
     )
     assert groups[0].candidates == ("popularity 10. Hit", "popularity 6. Other")  # 3 + 29 = 32
+
+
+def test_the_text_memo_gives_ranking_item_text_for_every_case() -> None:
+    naive = T0.replace(tzinfo=None)
+    items = [
+        ItemFeatures("old", "Old", category="c", popularity_7d=3, created_at=T0 - 40 * DAY),
+        ItemFeatures("new", "New", popularity_7d=100, created_at=T0 - 2 * DAY),
+        ItemFeatures("edge", "Edge", created_at=T0 - 14 * DAY),  # still new (inclusive)
+        ItemFeatures("naive", "Naive", created_at=naive - DAY),  # read in now's zone
+        ItemFeatures("future", "Future", created_at=T0 + DAY),  # not yet created: not new
+        ItemFeatures("undated", "Undated", brand="b", text="desc"),
+    ]
+    memo = RankingTextMemo()
+    for now in (T0, T0 + 13 * DAY, T0 + 30 * DAY, None):
+        for _ in range(2):  # built, then from the memo
+            assert memo.texts(items, now) == [ranking_item_text(i, now) for i in items]
+    assert "new arrival" in memo.texts(items, T0)[1]
+    assert "new arrival" not in memo.texts(items, T0 + 30 * DAY)[1]
+
+
+def test_a_changed_record_gets_a_new_text_and_the_memo_stays_bounded() -> None:
+    memo = RankingTextMemo(capacity=3)
+    item = ItemFeatures("a", "A", popularity_7d=1)
+    assert memo.texts([item], T0) == ["popularity 2. A"]
+    # The reader decodes a changed record into a new object.
+    moved = ItemFeatures("a", "A", popularity_7d=100)
+    assert memo.texts([moved], T0) == ["popularity 13. A"]
+    many = [ItemFeatures(str(n), str(n)) for n in range(10)]
+    assert memo.texts(many, T0) == [ranking_item_text(i, T0) for i in many]
+    assert len(memo._memo) <= 3
