@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -181,6 +182,13 @@ def observe_signals(signals: Mapping[str, float]) -> None:
 def serve_metrics(port: int) -> None:
     """Expose /metrics on `port` (a daemon thread)."""
     start_http_server(port)
+
+
+@functools.lru_cache(maxsize=64)
+def stage_seconds(stage: str) -> Any:
+    """STAGE_SECONDS' child for `stage`, resolved once: `labels()` takes a lock and builds a
+    key each call (~2 µs; five stages a request)."""
+    return STAGE_SECONDS.labels(stage=stage)
 
 
 def observe_relevance(relevance: Iterable[float] | np.ndarray) -> None:

@@ -21,6 +21,7 @@ from services.ranking.pipeline import (
 )
 
 log = logging.getLogger(__name__)
+_RECOMMEND_OK = metrics.REQUESTS.labels(method="Recommend", outcome="ok")
 
 _STAGES = {
     STAGE_RECALL: ranking_pb2.STAGE_RECALL,
@@ -68,8 +69,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             self.models.current,
         )
         for stage, ms in result.timings_ms.items():
-            metrics.STAGE_SECONDS.labels(stage=stage).observe(ms / 1e3)
-        metrics.REQUESTS.labels(method="Recommend", outcome="ok").inc()
+            metrics.stage_seconds(stage).observe(ms / 1e3)
+        _RECOMMEND_OK.inc()
         metrics.observe_relevance(result.relevance)
         if self.score_log is not None:
             self.score_log.observe(result.model_version, result.relevance)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from model.reranker import CrossEncoderReranker
-from model.split_encoder import SplitLayout
+from model.split_encoder import SplitLayout, segment_tensors
 from model.training import Pair, TrainParams, train
 
 USERS = ["recent: star wars | alien. likes: sci-fi.", "new visitor.", "query: cowboy toys."]
@@ -412,3 +412,10 @@ def test_training_with_frozen_eval_runs_the_frozen_bottom_without_dropout_once_p
     assert (report.frozen_rows_computed, report.frozen_rows_reused) == expected
     assert not reranker.model.training
     assert reranker.split._prefix_layers == 0 and not reranker.split._prefix_cache
+
+
+def test_segment_tensors_pad_and_mask_rows() -> None:
+    ids, mask = segment_tensors([[5, 6, 7], [8]], 4, 0, torch.device("cpu"))
+    assert ids.dtype == torch.long and mask.dtype == torch.long
+    assert ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
