@@ -62,6 +62,12 @@ class _Kept:
     def __contains__(self, text: object) -> bool:
         return text in self._entries
 
+    def missing(self, texts: Sequence[str]) -> list[str]:
+        """The distinct texts of `texts` not kept, in order (one pass over a plain dict: every
+        request checks its ~70 candidates here)."""
+        entries = self._entries
+        return [t for t in dict.fromkeys(texts) if t not in entries]
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

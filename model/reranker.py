@@ -387,7 +387,7 @@ class CrossEncoderReranker:
             return 0
         if self.model.training:
             self.model.eval()
-        missing = list(dict.fromkeys(t for t in item_texts if t not in self._item_states))
+        missing = self._item_states.missing(item_texts)
         if not missing:  # every request comes through here: nothing more to do
             return 0
         rows = {t: self._item_row(t) for t in missing}
@@ -437,8 +437,10 @@ class CrossEncoderReranker:
                 f"(item_state_capacity {self.item_state_capacity})"
             )
         items, lengths = got
-        positions = torch.arange(items.shape[1], device=self.device)
-        item_mask = (positions[None, :] < lengths[:, None]).long()
+        # In numpy: three small torch ops cost more than the work (~9 µs against ~6).
+        item_mask = torch.from_numpy(
+            (np.arange(items.shape[1])[None, :] < lengths.cpu().numpy()[:, None]).astype(np.int64)
+        ).to(self.device)
         user_ids, user_mask = self._segments([self._user_row(user_text)])
         return {
             "user_ids": user_ids,

@@ -155,3 +155,13 @@ def test_a_new_text_in_a_full_warmed_store_takes_the_pages_of_the_one_it_evicts(
     got = store.gather(["new", "w3 changed"], torch.float32)
     assert got is not None
     assert torch.equal(got[0][0], fresh[1]) and torch.equal(got[0][1], fresh[0])
+
+
+@pytest.mark.parametrize("kind", ["paged", "int8"])
+def test_missing_lists_each_text_not_kept_once_in_order(kind: str) -> None:
+    store = (
+        PagedItemStates(torch.float32, capacity=10) if kind == "paged" else Int8ItemStates(2, 10)
+    )
+    store.put(["a", "c"], _batch([2, 3]), [2, 3])
+    assert store.missing(["d", "a", "b", "d", "c", "e"]) == ["d", "b", "e"]
+    assert store.missing(["a", "c"]) == []
