@@ -255,6 +255,21 @@ def test_exploration_never_happens_at_rate_zero_or_with_k_one(models: ServingMod
         assert all(s.stage != STAGE_EXPLORATION for s in a.items + b.items)
 
 
+def test_exploration_happens_at_about_its_rate_and_varies_the_drawn_items(
+    models: ServingModels,
+) -> None:
+    pipeline = _pipeline(exploration_rate=0.3, exploration_slots=1)
+
+    drawn = []
+    for n in range(400):
+        result = pipeline.recommend(RecommendInput("u1", 5, request_id=f"req-{n}"), models)
+        if result.items[-1].stage == STAGE_EXPLORATION:
+            drawn.append(result.items[-1].item_id)
+    # Binomial(400, 0.3): mean 120, sd 9.2; 85..155 is ~3.8 sd either side.
+    assert 85 <= len(drawn) <= 155
+    assert len(set(drawn)) > 3  # the slot's item is drawn per request, not fixed
+
+
 def test_the_same_request_id_gives_the_same_answer(models: ServingModels) -> None:
     pipeline = _pipeline(exploration_rate=0.5, exploration_slots=2)
     req = RecommendInput("u1", 6, request_id="replay-me")
