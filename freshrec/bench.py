@@ -20,6 +20,13 @@ seconds. Then, in the same run, it measures the stage floors on sampled requests
   only one client at a time makes exact; at higher concurrency the overhead fields are null
   (queueing behind other requests is not overhead of the request path).
 - overhead_ms: the median of the same end-to-end time minus the same floor sum, in ms.
+- beyond_model_ms: at concurrency 1, the median over re-ranked requests of end-to-end time
+  minus the forward passes that request ran, timed inside the re-ranker during the load
+  (`CrossEncoderReranker.forward_seconds`): what a request costs beyond the model, read in
+  the same instant as its latency. The floors above are measured after the load; on a machine
+  whose speed drifts by the minute the ratio moves with them (stop 23: one version read
+  1.55–1.88 in three runs), while this difference resolved a ~0.4 ms change.
+  `beyond_model_by_class` gives it per class.
 - overhead_by_class: p50, p99, floor and ratio for each class alone: `user_pass` (a user's
   first request, or one after their profile changed: the whole model runs), `user_cached`,
   `scores_cached` (`ranking.score_cache`).
@@ -120,6 +127,8 @@ def bench_serving(
     latencies: list[float] = []
     # Per call at concurrency 1, from the re-ranker's counters around it (`_call_class`).
     call_classes: list[int] = []
+    # Per call at concurrency 1: the forward passes it ran, timed in the re-ranker.
+    forward_ms: list[float] = []
     errors = 0
     lock = threading.Lock()
     stop_at = time.perf_counter() + duration
@@ -130,6 +139,7 @@ def bench_serving(
         rng = np.random.default_rng(seed)
         local: list[float] = []
         classes: list[int] = []
+        forwards: list[float] = []
         failed = 0
         with channel(address) as ch:
             stub = ranking_stub(ch)
@@ -142,12 +152,15 @@ def bench_serving(
                 try:
                     stub.Recommend(req, timeout=30)
                     local.append((time.perf_counter() - t) * 1e3)
-                    classes.append(_call_class(counts, _cache_counts(app)))
+                    after = _cache_counts(app)
+                    classes.append(_call_class(counts, after))
+                    forwards.append((after[3] - counts[3]) * 1e3)
                 except grpc.RpcError:
                     failed += 1
         with lock:
             latencies.extend(local)
             call_classes.extend(classes)
+            forward_ms.extend(forwards)
             errors += failed
 
     rss_before = psutil.Process().memory_info().rss
@@ -203,6 +216,7 @@ def bench_serving(
         "rerank_speedup_vs_reference": floors.get("rerank_speedup_vs_reference"),
         "feature_fetch_speedup_vs_feast_sdk": floors.get("feature_fetch_speedup_vs_feast_sdk"),
         **_overhead(latencies, call_classes, floors, concurrency),
+        **_beyond_model(latencies, call_classes, forward_ms, concurrency),
         "user_cache_hit_rate": round(hit_rate, 3),
         "score_cache_hit_rate": round(score_hit_rate, 3),
         "score_cache": config.ranking.score_cache,
@@ -248,13 +262,19 @@ def _explicit_settings(workdir: Path) -> set[str]:
     return given
 
 
-def _cache_counts(app: Any) -> tuple[int, int, int]:
-    """(user-state cache hits, misses, score-cache hits) of the serving re-ranker so far."""
+def _cache_counts(app: Any) -> tuple[float, ...]:
+    """(user-state cache hits, misses, score-cache hits, forward seconds) of the serving
+    re-ranker so far."""
     reranker = app.models.current.reranker
-    return reranker.user_cache_hits, reranker.user_cache_misses, reranker.score_cache_hits
+    return (
+        reranker.user_cache_hits,
+        reranker.user_cache_misses,
+        reranker.score_cache_hits,
+        reranker.forward_seconds,
+    )
 
 
-def _call_class(before: tuple[int, ...], after: tuple[int, ...]) -> int:
+def _call_class(before: tuple[float, ...], after: tuple[float, ...]) -> int:
     """1: the call ran the user pass; 0: it found the user side cached and ran the joint
     layer; 2: every logit was cached (no forward pass); -1: not re-ranked (a fallback
     answer). Exact while one call runs at a time."""
@@ -328,6 +348,27 @@ def _overhead(
         ),
         "overhead_ms": round(float(np.median(lat[kept] - floor)), 2),
         "overhead_by_class": by_class,
+    }
+
+
+def _beyond_model(
+    latencies: list[float], classes: list[int], forward_ms: list[float], concurrency: int
+) -> dict[str, Any]:
+    """beyond_model_ms and beyond_model_by_class (module docstring); null above concurrency 1
+    (another call's forward pass would count against this one) or with no re-ranked call."""
+    lat, cls = np.asarray(latencies), np.asarray(classes, dtype=np.int64)
+    fwd = np.asarray(forward_ms)
+    if concurrency != 1 or len(fwd) != len(lat) or not (cls >= 0).any():
+        return {"beyond_model_ms": None, "beyond_model_by_class": {}}
+    beyond = lat - fwd
+    by_class = {
+        name: round(float(np.median(beyond[cls == c])), 3)
+        for name, c in (("user_pass", 1), ("user_cached", 0), ("scores_cached", 2))
+        if (cls == c).any()
+    }
+    return {
+        "beyond_model_ms": round(float(np.median(beyond[cls >= 0])), 3),
+        "beyond_model_by_class": by_class,
     }
 
 

@@ -502,6 +502,8 @@ def bench_serving_cmd(
             f"(+{result['overhead_ms']} ms; gRPC round trip alone "
             f"{result['stages_ms'].get('grpc_roundtrip')} ms)"
         )
+    if result["beyond_model_ms"] is not None:
+        console.print(f"beyond the model: {result['beyond_model_ms']} ms a request (p50)")
     if json_out:
         print(json.dumps(result))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -132,6 +133,10 @@ class CrossEncoderReranker:
         self.use_score_cache = True  # what `score` does when its caller does not say
         self.score_cache_hits = 0  # requests answered without a forward pass
         self.score_cache_misses = 0  # requests that ran one, for some or all of their items
+        # Wall seconds of the serving path's forward passes (user pass and joint layers),
+        # summed: a benchmark reads it around one call to split that call's time into the
+        # model's and everything else's, in the same instant (freshrec/bench.py).
+        self.forward_seconds = 0.0
         # BERT's logit blended with the item's fresh signals (model/blend.py); None = BERT alone
         self.blend: ScoreBlend | None = None
         # Item factors for the blend's collaborative term (model/collab.py); None = not used
@@ -617,7 +622,9 @@ class CrossEncoderReranker:
         if missing:
             ids, mask = self._segments([list(r) for r in missing])
             with self._autocast():
+                started = time.perf_counter()
                 states = self.split.user_states(ids, mask)
+                self.forward_seconds += time.perf_counter() - started
             # Trimmed to the row's own tokens: equal to the row run alone (padding is masked
             # out of attention).
             fresh = {row: states[b : b + 1, : len(row)] for b, row in enumerate(missing)}
@@ -641,8 +648,10 @@ class CrossEncoderReranker:
             parts.append((state, inputs["user_mask"], inputs["item_states"], inputs["item_mask"]))
             slots.append(r)
         if parts:
+            started = time.perf_counter()
             with self._autocast():
                 logits = self.split.joint_logits_many(parts)
+            self.forward_seconds += time.perf_counter() - started
             for r, value in zip(slots, logits, strict=True):
                 new = dict(zip(todo[r], value.float().cpu().tolist(), strict=True))
                 if cache:
@@ -678,7 +687,9 @@ class CrossEncoderReranker:
             if not todo:
                 return self._from_known(known, item_texts, hit=True)
             inputs = self.serving_inputs(user_text, todo)
+            started = time.perf_counter()
             logits = self.serving_logits(inputs).float().cpu()
+            self.forward_seconds += time.perf_counter() - started
             if cache:
                 self._remember_logits(key, dict(zip(todo, logits.tolist(), strict=True)))
             if not known and len(todo) == len(item_texts):
@@ -693,7 +704,10 @@ class CrossEncoderReranker:
         for start in range(0, len(item_texts), batch_size):
             chunk = item_texts[start : start + batch_size]
             inputs = self.serving_inputs(user_text, chunk)
-            out[start : start + batch_size] = self._relevance(self.serving_logits(inputs), chunk)
+            started = time.perf_counter()
+            logits = self.serving_logits(inputs)
+            self.forward_seconds += time.perf_counter() - started
+            out[start : start + batch_size] = self._relevance(logits, chunk)
         return out
 
     @property

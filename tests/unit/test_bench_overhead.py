@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from freshrec.bench import _call_class, _overhead, _percentiles
+from freshrec.bench import _beyond_model, _call_class, _overhead, _percentiles
 
 FLOORS = {"stages_ms": {"faiss": 0.5, "redis_raw": 0.5, "forward": 8.0, "forward_user_cached": 3.0}}
 
@@ -99,3 +99,22 @@ def test_the_transport_ratio_adds_the_round_trip_to_each_requests_floors() -> No
     got = _overhead([6.0, 10.0, 15.0], [0, 0, 1], floors, concurrency=1)
     assert got["overhead_ratio_with_transport"] == 1.5
     assert got["overhead_ratio"] == 1.67  # 1.5, 2.5, 1.67 against the three floors
+
+
+def test_beyond_the_model_is_each_call_minus_its_own_forward_passes() -> None:
+    latencies = [10.0, 6.0, 5.0, 7.0, 2.0, 40.0]
+    classes = [1, 0, 0, 0, 2, -1]  # the fallback (-1) is left out
+    forward = [7.0, 3.0, 3.5, 3.0, 0.0, 0.0]
+
+    got = _beyond_model(latencies, classes, forward, concurrency=1)
+
+    # Per call 3, 3, 1.5, 4, 2: median 3.
+    assert got["beyond_model_ms"] == 3.0
+    assert got["beyond_model_by_class"] == {
+        "user_pass": 3.0,
+        "user_cached": 3.0,
+        "scores_cached": 2.0,
+    }
+    # Above concurrency 1 another call's forward pass lands between a call's two reads.
+    assert _beyond_model(latencies, classes, forward, concurrency=2)["beyond_model_ms"] is None
+    assert _beyond_model([5.0], [-1], [0.0], concurrency=1)["beyond_model_ms"] is None

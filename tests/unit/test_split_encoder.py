@@ -419,3 +419,15 @@ def test_segment_tensors_pad_and_mask_rows() -> None:
     assert ids.dtype == torch.long and mask.dtype == torch.long
     assert ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
     assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_forward_seconds_count_the_forward_passes_and_nothing_else() -> None:
+    reranker = _split(joint=1)
+    assert reranker.forward_seconds == 0.0
+    reranker.score(USERS[0], ITEMS)
+    after_one = reranker.forward_seconds
+    assert after_one > 0
+    reranker.score(USERS[0], ITEMS)  # every logit cached: no forward pass, no time
+    assert reranker.forward_seconds == after_one
+    reranker.score_many([(USERS[1], ITEMS), (USERS[2], ITEMS[:2])])  # a micro-batch runs one
+    assert reranker.forward_seconds > after_one
