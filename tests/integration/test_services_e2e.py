@@ -625,13 +625,13 @@ def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) 
     assert 0 < result["overhead_ratio_with_transport"] <= result["overhead_ratio"]
     assert stages["faiss_repeated"] > 0  # the pre-stop-21 floor, shown beside the first search
     # Each call's time beyond its own forward passes (timed in the re-ranker during the load):
-    # positive (there is a transport and a pipeline), below the whole answer, and larger for
-    # no class than that class's whole latency.
-    assert 0 < result["beyond_model_ms"] < result["p50_ms"]
+    # positive (there is a transport and a pipeline), and per call at most the call's whole
+    # time, so within a class its median is at most the class's p50 (rounded to 0.01 ms).
+    assert 0 < result["beyond_model_ms"] <= result["p99_ms"]
     beyond = result["beyond_model_by_class"]
     assert beyond.keys() == classes.keys()
     for name, ms in beyond.items():
-        assert 0 < ms < classes[name]["p99_ms"]
+        assert 0 < ms <= classes[name]["p50_ms"] + 0.005, name
     # The service's own step timings under the load: ordered percentiles, and a server-side
     # total below the client's end-to-end time.
     steps = result["service_stages_ms"]
