@@ -7,12 +7,13 @@ Saved and loaded as safetensors (no pickle).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -477,6 +478,15 @@ class CrossEncoderReranker:
             while len(self._user_states_cache) > USER_STATE_CACHE_SIZE:
                 self._user_states_cache.popitem(last=False)
 
+    @contextlib.contextmanager
+    def _forward_clock(self) -> Iterator[None]:
+        """Adds the wall time of the block (a forward pass) to `forward_seconds`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.forward_seconds += time.perf_counter() - started
+
     def _known_logits(
         self, key: tuple[int, ...], item_texts: Sequence[str], cache: bool
     ) -> tuple[dict[str, float], list[str]]:
@@ -621,10 +631,8 @@ class CrossEncoderReranker:
         fresh: dict[tuple[int, ...], torch.Tensor] = {}
         if missing:
             ids, mask = self._segments([list(r) for r in missing])
-            with self._autocast():
-                started = time.perf_counter()
+            with self._autocast(), self._forward_clock():
                 states = self.split.user_states(ids, mask)
-                self.forward_seconds += time.perf_counter() - started
             # Trimmed to the row's own tokens: equal to the row run alone (padding is masked
             # out of attention).
             fresh = {row: states[b : b + 1, : len(row)] for b, row in enumerate(missing)}
@@ -648,10 +656,8 @@ class CrossEncoderReranker:
             parts.append((state, inputs["user_mask"], inputs["item_states"], inputs["item_mask"]))
             slots.append(r)
         if parts:
-            started = time.perf_counter()
-            with self._autocast():
+            with self._autocast(), self._forward_clock():
                 logits = self.split.joint_logits_many(parts)
-            self.forward_seconds += time.perf_counter() - started
             for r, value in zip(slots, logits, strict=True):
                 new = dict(zip(todo[r], value.float().cpu().tolist(), strict=True))
                 if cache:
@@ -687,9 +693,8 @@ class CrossEncoderReranker:
             if not todo:
                 return self._from_known(known, item_texts, hit=True)
             inputs = self.serving_inputs(user_text, todo)
-            started = time.perf_counter()
-            logits = self.serving_logits(inputs).float().cpu()
-            self.forward_seconds += time.perf_counter() - started
+            with self._forward_clock():
+                logits = self.serving_logits(inputs).float().cpu()
             if cache:
                 self._remember_logits(key, dict(zip(todo, logits.tolist(), strict=True)))
             if not known and len(todo) == len(item_texts):
@@ -704,9 +709,8 @@ class CrossEncoderReranker:
         for start in range(0, len(item_texts), batch_size):
             chunk = item_texts[start : start + batch_size]
             inputs = self.serving_inputs(user_text, chunk)
-            started = time.perf_counter()
-            logits = self.serving_logits(inputs)
-            self.forward_seconds += time.perf_counter() - started
+            with self._forward_clock():
+                logits = self.serving_logits(inputs)
             out[start : start + batch_size] = self._relevance(logits, chunk)
         return out
 

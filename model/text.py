@@ -59,12 +59,15 @@ def popularity_level(popularity_7d: float) -> int:
     return min(POPULARITY_LEVELS, int(2.0 * math.log2(1.0 + popularity_7d)))
 
 
-def _is_new_arrival(created: datetime | None, now: datetime | None) -> bool:
-    if now is None or created is None:
+def _new_arrival(created: datetime | None, now: datetime, cutoff: datetime) -> bool:
+    """Whether an item created at `created` is new at `now` (`cutoff` = now - NEW_ITEM_DAYS,
+    passed in so a caller checking many items computes it once); a naive `created` is read
+    in `now`'s zone."""
+    if created is None:
         return False
     if created.tzinfo is None and now.tzinfo is not None:
         created = created.replace(tzinfo=now.tzinfo)
-    return timedelta(0) <= now - created <= timedelta(days=NEW_ITEM_DAYS)
+    return cutoff <= created <= now
 
 
 def ranking_item_text(item: ItemFeatures, now: datetime | None = None) -> str:
@@ -80,7 +83,7 @@ def ranking_item_text(item: ItemFeatures, now: datetime | None = None) -> str:
         e.g. "popularity 5. new arrival. Aurora [shoes] by Kairo. Light."
     """
     head = f"popularity {popularity_level(item.popularity_7d)}."
-    if _is_new_arrival(item.created_at, now):
+    if now is not None and _new_arrival(item.created_at, now, now - timedelta(days=NEW_ITEM_DAYS)):
         head += " new arrival."
     return f"{head} {item_text(item)}"
 
@@ -89,10 +92,10 @@ class RankingTextMemo:
     """`ranking_item_text` for a request's candidates, built once per item record.
 
     Every request re-reads the texts of its ~70 candidates: ~100 µs built each time, ~10 µs
-    from here, measured on the 2-core EPYC. The feature readers hand back the same `ItemFeatures` object while an
-    item's stored record is unchanged (services/features/redis_reader.py), so the texts are
-    kept per record object (held here, so its id cannot be reused) and a changed record, a
-    new object, gets a new text. Only "new arrival" depends on the request's time: it is
+    from here, measured on the 2-core EPYC. The feature readers hand back the same
+    `ItemFeatures` object while an item's stored record is unchanged
+    (services/features/redis_reader.py), so the texts are kept per record object (held here,
+    so its id cannot be reused) and a changed record, a new object, gets a new text. Only "new arrival" depends on the request's time: it is
     decided per call, as `ranking_item_text` decides it. Full, it forgets the older half of
     its entries (a reader that decodes every read into a new object would otherwise hold
     every record it ever saw).
@@ -107,7 +110,6 @@ class RankingTextMemo:
         """[ranking_item_text(item, now) for item in items], the same strings."""
         out = []
         memo = self._memo
-        tz = now.tzinfo if now is not None else None
         cutoff = now - timedelta(days=NEW_ITEM_DAYS) if now is not None else None
         for item in items:
             entry = memo.get(id(item))
@@ -116,14 +118,10 @@ class RankingTextMemo:
                     for old in list(itertools.islice(memo, max(1, len(memo) // 2))):
                         del memo[old]
                 entry = memo[id(item)] = [item, ranking_item_text(item, None), None]
-            created = item.created_at
-            if now is not None and created is not None:
-                if created.tzinfo is None and tz is not None:
-                    created = created.replace(tzinfo=tz)
-                if cutoff <= created <= now:  # type: ignore[operator]
-                    if entry[2] is None:
-                        entry[2] = ranking_item_text(item, now)
-                    out.append(entry[2])
-                    continue
-            out.append(entry[1])
+            if now is not None and _new_arrival(item.created_at, now, cutoff):  # type: ignore[arg-type]
+                if entry[2] is None:
+                    entry[2] = ranking_item_text(item, now)
+                out.append(entry[2])
+            else:
+                out.append(entry[1])
         return out  # type: ignore[return-value]

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -329,25 +330,31 @@ def _warm_order(ids: Iterable[str], index: RecallIndex | None, limit: int) -> li
     return list(dict.fromkeys([*head, *catalogue]))[:limit]
 
 
+def _warm_catalogue(config: FreshRecConfig) -> Path | None:
+    """The offline catalogue the warm set is read from; None when there is no warm set (or no
+    catalogue)."""
+    table = config.offline_dir / ITEM_FEATURES_TABLE
+    return table if config.ranking.warm_item_states > 0 and table.exists() else None
+
+
 def _warm_ids(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:
     """The warm set's item ids (`_warm_order`), from the offline catalogue's id column only."""
-    limit = config.ranking.warm_item_states
-    table = config.offline_dir / ITEM_FEATURES_TABLE
-    if limit <= 0 or not table.exists():
+    table = _warm_catalogue(config)
+    if table is None:
         return []
     ids = pd.read_parquet(table, columns=["item_id"])["item_id"].astype(str)
-    return _warm_order(ids, index, limit)
+    return _warm_order(ids, index, config.ranking.warm_item_states)
 
 
 def _warm_texts(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:
     """Item texts to precompute for a split re-ranker: the warm set's (`_warm_order`)."""
-    limit = config.ranking.warm_item_states
-    table = config.offline_dir / ITEM_FEATURES_TABLE
-    if limit <= 0 or not table.exists():
+    table = _warm_catalogue(config)
+    if table is None:
         return []
     catalogue = read_item_catalog(table)
     now = datetime.now(UTC)
-    return [ranking_item_text(catalogue[i], now) for i in _warm_order(catalogue, index, limit)]
+    order = _warm_order(catalogue, index, config.ranking.warm_item_states)
+    return [ranking_item_text(catalogue[i], now) for i in order]
 
 
 def _hot_path_reader(
