@@ -43,6 +43,11 @@ seconds. Then, in the same run, it measures the stage floors on sampled requests
 - p999_ms, max_ms: the tail beyond p99, where pauses of the whole process show (e.g. a full
   garbage collection: `ranking.freeze_heap`, services/common/heap.py).
 - service_stages_ms: p50/p95/p99 of each pipeline step as the service timed it under the load.
+- service_cpu_ms_per_call, service_cores_busy: the process's CPU time over the load (every
+  thread) less the client threads' own, per call and per second of load. It counts gRPC's C
+  threads (which carry the clients' side of each call too) and torch's OpenMP workers, which
+  spin between parallel regions; on 2 cores it is the service's capacity read directly.
+  client_cpu_ms_per_call: the client threads' own share.
 - item_cache_hit_rate: the share of candidates' item features the service answered from its
   in-process item cache (`ranking.item_cache_seconds`) rather than Redis. The `redis_raw` floor
   still reads the profile and every candidate from Redis, so with the cache the service's
@@ -130,12 +135,14 @@ def bench_serving(
     # Per call at concurrency 1: the forward passes it ran, timed in the re-ranker.
     forward_ms: list[float] = []
     errors = 0
+    client_cpu = 0.0  # CPU seconds of the client threads (they run in this process)
     lock = threading.Lock()
     stop_at = time.perf_counter() + duration
     address = f"127.0.0.1:{app.port}"
 
     def client(seed: int) -> None:
-        nonlocal errors
+        nonlocal errors, client_cpu
+        cpu_started = time.thread_time()
         rng = np.random.default_rng(seed)
         local: list[float] = []
         classes: list[int] = []
@@ -158,12 +165,14 @@ def bench_serving(
                 except grpc.RpcError:
                     failed += 1
         with lock:
+            client_cpu += time.thread_time() - cpu_started
             latencies.extend(local)
             call_classes.extend(classes)
             forward_ms.extend(forwards)
             errors += failed
 
     rss_before = psutil.Process().memory_info().rss
+    cpu_before = time.process_time()
     started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
     for th in threads:
@@ -171,6 +180,7 @@ def bench_serving(
     for th in threads:
         th.join()
     elapsed = time.perf_counter() - started
+    process_cpu = time.process_time() - cpu_before
     reranker = app.models.current.reranker
     hits, misses = reranker.user_cache_hits, reranker.user_cache_misses
     hit_rate = hits / (hits + misses) if hits + misses else 0.0
@@ -212,6 +222,7 @@ def bench_serving(
         "exploration_rate": config.ranking.exploration_rate,
         "concurrency": concurrency,
         "duration_s": round(elapsed, 1),
+        **_cpu_per_call(process_cpu, client_cpu, len(latencies) + errors, elapsed),
         "rss_mb": round(max(rss_before, psutil.Process().memory_info().rss) / 2**20, 1),
         "rerank_speedup_vs_reference": floors.get("rerank_speedup_vs_reference"),
         "feature_fetch_speedup_vs_feast_sdk": floors.get("feature_fetch_speedup_vs_feast_sdk"),
@@ -369,6 +380,29 @@ def _beyond_model(
     return {
         "beyond_model_ms": round(float(np.median(beyond[cls >= 0])), 3),
         "beyond_model_by_class": by_class,
+    }
+
+
+def _cpu_per_call(
+    process_cpu_s: float, client_cpu_s: float, calls: int, elapsed_s: float
+) -> dict[str, float | None]:
+    """service_cpu_ms_per_call, client_cpu_ms_per_call and service_cores_busy over the load.
+
+    The process's CPU time (every thread) less the client threads' own: the service's share
+    includes gRPC's C threads, which carry the clients' calls too, and torch's OpenMP workers,
+    which spin between parallel regions while requests keep coming.
+    """
+    service = max(process_cpu_s - client_cpu_s, 0.0)
+    if calls <= 0 or elapsed_s <= 0:
+        return {
+            "service_cpu_ms_per_call": None,
+            "client_cpu_ms_per_call": None,
+            "service_cores_busy": None,
+        }
+    return {
+        "service_cpu_ms_per_call": round(service / calls * 1e3, 2),
+        "client_cpu_ms_per_call": round(client_cpu_s / calls * 1e3, 2),
+        "service_cores_busy": round(service / elapsed_s, 2),
     }
 
 

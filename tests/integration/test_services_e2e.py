@@ -7,6 +7,7 @@ run in file order; the lifecycle test at the end changes champions.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import uuid
@@ -639,6 +640,11 @@ def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) 
     for p in steps.values():
         assert 0 <= p["p50"] <= p["p95"] <= p["p99"]
     assert steps["total"]["p50"] <= result["p50_ms"]
+    # CPU over the load: the service's share runs at least each call's own steps, and no more
+    # cores than the machine has are busy; the client threads' share is counted apart.
+    assert result["service_cpu_ms_per_call"] >= steps["total"]["p50"] * 0.5
+    assert 0 < result["service_cores_busy"] <= os.cpu_count() + 0.05
+    assert result["client_cpu_ms_per_call"] > 0
     # 2 s of calls over the stack's small catalogue: most candidates' features come from the
     # service's item cache (its first reads of each item do not).
     assert result["item_cache_seconds"] > 0

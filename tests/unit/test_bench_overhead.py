@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from freshrec.bench import _beyond_model, _call_class, _overhead, _percentiles
+from freshrec.bench import _beyond_model, _call_class, _cpu_per_call, _overhead, _percentiles
 
 FLOORS = {"stages_ms": {"faiss": 0.5, "redis_raw": 0.5, "forward": 8.0, "forward_user_cached": 3.0}}
 
@@ -118,3 +118,15 @@ def test_beyond_the_model_is_each_call_minus_its_own_forward_passes() -> None:
     # Above concurrency 1 another call's forward pass lands between a call's two reads.
     assert _beyond_model(latencies, classes, forward, concurrency=2)["beyond_model_ms"] is None
     assert _beyond_model([5.0], [-1], [0.0], concurrency=1)["beyond_model_ms"] is None
+
+
+def test_service_cpu_per_call_leaves_out_the_client_threads() -> None:
+    # 3 s of process CPU over 2 s, 1 s of it in the client threads, 500 calls.
+    got = _cpu_per_call(3.0, 1.0, 500, 2.0)
+
+    assert got == {
+        "service_cpu_ms_per_call": 4.0,
+        "client_cpu_ms_per_call": 2.0,
+        "service_cores_busy": 1.0,
+    }
+    assert _cpu_per_call(3.0, 1.0, 0, 2.0)["service_cpu_ms_per_call"] is None
