@@ -8,10 +8,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import HistogramMetricFamily
-from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+
+from services.common import prometheus_mode
+
+prometheus_mode.install()  # before any metric exists: see services/common/prometheus_mode.py
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server  # noqa: E402
+from prometheus_client.core import HistogramMetricFamily  # noqa: E402
+from prometheus_client.registry import Collector  # noqa: E402
+from prometheus_client.utils import floatToGoString  # noqa: E402
 
 
 class ArrayHistogram(Collector):
