@@ -47,7 +47,7 @@ class ModelConfig(_Section):
         description="Keep a split re-ranker's cached item-side states in int8 with a scale "
         "per token and block: half the tensor bytes of bf16/fp16, NDCG@10 unchanged in "
         "`freshrec bench quality`, ~0.3 ms more per request; but with glibc's default "
-        "malloc the RSS saved was nil (docs/performance.md), so off by default.",
+        "malloc the RSS saved was nil (docs/performance-log.md), so off by default.",
     )
     joint_layers: int = Field(
         1,

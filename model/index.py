@@ -28,7 +28,7 @@ POPULAR_FILE = "popular.json"
 def default_ef_search(n_items: int) -> int:
     """HNSW `efSearch` for a catalogue of `n_items`: 128 up to 100k items, then in proportion,
     1024 from 800k. Measured on real embeddings of the synthetic shop (`freshrec bench recall`,
-    docs/performance.md), recall@100 against exact search: 100k items 0.955 at 128; 1M items
+    docs/performance-log.md), recall@100 against exact search: 100k items 0.955 at 128; 1M items
     0.874 at 128, 0.943 at 512, 0.954 at 1024 (p99 4.2 ms on 2 cores). Between the two
     measured sizes it is an interpolation; `ranking.ef_search` overrides it."""
     return int(min(1024, max(128, round(128 * n_items / 100_000))))

@@ -4,7 +4,7 @@ A request reads the states of its ~70 candidates as one padded batch (n, L, W). 
 tensor per item, that batch was built by `pad_sequence` over 70 tensors scattered through the
 heap: 1.1 ms (median) of a ~21 ms request in the ranking service (2-core Xeon, MovieLens
 workdir). Gathered from one arena by one `index_select` it takes 0.65 ms there
-(docs/performance.md, stop 16).
+(docs/performance-log.md, stop 16).
 
 `PagedItemStates` keeps every item's token rows in one arena tensor, in pages of `PAGE_TOKENS`
 rows (row 0 of page 0 stays zero: the padding every gather points at). A request builds one

@@ -216,7 +216,7 @@ class CrossEncoderReranker:
     def quantize_item_states(self) -> None:
         """Keep cached item-side states in int8 with one fp32 scale per token and per
         `hidden_size` block (a split model's keys and values are scaled apart): half the
-        tensor bytes of 16 bits (measured RSS did not follow; docs/performance.md),
+        tensor bytes of 16 bits (measured RSS did not follow; docs/performance-log.md),
         dequantised in one step per request. Forgets the states cached so far."""
         self.item_state_dtype = torch.int8
 

@@ -218,7 +218,7 @@ class SplitEncoder:
         `dtype` (the autocast compute dtype), for inference under that autocast: autocast
         casts every weight again at every call (it keeps its casts only inside one autocast
         region), ~0.5 ms of a request's joint layer in a profile (bf16, 2-core Xeon with
-        AMX; docs/performance.md). The copy gives the same results bit for bit: autocast
+        AMX; docs/performance-log.md). The copy gives the same results bit for bit: autocast
         would have made the same casts. LayerNorm and embeddings keep their fp32 parameters
         (autocast runs LayerNorm in fp32). Dropped with the int8 copy (`drop_serving_copies`)
         when training changes the weights."""
