@@ -45,9 +45,10 @@ seconds. Then, in the same run, it measures the stage floors on sampled requests
 - service_stages_ms: p50/p95/p99 of each pipeline step as the service timed it under the load.
 - service_cpu_ms_per_call, service_cores_busy: the process's CPU time over the load (every
   thread) less the client threads' own, per call and per second of load. It counts gRPC's C
-  threads (which carry the clients' side of each call too) and torch's OpenMP workers, which
-  spin between parallel regions; on 2 cores it is the service's capacity read directly.
-  client_cpu_ms_per_call: the client threads' own share.
+  threads (which carry the clients' side of each call too) and torch's OpenMP workers, whose
+  spin between parallel regions counts too, so with one client it is well above the work a
+  call does (stop 24, 100k: ~13–14 ms a call at p50 ~6 ms). client_cpu_ms_per_call: the client
+  threads' own share.
 - item_cache_hit_rate: the share of candidates' item features the service answered from its
   in-process item cache (`ranking.item_cache_seconds`) rather than Redis. The `redis_raw` floor
   still reads the profile and every candidate from Redis, so with the cache the service's

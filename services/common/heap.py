@@ -3,9 +3,9 @@
 A full (generation 2) collection walks every container object the interpreter tracks and holds
 the GIL while it does: no request moves. In the ranking service at 100,000 items (~650,000
 tracked objects: token ids, item texts, caches, the model's modules) one took ~310 ms (stop 22,
-2-core Xeon, `docs/performance-log.md`). CPython starts one whenever the objects promoted since the
-last one pass a quarter of the long-lived ones, so a long-running service under load hits one
-from time to time, and every request in flight then waits for it.
+2-core Xeon, `docs/performance-log.md`). CPython starts one whenever the objects promoted since
+the last one pass a quarter of the long-lived ones, so a long-running service under load hits
+one from time to time, and every request in flight then waits for it.
 
 Almost all of those objects are made at start-up or when a model version loads, and live as
 long as the process or the version. `freeze_heap` moves every object alive at that point into

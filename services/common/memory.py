@@ -25,7 +25,8 @@ def release_free_heap() -> bool:
     A re-ranker version's warm-up computes item states in batches of 128 and frees each
     batch's temporaries, but glibc keeps the freed pages in its heaps, where the process's RSS
     still counts them. Measured warming 12,000 synthetic items on the 2-core Xeon (562 MiB of
-    states): RSS grew by 730–756 MiB, and by 565 MiB after this call (docs/performance-log.md, stop 16).
+    states): RSS grew by 730–756 MiB, and by 565 MiB after this call (docs/performance-log.md,
+    stop 16).
     """
     libc = _libc()
     if libc is None:
