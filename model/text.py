@@ -95,10 +95,11 @@ class RankingTextMemo:
     from here, measured on the 2-core EPYC. The feature readers hand back the same
     `ItemFeatures` object while an item's stored record is unchanged
     (services/features/redis_reader.py), so the texts are kept per record object (held here,
-    so its id cannot be reused) and a changed record, a new object, gets a new text. Only "new arrival" depends on the request's time: it is
-    decided per call, as `ranking_item_text` decides it. Full, it forgets the older half of
-    its entries (a reader that decodes every read into a new object would otherwise hold
-    every record it ever saw).
+    so its id cannot be reused) and a changed record, a new object, gets a new text. Only "new
+    arrival" depends on the request's time: it is decided per call, as `ranking_item_text`
+    decides it. Full, it forgets the older half of its entries (a reader that decodes every
+    read into a new object would otherwise hold every record it ever saw). Full, it holds
+    ~28 MiB besides the records (65,536 texts of ~237 characters, measured with tracemalloc).
     """
 
     def __init__(self, capacity: int = 1 << 16) -> None:
