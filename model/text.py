@@ -98,7 +98,7 @@ class RankingTextMemo:
     so its id cannot be reused) and a changed record, a new object, gets a new text. Only "new
     arrival" depends on the request's time: it is decided per call, as `ranking_item_text`
     decides it. Full, it forgets the older half of its entries (a reader that decodes every
-    read into a new object would otherwise hold every record it ever saw). Full, it holds
+    read into a new object would otherwise hold every record it ever saw). At its cap it holds
     ~28 MiB besides the records (65,536 texts of ~237 characters, measured with tracemalloc).
     """
 
