@@ -286,6 +286,10 @@ def _cache_counts(app: Any) -> tuple[float, ...]:
     )
 
 
+# The reported name of each `_call_class` value that was re-ranked.
+_CALL_CLASSES = (("user_pass", 1), ("user_cached", 0), ("scores_cached", 2))
+
+
 def _call_class(before: tuple[float, ...], after: tuple[float, ...]) -> int:
     """1: the call ran the user pass; 0: it found the user side cached and ran the joint
     layer; 2: every logit was cached (no forward pass); -1: not re-ranked (a fallback
@@ -341,7 +345,7 @@ def _overhead(
         return none
     floor = np.asarray([floor_of[int(c)] for c in cls[kept]])
     by_class = {}
-    for name, c in (("user_pass", 1), ("user_cached", 0), ("scores_cached", 2)):
+    for name, c in _CALL_CLASSES:
         mine = lat[cls == c]
         if len(mine):
             p50 = float(np.median(mine))
@@ -375,7 +379,7 @@ def _beyond_model(
     beyond = lat - fwd
     by_class = {
         name: round(float(np.median(beyond[cls == c])), 3)
-        for name, c in (("user_pass", 1), ("user_cached", 0), ("scores_cached", 2))
+        for name, c in _CALL_CLASSES
         if (cls == c).any()
     }
     return {
