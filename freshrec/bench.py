@@ -204,6 +204,7 @@ def bench_serving(
     architecture = app.models.current.reranker.architecture
     item_states_int8 = app.models.current.reranker.item_states_int8
     cached_states = app.models.current.reranker.cached_items()
+    state_bytes = app.models.current.reranker.item_state_bytes()
     app.stop()
     arr = np.asarray(latencies) if latencies else np.asarray([float("nan")])
     p50 = float(np.percentile(arr, 50))
@@ -247,6 +248,7 @@ def bench_serving(
         "architecture": architecture,
         "item_states_int8": item_states_int8,
         "cached_item_states": cached_states,
+        "item_state_mib": round(state_bytes / 2**20, 1),
         "warm_item_states": config.ranking.warm_item_states,
         "startup_s": round(startup_s, 1),
         "max_length": config.model.max_length,

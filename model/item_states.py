@@ -109,8 +109,18 @@ class PagedItemStates(_Kept):
         return 0 if self._arena is None else self._arena.shape[0] // PAGE_TOKENS
 
     def nbytes(self) -> int:
-        """Bytes of the arena tensor."""
+        """Bytes of the arena tensor (its spare pages included, which cost no RSS on a CPU
+        until written)."""
         return 0 if self._arena is None else self._arena.numel() * self._arena.element_size()
+
+    def state_bytes(self) -> int:
+        """Bytes of the pages items hold (what the kept states cost in memory)."""
+        with self._lock:
+            if self._arena is None:
+                return 0
+            used = self.pages - 1 - len(self._free)  # the zero page is never handed out
+            row = self._arena.shape[-1] * self._arena.element_size()
+            return used * PAGE_TOKENS * row
 
     def clear(self) -> None:
         super().clear()
@@ -223,6 +233,13 @@ class Int8ItemStates(_Kept):
 
     def expect(self, lengths: Sequence[int]) -> None:
         """Nothing to prepare: each item's int8 rows are views into their warm-up batch."""
+
+    def state_bytes(self) -> int:
+        """Bytes of the kept int8 rows and their scales (the batch tensors they are views
+        into can hold more: their padding)."""
+        return sum(
+            q.numel() * q.element_size() + sc.numel() * sc.element_size() for q, sc in self.rows()
+        )
 
     def rows(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The kept (states, scales) pairs, least recently used first."""

@@ -215,9 +215,9 @@ class CrossEncoderReranker:
 
     def quantize_item_states(self) -> None:
         """Keep cached item-side states in int8 with one fp32 scale per token and per
-        `hidden_size` block (a split model's keys and values are scaled apart): half the
-        tensor bytes of 16 bits (measured RSS did not follow; docs/performance-log.md),
-        dequantised in one step per request. Forgets the states cached so far."""
+        `hidden_size` block: half the tensor bytes of 16 bits (measured RSS did not follow;
+        docs/performance-log.md), dequantised in one step per request. Forgets the states
+        cached so far."""
         self.item_state_dtype = torch.int8
 
     @property
@@ -423,6 +423,10 @@ class CrossEncoderReranker:
     def cached_items(self) -> int:
         """Item texts whose item-side states are cached."""
         return len(self._item_states)
+
+    def item_state_bytes(self) -> int:
+        """Memory the cached item-side states take (`model/item_states.py`: `state_bytes`)."""
+        return int(self._item_states.state_bytes())
 
     def serving_inputs(self, user_text: str, item_texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The tensors one request's forward pass reads: for a full cross-encoder the packed

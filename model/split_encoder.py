@@ -12,8 +12,10 @@ top `joint_layers` read both (every token attends to every token, as in a cross-
 - the last layer only needs the [CLS] token's output (the classifier reads it), so it computes
   keys/values for every token but queries, attention output and feed-forward for [CLS] only.
 
-With `joint_layers=1` a request costs one user-side pass plus, per candidate, the top layer's
-keys/values and a one-token attention + feed-forward, instead of 6 full layers over ~60 tokens.
+With `joint_layers=1` a request costs one user-side pass plus, per candidate, a one-token
+attention over the item's cached states (the key and value projections folded into the query,
+`_shared_query_attention`) and a one-token feed-forward, instead of 6 full layers over ~60
+tokens.
 (MacAvaney et al., "Efficient Document Re-Ranking for Transformers by Precomputing Term
 Representations", SIGIR 2020.) The weights are those of an ordinary BERT; only the attention
 pattern differs, so the model must be trained with the same pattern (`model.training` does, via
@@ -111,7 +113,7 @@ def _shared_query_attention(
     cls: torch.Tensor,
     user_kv: tuple[torch.Tensor, torch.Tensor],
     user_bias: torch.Tensor,
-    item_cache: torch.Tensor,
+    item_states: torch.Tensor,
     item_bias: torch.Tensor,
     n_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,42 +122,49 @@ def _shared_query_attention(
 
     Every candidate's query is the same vector (the user side is candidate-independent below
     the split), so the softmax over [user keys, item keys] is taken in two parts: user scores
-    once, item scores as one product with the cached item keys. Same result as `_layer` over
+    once, item scores as one product with the items' states. Same result as `_layer` over
     the concatenated keys, without copying the user keys N times.
 
-    `item_cache` holds the candidates' cached keys and values as `SplitEncoder.item_cache`
-    made them, (N, Li, 2H): keys in the first H columns, values in the rest, head h in
-    columns h*d..(h+1)*d of each. Splitting them into heads first ((N, nh, Li, d) views) made every
-    batched product copy them (three copies of all candidates' keys and values per request,
-    half of the joint layer's time in a profile). Instead both products read the cache in
-    place:
+    `item_states` are the candidates' states at the split, (N, Li, H), as
+    `SplitEncoder.item_cache` made them; the layer's key and value projections are folded
+    into the one query instead of applied to every cached token. With K = X Wkᵀ + bk and
+    V = X Wvᵀ + bv for head h (Wk_h, Wv_h its d rows of the weights):
 
-    - scores: the keys (N*Li rows of H) times a block-diagonal query (H, nh) whose column h
-      holds head h's query in head h's rows: every score is the same sum of products, the
-      zeros add nothing;
-    - context: the weights (N, nh, Li) times the whole rows (N, Li, 2H), whose value part's
-      (nh, d) diagonal blocks are the heads' contexts. That is 24x the multiply-adds of the
-      per-head product (~40 MFLOP for 70 candidates), cheaper than the copy it replaces (a
-      product on the value half alone still copied it).
+    - scores: q_h · k_j = (q_h Wk_h) · x_j + q_h · bk_h, so the states (N*Li rows of H) times
+      the folded queries (H, nh), plus a constant per head;
+    - context: Σ_j a_j v_j = Wv_h (Σ_j a_j x_j) + bv_h Σ_j a_j, so the weights (N, nh, Li)
+      times the states (N, Li, H), then each head's (d, H) value rows over its mix.
+
+    The same sums as projecting every token's keys and values and attending to them (equal
+    to ~1e-7 in fp32). What it buys is the cache: H numbers a token instead of 2H (keys and
+    values), so half the memory for a catalogue's states and half the bytes a request
+    gathers (docs/performance-log.md, stop 25).
     """
     attn = layer.attention.self
     q = _heads(attn.query(cls), n_heads)  # (1, nh, 1, d)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d)
     user_k, user_v = user_kv  # (1, nh, Lu, d)
-    n, hidden = item_cache.shape[0], item_cache.shape[-1] // 2
-    item_k = item_cache[..., :hidden]  # (N, Li, H), rows strided by 2H: mm reads it in place
+    n, hidden = item_states.shape[0], item_states.shape[-1]
+    q_heads = q[0, :, 0]  # (nh, d)
+    w_k = attn.key.weight.view(n_heads, d, hidden)
+    folded = (q_heads.unsqueeze(1) @ w_k.to(q_heads.dtype)).squeeze(1)  # (nh, H)
+    k_bias = (q_heads * attn.key.bias.view(n_heads, d).to(q_heads.dtype)).sum(-1)  # (nh,)
     s_user = (q @ user_k.transpose(-1, -2)) * scale + user_bias  # (1, nh, 1, Lu)
-    blocks = torch.diag_embed(q[0, :, 0].t()).transpose(0, 1).reshape(n_heads * d, n_heads)
-    s_item = (item_k @ blocks).transpose(1, 2).unsqueeze(2) * scale + item_bias  # (N, nh, 1, Li)
+    s_item = (item_states @ folded.t() + k_bias).transpose(1, 2).unsqueeze(2)  # (N, nh, 1, Li)
+    s_item = s_item * scale + item_bias
     top = torch.maximum(s_user.amax(-1, keepdim=True), s_item.amax(-1, keepdim=True))
     e_user, e_item = torch.exp(s_user - top), torch.exp(s_item - top)  # (N, nh, 1, L*)
     norm = e_user.sum(-1) + e_item.sum(-1)  # (N, nh, 1)
     # User part: per head, (N, Lu) weights times that head's (Lu, d) values.
     ctx_user = (e_user[:, :, 0].transpose(0, 1) @ user_v[0]).transpose(0, 1)  # (N, nh, d)
-    mixed = (e_item[:, :, 0] @ item_cache)[..., hidden:]  # (N, nh, H): each head, every column
-    ctx_item = mixed.reshape(n, n_heads, n_heads, d).diagonal(dim1=1, dim2=2)  # (N, d, nh)
-    ctx = (ctx_user + ctx_item.transpose(1, 2)) / norm  # (N, nh, d)
+    weights = e_item[:, :, 0]  # (N, nh, Li)
+    mixed = weights @ item_states  # (N, nh, H): each head's weighted sum of the states
+    w_v = attn.value.weight.view(n_heads, d, hidden).to(mixed.dtype)
+    ctx_item = (mixed.transpose(0, 1) @ w_v.transpose(1, 2)).transpose(0, 1)  # (N, nh, d)
+    v_bias = attn.value.bias.view(n_heads, d).to(ctx_item.dtype)
+    ctx_item = ctx_item + weights.sum(-1, keepdim=True) * v_bias
+    ctx = (ctx_user + ctx_item) / norm  # (N, nh, d)
     return ctx.unsqueeze(2), cls.expand(n, -1, -1)
 
 
@@ -338,15 +347,11 @@ class SplitEncoder:
         return self._lower(ids, mask, self.layout.user_len, 1, lower)
 
     def item_cache(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """What serving caches per item: with one joint layer, that layer's keys and values of
-        the item tokens, (B, item_len, 2H) (the item side needs nothing else at request time);
-        with more, the states at the split, (B, item_len, H)."""
-        states = self.item_states(ids, mask)
-        if self.joint_layers > 1:
-            return states
-        last: Any = self._layers()[-1]
-        attn = last.attention.self
-        return torch.cat([attn.key(states), attn.value(states)], dim=-1)
+        """What serving caches per item: the item segment's states at the split,
+        (B, item_len, H). With one joint layer a request needs only that layer's keys and
+        values of them, which `_shared_query_attention` reads through the states (H numbers a
+        token instead of 2H)."""
+        return self.item_states(ids, mask)
 
     def joint_logits(
         self,
@@ -366,11 +371,9 @@ class SplitEncoder:
         layers = self._layers()[self.split :]
         last = layers[-1]
         if self.joint_layers == 1:
-            # User keys/values once per request (not once per candidate), item ones cached.
+            # User keys/values once per request (not once per candidate).
             user_k, user_v = _kv(last, user, self.n_heads)
-            width = cache.shape[-1] // 2
-            item_k = _heads(cache[..., :width].to(user_k.dtype), self.n_heads)
-            item_v = _heads(cache[..., width:].to(user_v.dtype), self.n_heads)
+            item_k, item_v = _kv(last, cache.to(user.dtype), self.n_heads)
             if user_k.shape[0] == 1 and n > 1:
                 user_k, user_v = user_k.expand(n, -1, -1, -1), user_v.expand(n, -1, -1, -1)
             k, v = torch.cat([user_k, item_k], dim=2), torch.cat([user_v, item_v], dim=2)

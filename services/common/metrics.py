@@ -120,6 +120,10 @@ GC_PAUSE_SECONDS = Histogram(
 ITEM_STATES_CACHED = Gauge(
     "freshrec_item_states_cached", "Items whose re-ranker item side is cached (serving version)."
 )
+ITEM_STATE_BYTES = Gauge(
+    "freshrec_item_state_bytes",
+    "Memory the serving version's cached item-side states take, in bytes.",
+)
 
 # The updater (served on `updater.metrics_port` when it is not 0).
 UPDATES = Counter("freshrec_updates_total", "Update jobs by final state.", ["state"])
@@ -148,6 +152,7 @@ def watch_reranker_caches(current: Callable[[], Any]) -> None:
     USER_STATE_CACHE_HIT_RATE.set_function(hit_rate)
     SCORE_CACHE_HIT_RATE.set_function(score_hit_rate)
     ITEM_STATES_CACHED.set_function(lambda: float(current().cached_items()))
+    ITEM_STATE_BYTES.set_function(lambda: float(current().item_state_bytes()))
 
 
 def watch_item_feature_cache(reader: Any) -> None:

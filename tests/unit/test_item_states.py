@@ -44,6 +44,22 @@ def test_states_are_kept_in_the_store_dtype_and_gathered_in_the_asked_one() -> N
     torch.testing.assert_close(got[0][1], states[0].to(torch.bfloat16).float())
 
 
+def test_state_bytes_count_the_pages_items_hold() -> None:
+    store = PagedItemStates(torch.bfloat16, capacity=2)
+    assert store.state_bytes() == 0
+    store.put(["a", "b"], _batch([PAGE_TOKENS, PAGE_TOKENS + 1]), [PAGE_TOKENS, PAGE_TOKENS + 1])
+    page = PAGE_TOKENS * 6 * 2  # 6 values a row, 2 bytes a value
+    assert store.state_bytes() == 3 * page  # one page, then two
+    assert store.nbytes() > store.state_bytes()  # the arena keeps spare pages
+    store.put(["c"], _batch([1]), [1])  # evicts "a" (least recently used)
+    assert "a" not in store and store.state_bytes() == 3 * page
+    store.put(["d"], _batch([1]), [1])  # evicts "b": its two pages back to the free list
+    assert store.state_bytes() == 2 * page
+    int8 = Int8ItemStates(block=3, capacity=10)
+    int8.put(["a"], _batch([5]), [5])
+    assert int8.state_bytes() == 5 * 6 + 5 * 2 * 4  # int8 values, two fp32 scales a row
+
+
 def test_the_oldest_items_go_at_capacity_and_their_pages_are_reused() -> None:
     store = PagedItemStates(torch.float32, capacity=4)
     for i in range(4):

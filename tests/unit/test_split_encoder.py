@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.item_states import PAGE_TOKENS
 from model.reranker import CrossEncoderReranker
 from model.split_encoder import SplitLayout, segment_tensors
 from model.training import Pair, TrainParams, train
@@ -95,6 +96,18 @@ def test_serving_path_with_cached_item_states_equals_the_training_path() -> None
     assert float(np.ptp(reranker.score(USERS[0], ITEMS))) > 1e-3
 
 
+def test_the_cache_keeps_the_item_states_at_the_split_not_keys_and_values() -> None:
+    # One joint layer reads the keys and values through the states (the projections folded
+    # into the query): H numbers a token, not 2H. The serving path equals the training path
+    # that projects them (the test above), so this checks only what the cache holds.
+    reranker = _split(joint=1)
+    reranker.score(USERS[0], ITEMS)
+    hidden = reranker.model.config.hidden_size
+    rows = [len(reranker._item_row(t)) for t in ITEMS]
+    pages = sum(-(-n // PAGE_TOKENS) for n in rows)
+    assert reranker.item_state_bytes() == pages * PAGE_TOKENS * hidden * 4  # fp32 in this test
+
+
 def test_fp16_item_cache_moves_scores_by_less_than_1e_3() -> None:
     exact, half = _split(joint=1), _split(joint=1)
     half.item_state_dtype = torch.float16
@@ -158,7 +171,7 @@ def test_int8_item_states_halve_the_cache_and_keep_scores_close() -> None:
         np.testing.assert_allclose(served.score(user, ITEMS), exact.score(user, ITEMS), atol=2e-3)
     q, scales = served._item_states.rows()[0]  # type: ignore[union-attr]
     assert q.dtype == torch.int8 and scales.dtype == torch.float32
-    assert scales.shape == (q.shape[0], 2)  # keys and values scaled apart, per token
+    assert scales.shape == (q.shape[0], 1)  # one scale per token: the states are H wide
     # A batch of requests (micro-batching) reads the same int8 cache.
     batched = served.score_many([(u, ITEMS) for u in USERS])
     for user, got in zip(USERS, batched, strict=True):
