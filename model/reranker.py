@@ -39,6 +39,7 @@ from model.item_states import Int8ItemStates, PagedItemStates
 from model.split_encoder import (
     JOINT_LAYERS_ATTR,
     USER_LEN_ATTR,
+    JointUser,
     SplitEncoder,
     SplitLayout,
     segment_tensors,
@@ -126,6 +127,9 @@ class CrossEncoderReranker:
             torch.bfloat16 if compute == torch.bfloat16 else torch.float16, ITEM_STATE_CACHE_SIZE
         )
         self._user_states_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        # Beside them, what the last layer needs from those states when every candidate
+        # shares the user's query (`split_encoder.JointUser`), per states and precision.
+        self._joint_users: OrderedDict[tuple[tuple[int, ...], str], JointUser] = OrderedDict()
         self.user_cache_hits = 0
         self.user_cache_misses = 0
         # A split model's BERT logits per user-context tokens, then per item text: a repeat
@@ -159,6 +163,7 @@ class CrossEncoderReranker:
         state["_state_lock"] = None
         state["_item_states"] = copy.copy(self._item_states)  # empty (item_states.py)
         state["_user_states_cache"] = OrderedDict()
+        state["_joint_users"] = OrderedDict()
         state["_score_cache"] = OrderedDict()
         return state
 
@@ -232,6 +237,7 @@ class CrossEncoderReranker:
             self.split.quantize_user_side()
             with self._state_lock:
                 self._user_states_cache.clear()
+                self._joint_users.clear()
                 self._score_cache.clear()
 
     @classmethod
@@ -416,6 +422,7 @@ class CrossEncoderReranker:
         self._item_states.clear()
         with self._state_lock:
             self._user_states_cache.clear()
+            self._joint_users.clear()
             self._score_cache.clear()
         if self.split is not None:
             self.split.drop_serving_copies()
@@ -459,12 +466,16 @@ class CrossEncoderReranker:
             "item_mask": item_mask,
         }
 
-    def _user_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The user side below the split, cached per user-context tokens: the text is the
-        user's state (it changes when their profile does), and a storefront asks for the same
-        user several times per visit (pages, widgets, refreshes)."""
+    def _user_states(
+        self, inputs: dict[str, torch.Tensor], key: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """The user side below the split, cached per user-context tokens (`key`, read from
+        `inputs` when not given): the text is the user's state (it changes when their
+        profile does), and a storefront asks for the same user several times per visit
+        (pages, widgets, refreshes)."""
         assert self.split is not None
-        key = tuple(inputs["user_ids"][0].tolist())  # the token ids determine the states
+        if key is None:
+            key = tuple(inputs["user_ids"][0].tolist())  # the token ids determine the states
         with self._state_lock:
             hit = self._user_states_cache.get(key)
             if hit is not None:
@@ -475,6 +486,29 @@ class CrossEncoderReranker:
         states = self.split.user_states(inputs["user_ids"], inputs["user_mask"])
         self._remember_user_states({key: states})
         return states
+
+    def _joint_user(
+        self, key: tuple[int, ...], states: torch.Tensor, user_mask: torch.Tensor
+    ) -> torch.Tensor | JointUser:
+        """The last layer's user side for the user-context tokens `key` whose states are
+        `states` (`SplitEncoder.joint_user`), kept like the states; `states` themselves
+        where the candidates do not share a query. Call it under `_autocast()`: what it
+        keeps is in that precision, and kept per `cpu_dtype`."""
+        assert self.split is not None
+        slot = (key, str(self.cpu_dtype))
+        with self._state_lock:
+            hit = self._joint_users.get(slot)
+            if hit is not None:
+                self._joint_users.move_to_end(slot)
+                return hit
+        joint = self.split.joint_user(states, user_mask)
+        if joint is None:
+            return states
+        with self._state_lock:
+            self._joint_users[slot] = joint
+            while len(self._joint_users) > USER_STATE_CACHE_SIZE:
+                self._joint_users.popitem(last=False)
+        return joint
 
     def _remember_user_states(self, states: dict[tuple[int, ...], torch.Tensor]) -> None:
         with self._state_lock:
@@ -540,8 +574,10 @@ class CrossEncoderReranker:
         if self.split is None:
             return self.logits(inputs)
         with self._autocast():
+            user: torch.Tensor | JointUser
             if user_cache:
-                user = self._user_states(inputs)
+                key = tuple(inputs["user_ids"][0].tolist())
+                user = self._joint_user(key, self._user_states(inputs, key), inputs["user_mask"])
             else:
                 user = self.split.user_states(inputs["user_ids"], inputs["user_mask"])
             return self.split.joint_logits(
@@ -644,7 +680,8 @@ class CrossEncoderReranker:
             with self._state_lock:
                 self.user_cache_misses += len(missing)
         out: list[np.ndarray | None] = [None] * len(requests)
-        parts, slots = [], []
+        parts: list[tuple[torch.Tensor | JointUser, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        slots: list[int] = []
         for r, ((user, items), row, texts) in enumerate(zip(requests, rows, todo, strict=True)):
             if not items:
                 out[r] = np.zeros(0, dtype=np.float32)
@@ -653,11 +690,12 @@ class CrossEncoderReranker:
                 out[r] = self._from_known(known[r], items, hit=True)
                 continue
             inputs = self.serving_inputs(user, texts)
-            state = fresh.get(row)
-            if state is None:  # cached before this batch: counted as a hit there
-                with self._autocast():
-                    state = self._user_states(inputs)
-            parts.append((state, inputs["user_mask"], inputs["item_states"], inputs["item_mask"]))
+            with self._autocast():
+                state = fresh.get(row)
+                if state is None:  # cached before this batch: counted as a hit there
+                    state = self._user_states(inputs, row)
+                joint = self._joint_user(row, state, inputs["user_mask"])
+            parts.append((joint, inputs["user_mask"], inputs["item_states"], inputs["item_mask"]))
             slots.append(r)
         if parts:
             with self._autocast(), self._forward_clock():

@@ -108,17 +108,47 @@ def _after_attention(layer: Any, ctx: torch.Tensor, queries: torch.Tensor) -> to
     return out.LayerNorm(out.dropout(out.dense(inner)) + hidden)  # type: ignore[no-any-return]
 
 
+@dataclass(frozen=True)
+class JointUser:
+    """One user's side of the last layer when every candidate shares its [CLS] query
+    (`_shared_query_attention`): what the candidates' attention needs from the user's states,
+    computed once per user context (`SplitEncoder.joint_user`). The re-ranker keeps it beside
+    the user's states, so a returning user's request skips the query, key and value
+    projections of the user tokens (three of the layer's six matrix products)."""
+
+    cls: torch.Tensor  # (1, 1, H): the [CLS] state, the query's input and the residual
+    query: torch.Tensor  # (1, nh, 1, d)
+    folded: torch.Tensor  # (nh, H): each head's query through its key rows (see below)
+    key_bias: torch.Tensor  # (nh,): each head's query · its key bias
+    scores: torch.Tensor  # (1, nh, 1, Lu): the user tokens' scores, scaled, padding masked
+    values: torch.Tensor  # (1, nh, Lu, d): the user tokens' values
+
+
+def _joint_user(layer: Any, user: torch.Tensor, user_mask: torch.Tensor, n_heads: int) -> JointUser:
+    attn = layer.attention.self
+    cls = user[:, :1].clone()  # a copy: no reference to the whole states tensor
+    q = _heads(attn.query(cls), n_heads)  # (1, nh, 1, d)
+    d = q.shape[-1]
+    hidden = user.shape[-1]
+    user_k, user_v = _kv(layer, user, n_heads)  # (1, nh, Lu, d)
+    q_heads = q[0, :, 0]  # (nh, d)
+    w_k = attn.key.weight.view(n_heads, d, hidden)
+    folded = (q_heads.unsqueeze(1) @ w_k.to(q_heads.dtype)).squeeze(1)  # (nh, H)
+    key_bias = (q_heads * attn.key.bias.view(n_heads, d).to(q_heads.dtype)).sum(-1)  # (nh,)
+    scale = 1.0 / math.sqrt(d)
+    scores = (q @ user_k.transpose(-1, -2)) * scale + _mask_bias(user_mask, user_k.dtype)
+    return JointUser(cls, q, folded, key_bias, scores, user_v)
+
+
 def _shared_query_attention(
     layer: Any,
-    cls: torch.Tensor,
-    user_kv: tuple[torch.Tensor, torch.Tensor],
-    user_bias: torch.Tensor,
+    user: JointUser,
     item_states: torch.Tensor,
     item_bias: torch.Tensor,
     n_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last layer's attention for one user's [CLS] (1, 1, H) against N candidates,
-    inference only: (context (N, nh, 1, d), [CLS] expanded to (N, 1, H)).
+    """The last layer's attention for one user's [CLS] (its `JointUser`) against N
+    candidates, inference only: (context (N, nh, 1, d), [CLS] expanded to (N, 1, H)).
 
     Every candidate's query is the same vector (the user side is candidate-independent below
     the split), so the softmax over [user keys, item keys] is taken in two parts: user scores
@@ -141,23 +171,17 @@ def _shared_query_attention(
     gathers (docs/performance-log.md, stop 25).
     """
     attn = layer.attention.self
-    q = _heads(attn.query(cls), n_heads)  # (1, nh, 1, d)
-    d = q.shape[-1]
+    d = user.query.shape[-1]
     scale = 1.0 / math.sqrt(d)
-    user_k, user_v = user_kv  # (1, nh, Lu, d)
     n, hidden = item_states.shape[0], item_states.shape[-1]
-    q_heads = q[0, :, 0]  # (nh, d)
-    w_k = attn.key.weight.view(n_heads, d, hidden)
-    folded = (q_heads.unsqueeze(1) @ w_k.to(q_heads.dtype)).squeeze(1)  # (nh, H)
-    k_bias = (q_heads * attn.key.bias.view(n_heads, d).to(q_heads.dtype)).sum(-1)  # (nh,)
-    s_user = (q @ user_k.transpose(-1, -2)) * scale + user_bias  # (1, nh, 1, Lu)
-    s_item = (item_states @ folded.t() + k_bias).transpose(1, 2).unsqueeze(2)  # (N, nh, 1, Li)
-    s_item = s_item * scale + item_bias
+    s_user = user.scores  # (1, nh, 1, Lu)
+    s_item = (item_states @ user.folded.t() + user.key_bias).transpose(1, 2).unsqueeze(2)
+    s_item = s_item * scale + item_bias  # (N, nh, 1, Li)
     top = torch.maximum(s_user.amax(-1, keepdim=True), s_item.amax(-1, keepdim=True))
     e_user, e_item = torch.exp(s_user - top), torch.exp(s_item - top)  # (N, nh, 1, L*)
     norm = e_user.sum(-1) + e_item.sum(-1)  # (N, nh, 1)
     # User part: per head, (N, Lu) weights times that head's (Lu, d) values.
-    ctx_user = (e_user[:, :, 0].transpose(0, 1) @ user_v[0]).transpose(0, 1)  # (N, nh, d)
+    ctx_user = (e_user[:, :, 0].transpose(0, 1) @ user.values[0]).transpose(0, 1)  # (N, nh, d)
     weights = e_item[:, :, 0]  # (N, nh, Li)
     mixed = weights @ item_states  # (N, nh, H): each head's weighted sum of the states
     w_v = attn.value.weight.view(n_heads, d, hidden).to(mixed.dtype)
@@ -165,7 +189,7 @@ def _shared_query_attention(
     v_bias = attn.value.bias.view(n_heads, d).to(ctx_item.dtype)
     ctx_item = ctx_item + weights.sum(-1, keepdim=True) * v_bias
     ctx = (ctx_user + ctx_item) / norm  # (N, nh, d)
-    return ctx.unsqueeze(2), cls.expand(n, -1, -1)
+    return ctx.unsqueeze(2), user.cls.expand(n, -1, -1)
 
 
 def _kv(layer: Any, hidden: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, ...]:
@@ -355,16 +379,17 @@ class SplitEncoder:
 
     def joint_logits(
         self,
-        user: torch.Tensor,
+        user: torch.Tensor | JointUser,
         user_mask: torch.Tensor,
         cache: torch.Tensor,
         item_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """Logits (N,) of the top layers over user states (1 or N rows) and N items'
-        `item_cache` rows."""
+        """Logits (N,) of the top layers over user states (1 or N rows, or one user's
+        `JointUser`) and N items' `item_cache` rows."""
         n = cache.shape[0]
         if self._shares_query(user):
             return self._shared_query_logits([(user, user_mask, cache, item_mask)])[0]
+        assert isinstance(user, torch.Tensor)
         if user.shape[0] == 1 and n > 1:
             user_mask = user_mask.expand(n, -1)
         mask = torch.cat([user_mask, item_mask], dim=1)
@@ -392,35 +417,49 @@ class SplitEncoder:
         cls = _layer(last, cls_in, k, v, _mask_bias(mask, k.dtype), self.n_heads)
         return self._head(cls)
 
-    def _shares_query(self, user: torch.Tensor) -> bool:
+    def _shares_query(self, user: torch.Tensor | JointUser) -> bool:
         """One user's states against its candidates at inference, one joint layer: every
         candidate's [CLS] query is the same vector (`_shared_query_attention`)."""
+        if isinstance(user, JointUser):
+            return True
         return self.joint_layers == 1 and user.shape[0] == 1 and not torch.is_grad_enabled()
 
+    def joint_user(self, user: torch.Tensor, user_mask: torch.Tensor) -> JointUser | None:
+        """The user side of the last layer for one user's states (1, Lu, H), to be reused
+        across that user's requests; None where candidates do not share a query (more than
+        one joint layer, or a gradient pass). Run it under the autocast its requests run
+        under: it is computed in that precision."""
+        if not self._shares_query(user):
+            return None
+        return _joint_user(self._layers()[-1], user, user_mask, self.n_heads)
+
     def joint_logits_many(
-        self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+        self, parts: list[tuple[torch.Tensor | JointUser, torch.Tensor, torch.Tensor, torch.Tensor]]
     ) -> list[torch.Tensor]:
         """`joint_logits` for several requests' (user, user_mask, cache, item_mask): the
         attention per request, then the feed-forward and head over all their candidates in
-        one pass (one set of larger matrix products instead of one per request)."""
+        one pass (one set of larger matrix products instead of one per request). `user` is
+        the user's states or, kept from an earlier request, its `JointUser`."""
         if all(self._shares_query(user) for user, *_ in parts):
             return self._shared_query_logits(parts)
-        return [self.joint_logits(*part) for part in parts]
+        tensors = [(u, m, c, i) for u, m, c, i in parts if isinstance(u, torch.Tensor)]
+        assert len(tensors) == len(parts), "a JointUser needs the shared-query path"
+        return [self.joint_logits(*part) for part in tensors]
 
     def _shared_query_logits(
-        self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+        self, parts: list[tuple[torch.Tensor | JointUser, torch.Tensor, torch.Tensor, torch.Tensor]]
     ) -> list[torch.Tensor]:
         last = self._layers()[-1]
         contexts, queries = [], []
         for user, user_mask, cache, item_mask in parts:
-            user_k, user_v = _kv(last, user, self.n_heads)
+            if not isinstance(user, JointUser):
+                user = _joint_user(last, user, user_mask, self.n_heads)
+            dtype = user.scores.dtype
             ctx, cls = _shared_query_attention(
                 last,
-                user[:, :1],
-                (user_k, user_v),
-                _mask_bias(user_mask, user_k.dtype),
-                cache.to(user_k.dtype),
-                _mask_bias(item_mask, user_k.dtype),
+                user,
+                cache.to(dtype),
+                _mask_bias(item_mask, dtype),
                 self.n_heads,
             )
             contexts.append(ctx)

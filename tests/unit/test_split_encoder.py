@@ -108,6 +108,24 @@ def test_the_cache_keeps_the_item_states_at_the_split_not_keys_and_values() -> N
     assert reranker.item_state_bytes() == pages * PAGE_TOKENS * hidden * 4  # fp32 in this test
 
 
+def test_a_returning_users_last_layer_side_is_kept_and_scores_the_same() -> None:
+    reranker = _split(joint=1)
+    first = reranker.score(USERS[0], ITEMS, cache=False)
+    assert len(reranker._joint_users) == 1
+    kept = next(iter(reranker._joint_users.values()))
+    again = reranker.score(USERS[0], ITEMS[::-1], cache=False)  # no logit cache: runs again
+    assert len(reranker._joint_users) == 1 and next(iter(reranker._joint_users.values())) is kept
+    np.testing.assert_allclose(again, first[::-1], atol=1e-6)
+    trained = reranker.score_pairs([USERS[0]] * len(ITEMS), ITEMS)  # nothing kept there
+    np.testing.assert_allclose(first, trained, atol=1e-5)
+    batched = reranker.score_many([(u, ITEMS) for u in USERS], cache=False)
+    assert len(reranker._joint_users) == len(USERS)
+    for user, got in zip(USERS, batched, strict=True):
+        np.testing.assert_allclose(got, reranker.score_pairs([user] * len(ITEMS), ITEMS), atol=1e-5)
+    reranker.clear_item_states()  # new weights: what was kept is of the old ones
+    assert not reranker._joint_users
+
+
 def test_fp16_item_cache_moves_scores_by_less_than_1e_3() -> None:
     exact, half = _split(joint=1), _split(joint=1)
     half.item_state_dtype = torch.float16
