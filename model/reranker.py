@@ -411,7 +411,7 @@ class CrossEncoderReranker:
             chunk = missing[start : start + batch_size]
             ids, mask = self._segments([rows[t] for t in chunk])
             with self._autocast():
-                states = self.split.item_cache(ids, mask)
+                states = self.split.item_states(ids, mask)
             self._item_states.put(chunk, states, mask.sum(dim=1).tolist())
         return len(missing)
 

@@ -117,7 +117,6 @@ class JointUser:
     projections of the user tokens (three of the layer's six matrix products)."""
 
     cls: torch.Tensor  # (1, 1, H): the [CLS] state, the query's input and the residual
-    query: torch.Tensor  # (1, nh, 1, d)
     folded: torch.Tensor  # (nh, H): each head's query through its key rows (see below)
     key_bias: torch.Tensor  # (nh,): each head's query · its key bias
     scores: torch.Tensor  # (1, nh, 1, Lu): the user tokens' scores, scaled, padding masked
@@ -137,7 +136,7 @@ def _joint_user(layer: Any, user: torch.Tensor, user_mask: torch.Tensor, n_heads
     key_bias = (q_heads * attn.key.bias.view(n_heads, d).to(q_heads.dtype)).sum(-1)  # (nh,)
     scale = 1.0 / math.sqrt(d)
     scores = (q @ user_k.transpose(-1, -2)) * scale + _mask_bias(user_mask, user_k.dtype)
-    return JointUser(cls, q, folded, key_bias, scores, user_v)
+    return JointUser(cls, folded, key_bias, scores, user_v)
 
 
 def _shared_query_attention(
@@ -156,7 +155,7 @@ def _shared_query_attention(
     the concatenated keys, without copying the user keys N times.
 
     `item_states` are the candidates' states at the split, (N, Li, H), as
-    `SplitEncoder.item_cache` made them; the layer's key and value projections are folded
+    `SplitEncoder.item_states` made them; the layer's key and value projections are folded
     into the one query instead of applied to every cached token. With K = X Wkᵀ + bk and
     V = X Wvᵀ + bv for head h (Wk_h, Wv_h its d rows of the weights):
 
@@ -171,9 +170,9 @@ def _shared_query_attention(
     gathers (docs/performance-log.md, stop 25).
     """
     attn = layer.attention.self
-    d = user.query.shape[-1]
-    scale = 1.0 / math.sqrt(d)
     n, hidden = item_states.shape[0], item_states.shape[-1]
+    d = hidden // n_heads
+    scale = 1.0 / math.sqrt(d)
     s_user = user.scores  # (1, nh, 1, Lu)
     s_item = (item_states @ user.folded.t() + user.key_bias).transpose(1, 2).unsqueeze(2)
     s_item = s_item * scale + item_bias  # (N, nh, 1, Li)
@@ -366,16 +365,12 @@ class SplitEncoder:
             return self._lower(ids, mask, 0, 0, self._user_layers)
 
     def item_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, item_len, H) item segment states at the split (depend on the item text only)."""
+        """(B, item_len, H) item segment states at the split (depend on the item text only):
+        what serving caches per item. With one joint layer a request needs only that layer's
+        keys and values of them, which `_shared_query_attention` reads through the states (H
+        numbers a token instead of 2H)."""
         lower = self._layers()[: self.split]
         return self._lower(ids, mask, self.layout.user_len, 1, lower)
-
-    def item_cache(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """What serving caches per item: the item segment's states at the split,
-        (B, item_len, H). With one joint layer a request needs only that layer's keys and
-        values of them, which `_shared_query_attention` reads through the states (H numbers a
-        token instead of 2H)."""
-        return self.item_states(ids, mask)
 
     def joint_logits(
         self,
@@ -385,7 +380,7 @@ class SplitEncoder:
         item_mask: torch.Tensor,
     ) -> torch.Tensor:
         """Logits (N,) of the top layers over user states (1 or N rows, or one user's
-        `JointUser`) and N items' `item_cache` rows."""
+        `JointUser`) and N items' cached `item_states` rows."""
         n = cache.shape[0]
         if self._shares_query(user):
             return self._shared_query_logits([(user, user_mask, cache, item_mask)])[0]
@@ -442,9 +437,7 @@ class SplitEncoder:
         the user's states or, kept from an earlier request, its `JointUser`."""
         if all(self._shares_query(user) for user, *_ in parts):
             return self._shared_query_logits(parts)
-        tensors = [(u, m, c, i) for u, m, c, i in parts if isinstance(u, torch.Tensor)]
-        assert len(tensors) == len(parts), "a JointUser needs the shared-query path"
-        return [self.joint_logits(*part) for part in tensors]
+        return [self.joint_logits(*part) for part in parts]
 
     def _shared_query_logits(
         self, parts: list[tuple[torch.Tensor | JointUser, torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -479,7 +472,7 @@ class SplitEncoder:
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training/evaluation path: aligned (user, item) rows as built by `encode`."""
         user = self.user_states(batch["user_ids"], batch["user_mask"])
-        cache = self.item_cache(batch["item_ids"], batch["item_mask"])
+        cache = self.item_states(batch["item_ids"], batch["item_mask"])
         return self.joint_logits(user, batch["user_mask"], cache, batch["item_mask"])
 
 
