@@ -27,6 +27,11 @@ seconds. Then, in the same run, it measures the stage floors on sampled requests
   whose speed drifts by the minute the ratio moves with them (stop 23: one version read
   1.55–1.88 in three runs), while this difference resolved a ~0.4 ms change.
   `beyond_model_by_class` gives it per class.
+- outside_pipeline_ms: at concurrency 1, the median over calls of end-to-end time minus the
+  pipeline's own total for that call (`RankingPipeline.recommend`, timed in the service): the
+  gRPC transport both ways with its thread hand-offs, plus the servicer's proto, metrics and
+  log work around the pipeline. The part of `overhead_ms` that is not the request path's own
+  steps (stop 26 on the AVX2 EPYC: ~1.26 of ~9.2 ms a MovieLens call).
 - overhead_by_class: p50, p99, floor and ratio for each class alone: `user_pass` (a user's
   first request, or one after their profile changed: the whole model runs), `user_cached`,
   `scores_cached` (`ranking.score_cache`).
@@ -196,6 +201,7 @@ def bench_serving(
     if floors.get("stages_ms"):
         floors["stages_ms"]["grpc_roundtrip"] = round(roundtrip, 3)
     service_stages = _percentiles(list(app.pipeline.timings_log))
+    pipeline_ms = [t["total"] for t in app.pipeline.timings_log]
     # The hot-path reader under the breaker (services/ranking/server.py); the Feast SDK reader
     # of a non-Redis store keeps no item cache.
     item_hit_rate = getattr(
@@ -230,6 +236,7 @@ def bench_serving(
         "feature_fetch_speedup_vs_feast_sdk": floors.get("feature_fetch_speedup_vs_feast_sdk"),
         **_overhead(latencies, call_classes, floors, concurrency),
         **_beyond_model(latencies, call_classes, forward_ms, concurrency),
+        "outside_pipeline_ms": _outside_pipeline(latencies, pipeline_ms, concurrency),
         "user_cache_hit_rate": round(hit_rate, 3),
         "score_cache_hit_rate": round(score_hit_rate, 3),
         "score_cache": config.ranking.score_cache,
@@ -388,6 +395,16 @@ def _beyond_model(
         "beyond_model_ms": round(float(np.median(beyond[cls >= 0])), 3),
         "beyond_model_by_class": by_class,
     }
+
+
+def _outside_pipeline(
+    latencies: list[float], pipeline_ms: list[float], concurrency: int
+) -> float | None:
+    """outside_pipeline_ms (module docstring); null above concurrency 1 (calls overlap) or
+    when calls and pipeline timings do not pair up one to one (a call that failed)."""
+    if concurrency != 1 or not latencies or len(latencies) != len(pipeline_ms):
+        return None
+    return round(float(np.median(np.subtract(latencies, pipeline_ms))), 3)
 
 
 def _cpu_per_call(

@@ -640,6 +640,9 @@ def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) 
     for p in steps.values():
         assert 0 <= p["p50"] <= p["p95"] <= p["p99"]
     assert steps["total"]["p50"] <= result["p50_ms"]
+    # Each call's time outside its pipeline (gRPC, the servicer): positive, and the pipeline
+    # total plus it is the whole call, so it stays below the call's median.
+    assert 0 < result["outside_pipeline_ms"] < result["p50_ms"]
     # CPU over the load: the service's share runs at least each call's own steps, and no more
     # cores than the machine has are busy; the client threads' share is counted apart.
     assert result["service_cpu_ms_per_call"] >= steps["total"]["p50"] * 0.5

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from freshrec.bench import _beyond_model, _call_class, _cpu_per_call, _overhead, _percentiles
+from freshrec.bench import (
+    _beyond_model,
+    _call_class,
+    _cpu_per_call,
+    _outside_pipeline,
+    _overhead,
+    _percentiles,
+)
 
 FLOORS = {"stages_ms": {"faiss": 0.5, "redis_raw": 0.5, "forward": 8.0, "forward_user_cached": 3.0}}
 
@@ -118,6 +125,17 @@ def test_beyond_the_model_is_each_call_minus_its_own_forward_passes() -> None:
     # Above concurrency 1 another call's forward pass lands between a call's two reads.
     assert _beyond_model(latencies, classes, forward, concurrency=2)["beyond_model_ms"] is None
     assert _beyond_model([5.0], [-1], [0.0], concurrency=1)["beyond_model_ms"] is None
+
+
+def test_outside_the_pipeline_is_each_call_minus_its_own_pipeline_total() -> None:
+    latencies = [10.0, 6.0, 9.0, 7.5]
+    pipeline = [8.5, 5.0, 7.0, 6.0]  # per call 1.5, 1.0, 2.0, 1.5: median 1.5
+
+    assert _outside_pipeline(latencies, pipeline, concurrency=1) == 1.5
+    # Calls overlap above one client; a failed call leaves the two lists unpaired.
+    assert _outside_pipeline(latencies, pipeline, concurrency=8) is None
+    assert _outside_pipeline(latencies, pipeline[:3], concurrency=1) is None
+    assert _outside_pipeline([], [], concurrency=1) is None
 
 
 def test_service_cpu_per_call_leaves_out_the_client_threads() -> None:
