@@ -27,7 +27,9 @@ def test_objects_alive_at_the_freeze_leave_the_collector_and_newer_ones_stay(
 ) -> None:
     old = [Node()]
     frozen = freeze_heap()
-    assert frozen == gc.get_freeze_count() > 0
+    # The count at the freeze; a thread another test left behind (a gRPC server unwinding
+    # its shutdown) may free frozen objects right after, which only lowers it.
+    assert 0 < gc.get_freeze_count() <= frozen
     tracked = {id(o) for o in gc.get_objects()}
     assert id(old) not in tracked  # in the permanent generation: no collection walks it
 
