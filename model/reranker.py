@@ -466,16 +466,12 @@ class CrossEncoderReranker:
             "item_mask": item_mask,
         }
 
-    def _user_states(
-        self, inputs: dict[str, torch.Tensor], key: tuple[int, ...] | None = None
-    ) -> torch.Tensor:
-        """The user side below the split, cached per user-context tokens (`key`, read from
-        `inputs` when not given): the text is the user's state (it changes when their
-        profile does), and a storefront asks for the same user several times per visit
-        (pages, widgets, refreshes)."""
+    def _user_states(self, inputs: dict[str, torch.Tensor], key: tuple[int, ...]) -> torch.Tensor:
+        """The user side below the split, cached per user-context tokens `key` (the token ids
+        determine the states): the text is the user's state (it changes when their profile
+        does), and a storefront asks for the same user several times per visit (pages,
+        widgets, refreshes)."""
         assert self.split is not None
-        if key is None:
-            key = tuple(inputs["user_ids"][0].tolist())  # the token ids determine the states
         with self._state_lock:
             hit = self._user_states_cache.get(key)
             if hit is not None:
