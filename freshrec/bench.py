@@ -16,6 +16,13 @@ seconds. Then, in the same run, it measures the stage floors on sampled requests
   user pass when the request missed the user-state cache: `forward` or `forward_user_cached`;
   none when every logit came from the score cache), medians. A request that found some logits
   cached ran the joint layer on the rest only, and is held to the whole joint layer's floor.
+  The floors are those sampled during the load (`stages_during_load_ms`): every
+  FLOOR_SAMPLE_EVERY_S of load the client measures one random user's floors on the service's
+  torch thread between two calls (their time is no call's), so latencies and floors come from
+  the same minutes. Until stop 26 they were measured after the load only, and on machines
+  whose speed drifts by the minute one version read 1.29 and 1.56 in two runs (stop 26, its
+  floors 6.03 against 4.46 ms). `overhead_after_load` keeps that reading beside it;
+  `floor_samples_during_load` counts the samples (0: the after-load floors are used).
   The bench tells the classes apart by the re-ranker's cache counters around each call, which
   only one client at a time makes exact; at higher concurrency the overhead fields are null
   (queueing behind other requests is not overhead of the request path).
@@ -23,9 +30,9 @@ seconds. Then, in the same run, it measures the stage floors on sampled requests
 - beyond_model_ms: at concurrency 1, the median over re-ranked requests of end-to-end time
   minus the forward passes that request ran, timed inside the re-ranker during the load
   (`CrossEncoderReranker.forward_seconds`): what a request costs beyond the model, read in
-  the same instant as its latency. The floors above are measured after the load; on a machine
-  whose speed drifts by the minute the ratio moves with them (stop 23: one version read
-  1.55–1.88 in three runs), while this difference resolved a ~0.4 ms change.
+  the same instant as its latency. Until stop 27 the floors above were measured after the
+  load only; on a machine whose speed drifts by the minute the ratio moved with them (stop 23:
+  one version read 1.55–1.88 in three runs), while this difference resolved a ~0.4 ms change.
   `beyond_model_by_class` gives it per class.
 - outside_pipeline_ms: at concurrency 1, the median over calls of end-to-end time minus the
   pipeline's own total for that call (`RankingPipeline.recommend`, timed in the service): the
@@ -70,6 +77,7 @@ import re
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -97,7 +105,7 @@ def bench_serving(
     from freshrec.data import load_dataset
     from freshrec.v1 import ranking_pb2
     from model.device import cpu_description
-    from services.jobs.bootstrap import bootstrap
+    from services.jobs.bootstrap import bootstrap, read_online_store_choice
     from services.ranking.compute import in_passing_thread
     from services.ranking.server import build_ranking
     from services.registry import open_registry
@@ -145,6 +153,12 @@ def bench_serving(
     lock = threading.Lock()
     stop_at = time.perf_counter() + duration
     address = f"127.0.0.1:{app.port}"
+    # At concurrency 1 the floors are also sampled between calls (their time is not a call's).
+    sampler = (
+        _FloorSampler(app, config, users, candidates)
+        if concurrency == 1 and read_online_store_choice(config)["kind"] == "redis"
+        else None
+    )
 
     def client(seed: int) -> None:
         nonlocal errors, client_cpu
@@ -154,9 +168,13 @@ def bench_serving(
         classes: list[int] = []
         forwards: list[float] = []
         failed = 0
+        next_floor = time.perf_counter() + FLOOR_SAMPLE_EVERY_S / 2
         with channel(address) as ch:
             stub = ranking_stub(ch)
             while time.perf_counter() < stop_at:
+                if sampler is not None and time.perf_counter() >= next_floor:
+                    sampler.sample()
+                    next_floor = time.perf_counter() + FLOOR_SAMPLE_EVERY_S
                 req = ranking_pb2.RecommendRequest(
                     user_id=users[int(rng.integers(len(users)))], k=k
                 )
@@ -200,6 +218,11 @@ def bench_serving(
     floors = app.worker.call(_stage_floors, config, app.models.current, users, candidates)
     if floors.get("stages_ms"):
         floors["stages_ms"]["grpc_roundtrip"] = round(roundtrip, 3)
+    during: dict[str, Any] = {}
+    if sampler is not None:
+        sampler.close()
+        during = {"stages_ms": {**sampler.medians(), "grpc_roundtrip": round(roundtrip, 3)}}
+        during["samples"] = min(len(v) for v in sampler.samples.values())
     service_stages = _percentiles(list(app.pipeline.timings_log))
     pipeline_ms = [t["total"] for t in app.pipeline.timings_log]
     # The hot-path reader under the breaker (services/ranking/server.py); the Feast SDK reader
@@ -234,7 +257,11 @@ def bench_serving(
         "rss_mb": round(max(rss_before, psutil.Process().memory_info().rss) / 2**20, 1),
         "rerank_speedup_vs_reference": floors.get("rerank_speedup_vs_reference"),
         "feature_fetch_speedup_vs_feast_sdk": floors.get("feature_fetch_speedup_vs_feast_sdk"),
-        **_overhead(latencies, call_classes, floors, concurrency),
+        # Against the floors sampled during the load; with none, those after it.
+        **_overhead(
+            latencies, call_classes, during if during.get("samples") else floors, concurrency
+        ),
+        "overhead_after_load": _overhead(latencies, call_classes, floors, concurrency),
         **_beyond_model(latencies, call_classes, forward_ms, concurrency),
         "outside_pipeline_ms": _outside_pipeline(latencies, pipeline_ms, concurrency),
         "user_cache_hit_rate": round(hit_rate, 3),
@@ -243,6 +270,8 @@ def bench_serving(
         "item_cache_hit_rate": round(item_hit_rate, 3),
         "item_cache_seconds": config.ranking.item_cache_seconds,
         "stages_ms": floors.get("stages_ms", {}),
+        "stages_during_load_ms": during.get("stages_ms", {}),
+        "floor_samples_during_load": during.get("samples", 0),
         "service_stages_ms": service_stages,
         "feature_values_identical": floors.get("identical"),
         "machine": {
@@ -462,16 +491,116 @@ def _read_both(reader: Any, user: str, ids: list[str]) -> tuple[Any, Any]:
     return reader.get_user_profile(user), reader.get_items(ids)
 
 
-def _stage_floors(
-    config: Any, models: Any, users: list[str], candidates: int, samples: int = 20
-) -> dict[str, Any]:
-    """Per-stage medians on `samples` users (see the module docstring)."""
+# The floors a request's work is held to, measured per sampled user both during the load
+# (interleaved, `_sample_floors`) and after it (`_stage_floors`, beside the references).
+_REQUEST_FLOORS = ("faiss", "faiss_repeated", "redis_raw", "forward", "forward_user_cached")
+# At concurrency 1, one sampled user's floors between two calls this often (seconds of load):
+# ~30 ms of floors each time at 100k items, so ~6% of the load's time.
+FLOOR_SAMPLE_EVERY_S = 0.5
+
+
+@dataclass
+class _FloorWork:
+    """One sampled user's request work, as the floors ran it (for the references after)."""
+
+    user: str
+    ids: list[str]
+    context: str
+    texts: list[str]
+
+
+def _request_floors(
+    models: Any, raw: Any, user: str, candidates: int, popular: int
+) -> tuple[dict[str, float], _FloorWork] | None:
+    """The `_REQUEST_FLOORS` of `user`'s request, in ms (None: a user recall cannot serve).
+
+    Runs on the service's torch thread (the forward passes; module docstring)."""
     from functools import partial
 
     import torch
 
     from model.embeddings import user_vector
     from model.text import ranking_item_text, user_context_text
+
+    profile = raw.get_user_profile(user)
+    query = user_vector(models.index.vectors_of(profile.recent_items)) if profile else None
+    if profile is None or query is None:
+        return None
+    got: dict[str, float] = {}
+    exclude = frozenset(profile.recent_items) | frozenset(profile.purchased_items)
+    search = partial(models.index.search, query, candidates, exclude)
+    # The query's first search, as a request runs it (module docstring: stages_ms.faiss).
+    t = time.perf_counter()
+    found = search()
+    got["faiss"] = (time.perf_counter() - t) * 1e3
+    got["faiss_repeated"] = _median_ms(search, 3)
+    ids = [i for i, _ in found]
+    # The second recall source, as the pipeline adds it (pipeline.popular_extras).
+    have = set(ids)
+    extra = [i for i in models.index.popular if i not in have and i not in exclude]
+    ids += extra[:popular]
+    got["redis_raw"] = _median_ms(partial(_read_both, raw, user, ids), 3)
+    items = raw.get_items(ids)
+    now = datetime.now(UTC)
+    texts = [ranking_item_text(items[i], now) for i in ids if i in items]
+    context = user_context_text(profile)
+    inputs = models.reranker.serving_inputs(context, texts)
+    with torch.inference_mode():
+        # The user pass included (no user-state cache): what a user's first request costs.
+        got["forward"] = _median_ms(
+            partial(models.reranker.serving_logits, inputs, user_cache=False), 2
+        )
+        got["forward_user_cached"] = _median_ms(
+            partial(models.reranker.serving_logits, inputs, user_cache=True), 2
+        )
+    return got, _FloorWork(user, ids, context, texts)
+
+
+class _FloorSampler:
+    """Floors of sampled users measured between the load's calls, on the service's torch
+    thread (`_request_floors`): the same minutes of a machine whose speed drifts as the
+    latencies they are held against (module docstring: overhead_ratio)."""
+
+    def __init__(self, app: Any, config: Any, users: list[str], candidates: int) -> None:
+        from services.features.redis_reader import RedisFeatureReader
+
+        self._app, self._users, self._candidates = app, users, candidates
+        self._popular = config.ranking.popular_candidates
+        self._raw = RedisFeatureReader(config.feature_repo_dir)
+        self._raw.start()
+        self._rng = np.random.default_rng(1)
+        self.samples: dict[str, list[float]] = {k: [] for k in _REQUEST_FLOORS}
+
+    def sample(self) -> None:
+        """One random user's floors (a user recall cannot serve adds nothing)."""
+        user = self._users[int(self._rng.integers(len(self._users)))]
+        got = self._app.worker.call(
+            _request_floors,
+            self._app.models.current,
+            self._raw,
+            user,
+            self._candidates,
+            self._popular,
+        )
+        if got is not None:
+            for name, ms in got[0].items():
+                self.samples[name].append(ms)
+
+    def medians(self) -> dict[str, float]:
+        """{floor: median ms}, empty before a sample."""
+        return {k: round(float(np.median(v)), 2) for k, v in self.samples.items() if v}
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+def _stage_floors(
+    config: Any, models: Any, users: list[str], candidates: int, samples: int = 20
+) -> dict[str, Any]:
+    """Per-stage medians on `samples` users after the load, with the references of target 4
+    on the same work (see the module docstring)."""
+    from functools import partial
+
     from services.features.feast_store import FeastFeatureStore
     from services.features.redis_reader import RedisFeatureReader
     from services.jobs.bootstrap import read_online_store_choice
@@ -485,55 +614,26 @@ def _stage_floors(
     # Plain transformers fp32 over the same weights, pairs packed by the HF tokenizer.
     reference = models.reranker.as_cross_encoder("fp32")
     rng = np.random.default_rng(0)
-    names = (
-        "faiss",
-        "faiss_repeated",
-        "redis_raw",
-        "feast_sdk",
-        "forward",
-        "forward_user_cached",
-        "rerank_serving",
-        "rerank_reference",
-    )
+    names = (*_REQUEST_FLOORS, "feast_sdk", "rerank_serving", "rerank_reference")
     stages: dict[str, list[float]] = {k: [] for k in names}
     identical = True
     picked = rng.choice(len(users), size=min(samples, len(users)), replace=False)
     for user in (users[int(i)] for i in picked):
-        profile = raw.get_user_profile(user)
-        query = user_vector(models.index.vectors_of(profile.recent_items)) if profile else None
-        if profile is None or query is None:
+        got = _request_floors(models, raw, user, candidates, config.ranking.popular_candidates)
+        if got is None:
             continue
-        exclude = frozenset(profile.recent_items) | frozenset(profile.purchased_items)
-        search = partial(models.index.search, query, candidates, exclude)
-        # The query's first search, as a request runs it (module docstring: stages_ms.faiss).
-        t = time.perf_counter()
-        found = search()
-        stages["faiss"].append((time.perf_counter() - t) * 1e3)
-        stages["faiss_repeated"].append(_median_ms(search, 3))
-        ids = [i for i, _ in found]
-        # The second recall source, as the pipeline adds it (pipeline.popular_extras).
-        have = set(ids)
-        extra = [i for i in models.index.popular if i not in have and i not in exclude]
-        ids += extra[: config.ranking.popular_candidates]
-        stages["redis_raw"].append(_median_ms(partial(_read_both, raw, user, ids), 3))
-        stages["feast_sdk"].append(_median_ms(partial(_read_both, sdk, user, ids), 3))
-        identical &= _read_both(raw, user, ids) == _read_both(sdk, user, ids)
-        items = raw.get_items(ids)
-        now = datetime.now(UTC)
-        texts = [ranking_item_text(items[i], now) for i in ids if i in items]
-        context = user_context_text(profile)
-        inputs = models.reranker.serving_inputs(context, texts)
-        with torch.inference_mode():
-            # The user pass included (no user-state cache): what a user's first request costs.
-            forward = partial(models.reranker.serving_logits, inputs, user_cache=False)
-            stages["forward"].append(_median_ms(forward, 2))
-            cached = partial(models.reranker.serving_logits, inputs, user_cache=True)
-            stages["forward_user_cached"].append(_median_ms(cached, 2))
+        floors, work = got
+        for name, ms in floors.items():
+            stages[name].append(ms)
+        stages["feast_sdk"].append(_median_ms(partial(_read_both, sdk, user, work.ids), 3))
+        identical &= _read_both(raw, user, work.ids) == _read_both(sdk, user, work.ids)
         stages["rerank_serving"].append(  # the forward pass timed, not the score cache
-            _median_ms(partial(models.reranker.score, context, texts, cache=False), 2)
+            _median_ms(partial(models.reranker.score, work.context, work.texts, cache=False), 2)
         )
         stages["rerank_reference"].append(
-            _median_ms(partial(reference.score_pairs, [context] * len(texts), texts), 2)
+            _median_ms(
+                partial(reference.score_pairs, [work.context] * len(work.texts), work.texts), 2
+            )
         )
     raw.close()
     med = {k: round(float(np.median(v)), 2) for k, v in stages.items() if v}

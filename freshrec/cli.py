@@ -499,8 +499,9 @@ def bench_serving_cmd(
     if result["overhead_ratio"] is not None:
         console.print(
             f"overhead: {result['overhead_ratio']}x the stage floors "
-            f"(+{result['overhead_ms']} ms; gRPC round trip alone "
-            f"{result['stages_ms'].get('grpc_roundtrip')} ms)"
+            f"(+{result['overhead_ms']} ms; floors sampled {result['floor_samples_during_load']} "
+            f"times during the load, {result['overhead_after_load']['overhead_ratio']}x against "
+            f"those after it; gRPC round trip alone {result['stages_ms'].get('grpc_roundtrip')} ms)"
         )
     if result["beyond_model_ms"] is not None:
         console.print(f"beyond the model: {result['beyond_model_ms']} ms a request (p50)")

@@ -610,11 +610,30 @@ def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) 
     )
     # The transport every answer pays, measured on the same server: below a whole answer.
     assert 0 < stages["grpc_roundtrip"] < result["p50_ms"]
+    # The floors the ratio uses were sampled between the load's calls (one every 0.5 s of a
+    # 2 s load, the first after 0.25 s), the same floors as after the load.
+    assert result["floor_samples_during_load"] >= 2
+    during = result["stages_during_load_ms"]
+    assert {"faiss", "redis_raw", "forward", "forward_user_cached", "grpc_roundtrip"} <= (
+        during.keys()
+    )
+    assert all(during[k] > 0 for k in ("faiss", "redis_raw", "forward", "forward_user_cached"))
+    assert during["grpc_roundtrip"] == stages["grpc_roundtrip"]
+    after = result["overhead_after_load"]
+    assert after["overhead_ratio"] > 0 and after["overhead_by_class"].keys() <= {
+        "user_pass",
+        "user_cached",
+        "scores_cached",
+    }
     # Each class of request against the floors of its own work; the first call of a user runs
     # the user pass, so a 2 s load over the stack's users sees that class.
     classes = result["overhead_by_class"]
-    fetch = stages["faiss"] + stages["redis_raw"]
-    assert classes["user_pass"]["floor_ms"] == pytest.approx(fetch + stages["forward"], abs=0.011)
+    fetch = during["faiss"] + during["redis_raw"]
+    assert classes["user_pass"]["floor_ms"] == pytest.approx(fetch + during["forward"], abs=0.011)
+    after_fetch = stages["faiss"] + stages["redis_raw"]
+    assert after["overhead_by_class"]["user_pass"]["floor_ms"] == pytest.approx(
+        after_fetch + stages["forward"], abs=0.011
+    )
     assert sum(c["requests"] for c in classes.values()) <= result["calls"]
     for c in classes.values():  # each of the three carries its rounding to two decimals
         slack = 0.005 + 0.005 * (1 + c["ratio"]) / (c["floor_ms"] - 0.005)
