@@ -19,7 +19,7 @@ seconds. Then, in the same run, it measures the stage floors on sampled requests
   The floors are those sampled during the load (`stages_during_load_ms`): every
   FLOOR_SAMPLE_EVERY_S of load the client measures one random user's floors on the service's
   torch thread between two calls (their time is no call's), so latencies and floors come from
-  the same minutes. Until stop 26 they were measured after the load only, and on machines
+  the same minutes. Up to stop 26 they were measured after the load only, and on machines
   whose speed drifts by the minute one version read 1.29 and 1.56 in two runs (stop 26, its
   floors 6.03 against 4.46 ms). `overhead_after_load` keeps that reading beside it;
   `floor_samples_during_load` counts the samples (0: the after-load floors are used).
@@ -30,7 +30,7 @@ seconds. Then, in the same run, it measures the stage floors on sampled requests
 - beyond_model_ms: at concurrency 1, the median over re-ranked requests of end-to-end time
   minus the forward passes that request ran, timed inside the re-ranker during the load
   (`CrossEncoderReranker.forward_seconds`): what a request costs beyond the model, read in
-  the same instant as its latency. Until stop 27 the floors above were measured after the
+  the same instant as its latency. Up to stop 26 the floors above were measured after the
   load only; on a machine whose speed drifts by the minute the ratio moved with them (stop 23:
   one version read 1.55–1.88 in three runs), while this difference resolved a ~0.4 ms change.
   `beyond_model_by_class` gives it per class.
@@ -492,7 +492,7 @@ def _read_both(reader: Any, user: str, ids: list[str]) -> tuple[Any, Any]:
 
 
 # The floors a request's work is held to, measured per sampled user both during the load
-# (interleaved, `_sample_floors`) and after it (`_stage_floors`, beside the references).
+# (interleaved, `_FloorSampler`) and after it (`_stage_floors`, beside the references).
 _REQUEST_FLOORS = ("faiss", "faiss_repeated", "redis_raw", "forward", "forward_user_cached")
 # At concurrency 1, one sampled user's floors between two calls this often (seconds of load):
 # ~30 ms of floors each time at 100k items, so ~6% of the load's time.
