@@ -131,7 +131,8 @@ def bench_serving(
         # for the rest of this process (services/ranking/compute.py). Measured here with the
         # bootstrap on the main thread: forward floor 12.09 ms against 6.10 ms in a run of its
         # own (100k items).
-        in_passing_thread(lambda: bootstrap(config, shop, announce=say))
+        kept = _bootstrap_config(config)
+        in_passing_thread(lambda: bootstrap(kept, shop, announce=say))
     started_at = time.perf_counter()
     app = build_ranking(config, port=0)  # loads the champion and warms its item states
     startup_s = time.perf_counter() - started_at
@@ -310,6 +311,19 @@ def _explicit_settings(workdir: Path) -> set[str]:
     if path.exists():
         given |= set(json.loads(path.read_text()))
     return given
+
+
+def _bootstrap_config(config: Any) -> Any:
+    """`config` as the bench's bootstrap writes it into the workdir's freshrec.json: the
+    serving settings (`ranking`) as that file gave them, or the defaults, not this run's
+    environment or `--candidates`. The bootstrap reads none of them, and a later run takes its
+    own: in stop 26 a first run's `FRESHREC_RANKING__SCORE_CACHE=false`, written into the
+    file, turned a later run meant to use the score cache into one without it."""
+    from freshrec.config import CONFIG_FILE_NAME, RankingConfig
+
+    path = Path(config.workdir) / CONFIG_FILE_NAME
+    given = json.loads(path.read_text()).get("ranking", {}) if path.exists() else {}
+    return config.model_copy(update={"ranking": RankingConfig(**given)})
 
 
 def _cache_counts(app: Any) -> tuple[float, ...]:
