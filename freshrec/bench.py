@@ -161,7 +161,15 @@ def bench_serving(
         else None
     )
 
+    crashed: list[BaseException] = []  # a client thread's error other than a failed call
+
     def client(seed: int) -> None:
+        try:
+            load(seed)
+        except BaseException as exc:  # raised on the main thread after the load
+            crashed.append(exc)
+
+    def load(seed: int) -> None:
         nonlocal errors, client_cpu
         cpu_started = time.thread_time()
         rng = np.random.default_rng(seed)
@@ -205,6 +213,11 @@ def bench_serving(
     for th in threads:
         th.join()
     elapsed = time.perf_counter() - started
+    if crashed:
+        if sampler is not None:
+            sampler.close()
+        app.stop()
+        raise crashed[0]
     process_cpu = time.process_time() - cpu_before
     reranker = app.models.current.reranker
     hits, misses = reranker.user_cache_hits, reranker.user_cache_misses

@@ -592,6 +592,23 @@ def test_bench_recall_measures_the_workdirs_serving_index(stack: Stack) -> None:
     assert result["rss_mb"] > 0 and result["index_mb"] > 0
 
 
+def test_bench_serving_raises_what_broke_a_client_thread(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A floor sample that fails (here: made to) ends the bench with that error, instead of a
+    # client thread dying on its own and the run reporting what the other threads measured.
+    import freshrec.bench as bench
+
+    def broken(_self: object) -> None:
+        raise RuntimeError("floor sample failed")
+
+    monkeypatch.setattr(bench._FloorSampler, "sample", broken)
+    with pytest.raises(RuntimeError, match="floor sample failed"):
+        bench.bench_serving(
+            stack.config.workdir, candidates=20, concurrency=1, duration=2.0, say=lambda _m: None
+        )
+
+
 def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) -> None:
     from freshrec.bench import bench_serving
 
