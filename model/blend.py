@@ -99,10 +99,38 @@ class ScoreBlend:
         z = np.log(p / (1 - p)) + self.collab * np.asarray(collab_scores, dtype=np.float64)
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
+    def __post_init__(self) -> None:
+        # item text -> its own term of the blend (`_text_term`), memoised per blend: not a
+        # field, so neither saved nor compared.
+        object.__setattr__(self, "_text_terms", {})
+
     def logits(self, bert_logits: np.ndarray, item_texts: Sequence[str]) -> np.ndarray:
-        """Blended logits, float32, aligned with `item_texts`."""
-        x = _design(np.asarray(bert_logits, dtype=np.float64), signal_features(item_texts))
-        return (x @ self.weights).astype(np.float32)
+        """Blended logits, float32, aligned with `item_texts`: bert · BERT's logit plus each
+        text's own term (popularity, new arrival, bias), memoised per text.
+
+        Serving runs this right after the forward pass, on caches the forward pass emptied,
+        where every distinct step is several times its hot cost (stop 27: the design-matrix
+        form took 0.18 ms there, 0.03 ms when called again at once); one dict read per text
+        and one multiply-add touch far less.
+        """
+        memo: dict[str, float] = self._text_terms  # type: ignore[attr-defined]
+        if len(memo) > SIGNAL_CACHE_SIZE:
+            memo.clear()
+        get = memo.get
+        terms = np.fromiter(
+            (v if (v := get(t)) is not None else self._text_term(t) for t in item_texts),
+            np.float64,
+            len(item_texts),
+        )
+        bert = np.asarray(bert_logits, dtype=np.float64)
+        return (bert * self.bert + terms).astype(np.float32)
+
+    def _text_term(self, text: str) -> float:
+        """popularity · level + new_arrival · flag + bias for `text`, memoised."""
+        level, new = _signals(text)
+        term = self.popularity * level + self.new_arrival * new + self.bias
+        self._text_terms[text] = term  # type: ignore[attr-defined]
+        return term
 
     def save(self, directory: Path) -> Path:
         path = directory / BLEND_FILE

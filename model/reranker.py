@@ -627,11 +627,17 @@ class CrossEncoderReranker:
         return out
 
     def _relevance(self, logits: torch.Tensor, item_texts: Sequence[str]) -> np.ndarray:
-        """Probabilities from BERT's logits, through the blend when the version has one."""
+        """Probabilities from BERT's logits, through the blend when the version has one.
+
+        In numpy from the first step: serving runs this right after the forward pass, on
+        emptied caches, where each further library's dispatch costs several times its hot
+        time (stop 27, `ScoreBlend.logits`).
+        """
+        z = logits.detach().float().cpu().numpy()
         if self.blend is not None:
-            blended = self.blend.logits(logits.float().cpu().numpy(), item_texts)
-            logits = torch.from_numpy(blended)
-        return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
+            z = self.blend.logits(z, item_texts)
+        # In float64, where exp cannot overflow for any logit a model gives.
+        return (1.0 / (1.0 + np.exp(-z.astype(np.float64)))).astype(np.float32)
 
     @torch.inference_mode()
     def score_many(

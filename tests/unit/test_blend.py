@@ -146,3 +146,31 @@ def test_training_fits_a_blend_that_is_saved_and_applied_when_scoring(tmp_path: 
     np.testing.assert_allclose(loaded.score("recent: Aurora.", texts), scores, atol=1e-5)
     many = loaded.score_many([("recent: Aurora.", texts), ("recent: Peak.", texts)])
     np.testing.assert_allclose(many[0], scores, atol=1e-4)
+
+
+def test_blended_logits_are_the_design_matrix_times_the_weights_memo_or_not() -> None:
+    rng = np.random.default_rng(3)
+    levels = rng.integers(0, POPULARITY_LEVELS + 1, size=50)
+    new = rng.random(50) < 0.3
+    texts = [*_texts(levels, new), "no signals here"]
+    bert = rng.normal(size=len(texts)).astype(np.float32)
+    one = ScoreBlend(bert=0.7, popularity=2.5, new_arrival=0.8, bias=-1.5)
+    two = ScoreBlend(bert=1.0, popularity=-1.0, new_arrival=0.0, bias=0.25)
+    identity = ScoreBlend()
+
+    for blend in (one, two, identity, one):  # `one` again: now from its memo
+        features = signal_features(texts)
+        expected = (
+            blend.bert * bert.astype(np.float64)
+            + blend.popularity * features[:, 0]
+            + blend.new_arrival * features[:, 1]
+            + blend.bias
+        )
+        got = blend.logits(bert, texts)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    # The memo is per blend: another blend's weights never leak into its terms.
+    assert one.logits(bert[:1], texts[:1]) != two.logits(bert[:1], texts[:1])
+    # Not a field: equal blends stay equal, and what a version saves holds no memo.
+    assert ScoreBlend(bert=0.7, popularity=2.5, new_arrival=0.8, bias=-1.5) == one
+    assert "_text_terms" not in one.__dataclass_fields__
