@@ -530,7 +530,6 @@ FLOOR_SAMPLE_EVERY_S = 0.5
 class _FloorWork:
     """One sampled user's request work, as the floors ran it (for the references after)."""
 
-    user: str
     ids: list[str]
     context: str
     texts: list[str]
@@ -580,7 +579,7 @@ def _request_floors(
         got["forward_user_cached"] = _median_ms(
             partial(models.reranker.serving_logits, inputs, user_cache=True), 2
         )
-    return got, _FloorWork(user, ids, context, texts)
+    return got, _FloorWork(ids, context, texts)
 
 
 class _FloorSampler:
