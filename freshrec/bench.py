@@ -70,7 +70,6 @@ seconds. Then, in the same run, it measures the stage floors on sampled requests
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import re
@@ -316,14 +315,11 @@ def bench_project(workdir: Path) -> str:
 
 def _explicit_settings(workdir: Path) -> set[str]:
     """Top-level settings given by the environment or the workdir's freshrec.json."""
-    from freshrec.config import CONFIG_FILE_NAME, FreshRecConfig
+    from freshrec.config import FreshRecConfig, read_config_file
 
     nothing: dict[str, Any] = {}  # the environment alone
     given = set(FreshRecConfig(**nothing).model_dump(exclude_unset=True))
-    path = Path(workdir) / CONFIG_FILE_NAME
-    if path.exists():
-        given |= set(json.loads(path.read_text()))
-    return given
+    return given | set(read_config_file(workdir))
 
 
 def _bootstrap_config(config: Any) -> Any:
@@ -332,10 +328,9 @@ def _bootstrap_config(config: Any) -> Any:
     environment or `--candidates`. The bootstrap reads none of them, and a later run takes its
     own: in stop 26 a first run's `FRESHREC_RANKING__SCORE_CACHE=false`, written into the
     file, turned a later run meant to use the score cache into one without it."""
-    from freshrec.config import CONFIG_FILE_NAME, RankingConfig
+    from freshrec.config import RankingConfig, read_config_file
 
-    path = Path(config.workdir) / CONFIG_FILE_NAME
-    given = json.loads(path.read_text()).get("ranking", {}) if path.exists() else {}
+    given = read_config_file(config.workdir).get("ranking", {})
     return config.model_copy(update={"ranking": RankingConfig(**given)})
 
 
@@ -614,10 +609,15 @@ class _FloorSampler:
 
     def medians(self) -> dict[str, float]:
         """{floor: median ms}, empty before a sample."""
-        return {k: round(float(np.median(v)), 2) for k, v in self.samples.items() if v}
+        return _medians(self.samples)
 
     def close(self) -> None:
         self._raw.close()
+
+
+def _medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    """{stage: median ms to 0.01} of the stages with samples."""
+    return {k: round(float(np.median(v)), 2) for k, v in samples.items() if v}
 
 
 def _stage_floors(
@@ -662,7 +662,7 @@ def _stage_floors(
             )
         )
     raw.close()
-    med = {k: round(float(np.median(v)), 2) for k, v in stages.items() if v}
+    med = _medians(stages)
     if not {"faiss", "redis_raw", "forward"} <= med.keys():
         return {}
     return {

@@ -472,9 +472,7 @@ def load_config(workdir: Path | None = None, **overrides: Any) -> FreshRecConfig
     _reject_unknown_env()
     file_values: dict[str, Any] = {}
     if workdir is not None:
-        path = Path(workdir) / CONFIG_FILE_NAME
-        if path.exists():
-            file_values = json.loads(path.read_text())
+        file_values = read_config_file(workdir)
         file_values["workdir"] = Path(workdir)
     env_view = FreshRecConfig(**overrides)  # environment + overrides only
     explicit = env_view.model_dump(exclude_unset=True)
@@ -509,6 +507,12 @@ def _reject_unknown_env() -> None:
         section = sections.get(top)
         if sub and (section is None or sub not in section.model_fields):
             raise InvalidArgument(f"unknown setting {key}: no field {sub!r} in section {top!r}")
+
+
+def read_config_file(workdir: Path | str) -> dict[str, Any]:
+    """The settings `<workdir>/freshrec.json` gives, as written (empty without the file)."""
+    path = Path(workdir) / CONFIG_FILE_NAME
+    return dict(json.loads(path.read_text())) if path.exists() else {}
 
 
 def save_config(config: FreshRecConfig) -> Path:

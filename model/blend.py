@@ -48,6 +48,12 @@ def signal_features(item_texts: Sequence[str]) -> np.ndarray:
     return np.array([_signals(t) for t in item_texts], dtype=np.float64).reshape(-1, 2)
 
 
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """sigmoid(logits) as float32 relevance, computed in float64, where exp cannot overflow
+    for any logit a model gives."""
+    return (1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))).astype(np.float32)
+
+
 @functools.lru_cache(maxsize=SIGNAL_CACHE_SIZE)
 def _signals(text: str) -> tuple[float, float]:
     """One text's signals, memoised: every request re-reads its ~70 candidates' texts, which
@@ -97,7 +103,7 @@ class ScoreBlend:
             return relevance
         p = np.clip(np.asarray(relevance, dtype=np.float64), 1e-7, 1 - 1e-7)
         z = np.log(p / (1 - p)) + self.collab * np.asarray(collab_scores, dtype=np.float64)
-        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+        return probabilities(z)
 
     def __post_init__(self) -> None:
         # item text -> its own term of the blend (`_text_term`), memoised per blend: not a

@@ -32,7 +32,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from model.blend import ScoreBlend
+from model.blend import ScoreBlend, probabilities
 from model.collab import CollabFactors
 from model.device import CpuDtype, autocast_dtype, resolve_device
 from model.item_states import Int8ItemStates, PagedItemStates
@@ -636,8 +636,7 @@ class CrossEncoderReranker:
         z = logits.detach().float().cpu().numpy()
         if self.blend is not None:
             z = self.blend.logits(z, item_texts)
-        # In float64, where exp cannot overflow for any logit a model gives.
-        return (1.0 / (1.0 + np.exp(-z.astype(np.float64)))).astype(np.float32)
+        return probabilities(z)
 
     @torch.inference_mode()
     def score_many(
