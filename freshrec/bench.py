@@ -22,7 +22,11 @@ seconds. Then, in the same run, it measures the stage floors on sampled requests
   the same minutes. Up to stop 26 they were measured after the load only, and on machines
   whose speed drifts by the minute one version read 1.29 and 1.56 in two runs (stop 26, its
   floors 6.03 against 4.46 ms). `overhead_after_load` keeps that reading beside it;
-  `floor_samples_during_load` counts the samples (0: the after-load floors are used).
+  `floor_samples_during_load` counts the samples (0: the after-load floors are used). The
+  after-load floors run for all sampled users before any re-rank reference: until stop 28 each
+  user's followed the previous user's fp32 reference pass, whose ~0.5 s emptied the caches, and
+  a first FAISS search read 1.65-2.44 ms there against 0.52-0.57 ms during the load (100k items,
+  Xeon with AMX), which lowered that ratio to 1.16-1.28 where the load's floors gave 1.62-1.69.
   The bench tells the classes apart by the re-ranker's cache counters around each call, which
   only one client at a time makes exact; at higher concurrency the overhead fields are null
   (queueing behind other requests is not overhead of the request path).
@@ -644,6 +648,11 @@ def _stage_floors(
     stages: dict[str, list[float]] = {k: [] for k in names}
     identical = True
     picked = rng.choice(len(users), size=min(samples, len(users)), replace=False)
+    # Every user's floors and reads first, the re-rank references after: a floor run right
+    # after the fp32 reference's ~0.5 s pass found caches that pass had emptied (stop 28, 100k
+    # items: a first FAISS search took 1.65-2.44 ms there, 0.52-0.57 ms between the load's
+    # calls). The two reads of target 4 stay side by side, under the same conditions.
+    works: list[_FloorWork] = []
     for user in (users[int(i)] for i in picked):
         got = _request_floors(models, raw, user, candidates, config.ranking.popular_candidates)
         if got is None:
@@ -653,6 +662,8 @@ def _stage_floors(
             stages[name].append(ms)
         stages["feast_sdk"].append(_median_ms(partial(_read_both, sdk, user, work.ids), 3))
         identical &= _read_both(raw, user, work.ids) == _read_both(sdk, user, work.ids)
+        works.append(work)
+    for work in works:
         stages["rerank_serving"].append(  # the forward pass timed, not the score cache
             _median_ms(partial(models.reranker.score, work.context, work.texts, cache=False), 2)
         )
