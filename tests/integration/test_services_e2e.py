@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -607,6 +608,38 @@ def test_bench_serving_raises_what_broke_a_client_thread(
         bench.bench_serving(
             stack.config.workdir, candidates=20, concurrency=1, duration=2.0, say=lambda _m: None
         )
+
+
+def test_bench_serving_times_every_floor_before_the_fp32_reference(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A floor timed right after the fp32 reference's pass (~0.5 s at 70 candidates) finds the
+    # caches that pass emptied: stop 28 read a first FAISS search at 1.65-2.44 ms there against
+    # 0.52-0.57 ms during the load. So no floor may run once a reference has.
+    import freshrec.bench as bench
+    from model.reranker import CrossEncoderReranker
+
+    events: list[str] = []
+    floors, score_pairs = bench._request_floors, CrossEncoderReranker.score_pairs
+
+    def floor_spy(*args: Any, **kwargs: Any) -> Any:
+        events.append("floor")
+        return floors(*args, **kwargs)
+
+    def reference_spy(self: CrossEncoderReranker, *args: Any, **kwargs: Any) -> Any:
+        events.append("reference")
+        return score_pairs(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_request_floors", floor_spy)
+    monkeypatch.setattr(CrossEncoderReranker, "score_pairs", reference_spy)
+    result = bench.bench_serving(
+        stack.config.workdir, candidates=20, concurrency=1, duration=1.0, say=lambda _m: None
+    )
+    assert result["rerank_speedup_vs_reference"] > 0
+    first_reference = events.index("reference")
+    # The load's samples and the after-load floors, all of them before the first reference.
+    assert events[:first_reference].count("floor") > result["floor_samples_during_load"]
+    assert "floor" not in events[first_reference:]
 
 
 def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) -> None:
