@@ -648,10 +648,8 @@ def _stage_floors(
     stages: dict[str, list[float]] = {k: [] for k in names}
     identical = True
     picked = rng.choice(len(users), size=min(samples, len(users)), replace=False)
-    # Every user's floors and reads first, the re-rank references after: a floor run right
-    # after the fp32 reference's ~0.5 s pass found caches that pass had emptied (stop 28, 100k
-    # items: a first FAISS search took 1.65-2.44 ms there, 0.52-0.57 ms between the load's
-    # calls). The two reads of target 4 stay side by side, under the same conditions.
+    # Every user's floors and reads first, the re-rank references after (module docstring:
+    # overhead_ratio); the two reads of target 4 stay side by side, under the same conditions.
     works: list[_FloorWork] = []
     for user in (users[int(i)] for i in picked):
         got = _request_floors(models, raw, user, candidates, config.ranking.popular_candidates)
