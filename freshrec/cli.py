@@ -509,6 +509,44 @@ def bench_serving_cmd(
         print(json.dumps(result))
 
 
+@bench_app.command("swap")
+def bench_swap_cmd(
+    workdir: WorkdirOpt = Path(".freshrec/bench"),
+    candidates: Annotated[int, typer.Option(help="Candidates re-ranked per request.")] = 50,
+    concurrency: Annotated[int, typer.Option(help="Concurrent gRPC clients.", min=1)] = 1,
+    before: Annotated[
+        float, typer.Option(help="Seconds of load before the new version is promoted.", min=1)
+    ] = 10.0,
+    after: Annotated[
+        float, typer.Option(help="Seconds of load once the new version answers.", min=0)
+    ] = 10.0,
+    timeout: Annotated[
+        float, typer.Option(help="Longest wait for the new version to answer.", min=1)
+    ] = 900.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Last line: one JSON object.")] = False,
+) -> None:
+    """Recommend latency while the ranking service loads a new model version (JSON)."""
+    _logging()
+    logging.getLogger().setLevel(logging.WARNING)
+    from freshrec.bench_swap import bench_swap
+
+    result = bench_swap(workdir, concurrency, before, after, timeout, candidates, say=console.print)
+    for name in ("steady", "loading", "after"):
+        w = result[name]
+        console.print(
+            f"{name}: {w['calls']} calls, {w['errors']} errors, p50 {w.get('p50_ms')} ms, "
+            f"p99 {w.get('p99_ms')} ms, max {w.get('max_ms')} ms, {w['qps']} req/s"
+        )
+    console.print(
+        f"{result['challenger']} answered {result['load_s']} s after its promotion "
+        f"({result['items']:,} items, {result['warm_item_states']:,} item states warmed); "
+        f"peak RSS {result['rss_peak_mb_steady']} MiB steady, "
+        f"{result['rss_peak_mb_loading']} MiB loading"
+    )
+    if json_out:
+        print(json.dumps(result))
+
+
 @bench_app.command("recall")
 def bench_recall_cmd(
     workdir: WorkdirOpt = Path(".freshrec/bench-recall"),

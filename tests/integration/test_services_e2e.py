@@ -754,3 +754,41 @@ def test_bench_quality_trains_both_models_on_the_updaters_serving_like_pairs(
     )
     for key in ("ndcg@10_served", "ndcg@10_reference", "ndcg@10_recall_order"):
         assert 0.0 <= result[key] <= 1.0
+
+
+def test_bench_swap_times_the_calls_around_a_real_hot_swap(stack: Stack) -> None:
+    # Last in the module: it promotes a version, and promotes the champion back at its end.
+    from safetensors.torch import load_file
+
+    from freshrec.bench_swap import bench_swap
+
+    registry = ModelRegistry(stack.config.registry_dir)
+    champion = registry.champion("reranker")
+    result = bench_swap(
+        stack.config.workdir,
+        concurrency=2,
+        before=1.0,
+        after=1.0,
+        candidates=20,
+        say=lambda _m: None,
+    )
+    assert result["swapped"] is True and result["errors"] == 0
+    assert result["champion"] == champion and result["challenger"] != champion
+    assert result["load_s"] > 0 and result["first_new_answer_s"] is not None
+    assert result["steady"]["calls"] > 0 and result["after"]["calls"] > 0
+    for name in ("steady", "after"):
+        w = result[name]
+        assert w["max_ms"] >= w["p99_ms"] >= w["p50_ms"] > 0 and w["qps"] > 0
+    # Answers come from the version serving when the call is made, never the other one.
+    assert result["answered_by_new_before_promote"] == 0
+    assert result["after_answered_by_old"] == 0
+    assert result["rss_peak_mb_steady"] > 0 and result["rss_peak_mb_loading"] > 0
+    # The workdir serves its champion again; the challenger stays in the registry, a child
+    # of the champion (the stack fine-tunes every layer: tests/unit/test_bench_swap.py checks
+    # that frozen layers stay).
+    assert registry.champion("reranker") == champion
+    assert registry.manifest("reranker", result["challenger"]).parent == champion
+    old = load_file(registry.path("reranker", champion) / "model.safetensors")
+    new = load_file(registry.path("reranker", result["challenger"]) / "model.safetensors")
+    assert old.keys() == new.keys() and all(not (old[k] == new[k]).all() for k in old)
+    _wait_for(lambda: _served_version(stack) == champion, "the champion serving again")

@@ -1,0 +1,279 @@
+"""`freshrec bench swap`: what a model hot swap costs the requests served while it happens.
+
+The updater publishes a new re-ranker version every time it promotes a challenger, and the
+ranking service loads it while it keeps serving the old one (services/ranking/models.py). With a
+split re-ranker the load includes the item-side states of the warm set (`ranking.
+warm_item_states`): the same forward passes as at start-up, on the same two cores that serve
+requests. `freshrec bench serving` never sees that: it serves one version. This bench does:
+
+1. In an initialised workdir (e.g. one `freshrec bench serving --items N` bootstrapped), it
+   publishes a challenger before anything is timed: the champion with the layers the updater
+   fine-tunes (`training.freeze_layers` and up, and the head) moved by a small deterministic
+   step. The ranking service cannot tell it from a fine-tuned version: only which layers
+   changed decides what a load recomputes, not by how much.
+2. It starts the ranking service in this process (as `bench serving` does), drives Recommend
+   from K clients, promotes the challenger after `--before` seconds, and keeps the load going
+   until the service answers with the new version plus `--after` seconds.
+3. Each call is put in the window it started in: `steady` (before the promote), `loading`
+   (promote until the first answer from the new version: the service polls, verifies, loads
+   and warms), `after`. Per window: calls, errors, p50/p95/p99/max, req/s; `load_s` is the
+   promote-to-first-answer time. RSS is sampled every 0.1 s: a load holds two versions' item
+   states for a while.
+4. It promotes the old champion again at the end, so the workdir serves what it served before
+   (both versions stay in the registry, as after any rollback).
+
+The JSON's last line: `load_s`, `steady`, `loading`, `after` (each `calls`, `errors`,
+`p50_ms`, `p95_ms`, `p99_ms`, `max_ms`, `qps`), `errors`, `rss_peak_mb_steady`,
+`rss_peak_mb_loading`, `warm_item_states`, `items`, `machine`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from freshrec.config import FreshRecConfig, load_config
+from freshrec.errors import FailedPrecondition
+
+# The challenger's step: each fine-tuned tensor moves by this share of its mean magnitude.
+CHALLENGER_STEP = 1e-3
+
+
+def publish_challenger(config: FreshRecConfig, seed: int = 0) -> tuple[str, str]:
+    """Publish the champion re-ranker with its fine-tuned layers moved (module docstring, 1);
+    returns (champion, challenger). Not promoted."""
+    import shutil
+
+    import torch
+
+    from model.artifacts import Manifest
+    from model.reranker import CrossEncoderReranker
+    from model.training import freeze_lower_layers
+    from services.ranking.compute import in_passing_thread
+    from services.registry import open_registry
+
+    registry = open_registry(config)
+    champion = registry.champion("reranker")
+    if champion is None:
+        raise FailedPrecondition(
+            f"no champion re-ranker in {config.workdir}: run `freshrec init` (or "
+            "`freshrec bench serving`, which bootstraps one) first"
+        )
+    layers = config.training.freeze_layers
+
+    def make() -> str:
+        reranker = CrossEncoderReranker.from_pretrained(
+            registry.path("reranker", champion), config.model.max_length, "cpu", "fp32"
+        )
+        freeze_lower_layers(reranker, layers)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in reranker.model.parameters():
+                if p.requires_grad:
+                    scale = CHALLENGER_STEP * float(p.abs().mean()) + 1e-12
+                    p.add_(torch.randn(p.shape, generator=generator) * scale)
+        staging = registry.staging_dir("reranker")
+        try:
+            reranker.save(staging)
+            sealed = registry.publish(
+                "reranker",
+                staging,
+                Manifest(
+                    kind="reranker",
+                    version="",
+                    parent=champion,
+                    reason=f"bench swap: {champion} with layers {layers + 1}+ and the head moved",
+                    training={"freeze_layers": layers, "bench_swap_step": CHALLENGER_STEP},
+                ),
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return sealed.version
+
+    # torch on a thread that ends with it (services/ranking/compute.py).
+    return champion, in_passing_thread(make)
+
+
+@dataclass
+class _Call:
+    started: float
+    ms: float
+    ok: bool
+    version: str
+
+
+@dataclass
+class _RssPeaks:
+    """Peak RSS per phase, sampled on a thread."""
+
+    phase: str = "steady"
+    peaks: dict[str, float] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        process = psutil.Process()
+        while not self.stop.is_set():
+            rss = process.memory_info().rss / 2**20
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), rss)
+            self.stop.wait(0.1)
+
+
+def window(calls: list[_Call], start: float, end: float) -> dict[str, Any]:
+    """Calls that started in [start, end): count, errors, latency percentiles, req/s."""
+    inside = [c for c in calls if start <= c.started < end]
+    ms = np.asarray([c.ms for c in inside if c.ok])
+    seconds = max(end - start, 1e-9)
+    out: dict[str, Any] = {
+        "calls": len(inside),
+        "errors": sum(not c.ok for c in inside),
+        "seconds": round(seconds, 2),
+        "qps": round(len(inside) / seconds, 2),
+    }
+    if ms.size:
+        out |= {
+            "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p95_ms": round(float(np.percentile(ms, 95)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "max_ms": round(float(ms.max()), 2),
+        }
+    return out
+
+
+def bench_swap(
+    workdir: Path,
+    concurrency: int = 1,
+    before: float = 10.0,
+    after: float = 10.0,
+    timeout: float = 900.0,
+    candidates: int = 50,
+    k: int = 10,
+    say: Any = print,
+) -> dict[str, Any]:
+    """Run the benchmark (module docstring); returns the JSON-able result."""
+    import grpc
+    import pandas as pd
+
+    from freshrec.clients import channel, ranking_stub
+    from freshrec.v1 import ranking_pb2
+    from model.device import cpu_description
+    from services.ranking.server import build_ranking
+    from services.registry import open_registry
+
+    config = load_config(workdir, ranking={"recall_candidates": candidates})
+    champion, challenger = publish_challenger(config)
+    say(f"challenger {challenger} published (champion {champion}); starting the service")
+    registry = open_registry(config)
+    app = build_ranking(config, port=0)
+    rss = _RssPeaks()
+    rss_thread = threading.Thread(target=rss.run, name="bench-rss", daemon=True)
+    rss_thread.start()
+    try:
+        users = (
+            pd.read_parquet(config.offline_dir / "user_profile.parquet", columns=["user_id"])[
+                "user_id"
+            ]
+            .astype(str)
+            .tolist()
+        )
+        calls: list[_Call] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+        address = f"127.0.0.1:{app.port}"
+        crashed: list[BaseException] = []
+
+        def client(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            local: list[_Call] = []
+            try:
+                with channel(address) as ch:
+                    stub = ranking_stub(ch)
+                    while not stop.is_set():
+                        req = ranking_pb2.RecommendRequest(
+                            user_id=users[int(rng.integers(len(users)))], k=k
+                        )
+                        t = time.perf_counter()
+                        try:
+                            answer = stub.Recommend(req, timeout=30)
+                            ms = (time.perf_counter() - t) * 1e3
+                            local.append(_Call(t, ms, True, answer.model_version))
+                        except grpc.RpcError:
+                            local.append(_Call(t, (time.perf_counter() - t) * 1e3, False, ""))
+            except BaseException as exc:  # raised on the main thread after the load
+                crashed.append(exc)
+            with lock:
+                calls.extend(local)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+        started = time.perf_counter()
+        for th in threads:
+            th.start()
+        time.sleep(before)
+        promoted = time.perf_counter()
+        rss.phase = "loading"
+        registry.promote("reranker", challenger, reason="bench swap")
+        served: float | None = None
+        while time.perf_counter() - promoted < timeout and not crashed:
+            if app.models.current.model_version == challenger:
+                served = time.perf_counter()
+                break
+            time.sleep(0.005)
+        rss.phase = "after"
+        if served is not None:
+            time.sleep(after)
+        stop.set()
+        for th in threads:
+            th.join()
+        ended = time.perf_counter()
+        if crashed:
+            raise crashed[0]
+        n_items = len(app.models.current.index)
+    finally:
+        rss.stop.set()
+        rss_thread.join()
+        try:
+            app.stop()
+        finally:
+            # The workdir serves what it served before the bench.
+            registry.promote("reranker", champion, reason="bench swap: restore")
+    swapped = served if served is not None else ended
+    first_new = min((c.started for c in calls if c.version == challenger), default=None)
+    return {
+        "load_s": round(swapped - promoted, 2) if served is not None else None,
+        "swapped": served is not None,
+        "steady": window(calls, started, promoted),
+        "loading": window(calls, promoted, swapped),
+        "after": window(calls, swapped, ended),
+        "errors": sum(not c.ok for c in calls),
+        # A call answered by the new version before the service had swapped would be a bug.
+        "answered_by_new_before_promote": sum(
+            c.version == challenger and c.started + c.ms / 1e3 < promoted for c in calls
+        ),
+        # Every answer once the service swapped: the new version's.
+        "after_answered_by_old": sum(
+            c.ok and c.version != challenger for c in calls if c.started >= swapped
+        ),
+        "first_new_answer_s": round(first_new - promoted, 2) if first_new else None,
+        "rss_peak_mb_steady": round(rss.peaks.get("steady", 0.0), 1),
+        "rss_peak_mb_loading": round(rss.peaks.get("loading", 0.0), 1),
+        "rss_peak_mb_after": round(rss.peaks.get("after", 0.0), 1),
+        "champion": champion,
+        "challenger": challenger,
+        "concurrency": concurrency,
+        "candidates": candidates,
+        "items": n_items,
+        "warm_item_states": config.ranking.warm_item_states,
+        "freeze_layers": config.training.freeze_layers,
+        "machine": {
+            "cores": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(),
+            **cpu_description(),
+        },
+    }

@@ -1,0 +1,52 @@
+"""`freshrec bench swap`'s challenger and windows (the run itself: tests/integration)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from freshrec.bench_swap import _Call, publish_challenger, window
+from freshrec.config import load_config
+from freshrec.errors import FailedPrecondition
+from model.artifacts import Manifest
+from model.reranker import CrossEncoderReranker
+from services.registry import open_registry
+
+
+def test_the_challenger_moves_only_the_layers_the_updater_fine_tunes(tmp_path: Path) -> None:
+    config = load_config(tmp_path / "work", training={"freeze_layers": 1})
+    registry = open_registry(config)
+    staging = registry.staging_dir("reranker")
+    CrossEncoderReranker.tiny(seed=0, joint_layers=1).save(staging)
+    champion = registry.publish("reranker", staging, Manifest(kind="reranker", version="")).version
+    registry.promote("reranker", champion)
+
+    got = publish_challenger(config)
+
+    assert got[0] == champion and got[1] != champion
+    assert registry.champion("reranker") == champion  # published, not promoted
+    old = load_file(registry.path("reranker", champion) / "model.safetensors")
+    new = load_file(registry.path("reranker", got[1]) / "model.safetensors")
+    moved = {k for k in old if not (old[k] == new[k]).all()}
+    # Embeddings and layer 1 frozen (as `freeze_layers` 1 trains); layer 2 and the head moved.
+    frozen = {k for k in old if ".embeddings." in k or ".layer.0." in k}
+    assert frozen and not frozen & moved
+    assert moved == old.keys() - frozen - {"bert.embeddings.position_ids"}
+    # By a small step: the same model, not a random one.
+    for k in moved:
+        assert (old[k] - new[k]).abs().max() < 0.01 * old[k].abs().max() + 1e-6
+
+
+def test_without_a_champion_the_bench_says_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(FailedPrecondition, match="freshrec init"):
+        publish_challenger(load_config(tmp_path / "empty"))
+
+
+def test_a_window_holds_the_calls_that_started_in_it() -> None:
+    calls = [_Call(0.5, 4.0, True, "v1"), _Call(1.0, 8.0, True, "v1"), _Call(1.5, 9.0, False, "")]
+    w = window(calls, 1.0, 2.0)
+    assert (w["calls"], w["errors"], w["qps"]) == (2, 1, 2.0)
+    assert w["p50_ms"] == w["max_ms"] == 8.0
+    assert window(calls, 2.0, 3.0) == {"calls": 0, "errors": 0, "seconds": 1.0, "qps": 0.0}
