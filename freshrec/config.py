@@ -183,16 +183,6 @@ class RankingConfig(_Section):
         "The state cache holds max(50,000, this) items (~23 KiB each in 16 bits at the "
         "synthetic 100k catalogue: `item_state_mib` in `freshrec bench serving`).",
     )
-    swap_warm_slice_ms: float = Field(
-        10.0,
-        ge=0,
-        description="While a version serves, a newly promoted version's item states (the warm "
-        "set) are computed on the service's torch thread in slices of about this many ms, "
-        "between requests: a request waits behind one slice at most, and no second torch "
-        "thread slows every forward pass meanwhile (`freshrec bench swap`). 0 = compute them "
-        "on a thread of their own, beside the requests (faster load, slower requests while it "
-        "runs). At start-up, before the service serves, they are always computed at once.",
-    )
     score_cache: bool = Field(
         True,
         description="Keep a split re-ranker's BERT logits per (user-context tokens, item text) "

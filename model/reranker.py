@@ -415,22 +415,6 @@ class CrossEncoderReranker:
             self._item_states.put(chunk, states, mask.sum(dim=1).tolist())
         return len(missing)
 
-    def uncached_items(self, item_texts: Sequence[str]) -> list[str]:
-        """The distinct texts of `item_texts` whose item-side states are not cached (split
-        models; none for a full cross-encoder)."""
-        return [] if self.split is None else self._item_states.missing(item_texts)
-
-    def item_lengths(self, item_texts: Sequence[str]) -> list[int]:
-        """Token counts of the item segments of `item_texts` (split models; tokenises them,
-        and the ids stay cached for `warm_items`)."""
-        return [len(self._item_row(t)) for t in item_texts]
-
-    def expect_items(self, lengths: Sequence[int]) -> None:
-        """Announce a warm-up of items of these token counts that comes in several
-        `warm_items` calls, so the state store is allocated once for all of them."""
-        if self.split is not None:
-            self._item_states.expect(lengths)
-
     def clear_item_states(self) -> None:
         """Forget cached item- and user-side states, cached logits and the int8 user-side copy
         (they belong to the weights they were computed with; `model.training.train` calls

@@ -19,18 +19,14 @@ thread that ends when the load does (`in_passing_thread`): its team goes with it
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from model.embeddings import Embedder
-
-if TYPE_CHECKING:
-    from model.reranker import CrossEncoderReranker
 
 T = TypeVar("T")
 
@@ -89,49 +85,3 @@ def in_passing_thread(fn: Callable[..., T], *args: Any) -> T:
     returns its result or raises its error."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="freshrec-load") as pool:
         return pool.submit(fn, *args).result()
-
-
-# Texts tokenised per call of a sliced warm-up (~50 µs each: a few ms a call).
-TOKENISE_SLICE = 128
-# Items in a sliced warm-up's first forward slice, and the most in any one.
-FIRST_SLICE, MAX_SLICE = 4, 128
-
-
-def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
-    started = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - started
-
-
-def warm_between_requests(
-    reranker: CrossEncoderReranker,
-    item_texts: Sequence[str],
-    worker: TorchWorker,
-    slice_s: float,
-) -> tuple[int, int]:
-    """Compute the item-side states of `item_texts` on `worker`, in calls of about `slice_s`
-    seconds each; returns (states computed, calls).
-
-    For a version loading while another serves. The worker runs calls in the order they were
-    submitted, so a request that arrives during a slice runs right after it, before the next
-    slice: it waits `slice_s` at most. A thread of the load's own would instead hold a second
-    OpenMP team for the whole warm-up and slow every forward pass of the serving version
-    (module docstring). Each slice's size is set from the time per item of the one before,
-    measured on the worker (not the time spent queued behind requests).
-    """
-    todo = reranker.uncached_items(item_texts)
-    lengths: list[int] = []
-    for start in range(0, len(todo), TOKENISE_SLICE):
-        lengths += worker.call(reranker.item_lengths, todo[start : start + TOKENISE_SLICE])
-    # In order of token count, as one `warm_items` call would: a slice pads little.
-    order = sorted(range(len(todo)), key=lengths.__getitem__)
-    todo = [todo[i] for i in order]
-    worker.call(reranker.expect_items, [lengths[i] for i in order])
-    start, computed, calls, size = 0, 0, 0, FIRST_SLICE
-    while start < len(todo):
-        chunk = todo[start : start + size]
-        got, seconds = worker.call(_timed, reranker.warm_items, chunk)
-        start, computed, calls = start + len(chunk), computed + got, calls + 1
-        per_item = seconds / max(got, 1)
-        size = min(max(int(slice_s / max(per_item, 1e-6)), 1), MAX_SLICE)
-    return computed, calls

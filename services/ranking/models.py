@@ -44,15 +44,10 @@ class ModelHolder:
         poll_seconds: float = 1.0,
         on_swap: Callable[[ServingModels], None] | None = None,
         ef_search: int = 0,
-        prepare_reranker: Callable[[CrossEncoderReranker], None] | None = None,
     ) -> None:
         """Args:
         ef_search: HNSW efSearch of loaded indexes (`RecallIndex.load`; 0 = by size).
-        prepare_reranker: run on each loaded re-ranker after `load_reranker`, on the
-            watcher's thread (not the load's), before the version serves; an error refuses
-            the version like a failed load.
         """
-        self.prepare_reranker = prepare_reranker
         self.registry = registry
         self.ef_search = ef_search
         self.load_reranker = load_reranker
@@ -87,10 +82,7 @@ class ModelHolder:
                 return RecallIndex.load(path, self.ef_search)
             # On a thread that ends with the load: its torch threads go with it
             # (services/ranking/compute.py).
-            reranker = in_passing_thread(self.load_reranker, str(path))
-            if self.prepare_reranker is not None:
-                self.prepare_reranker(reranker)
-            return reranker
+            return in_passing_thread(self.load_reranker, str(path))
         except (ArtifactError, NotFound, OSError, ValueError, RuntimeError) as exc:
             raise ArtifactError(f"{kind} {version} refused: {exc}") from exc
 

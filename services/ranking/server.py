@@ -62,12 +62,7 @@ from services.ingestion.pipeline import EventIngestor
 from services.ingestion.spool import EventSpool
 from services.jobs.bootstrap import read_online_store_choice
 from services.ranking.batching import RerankBatcher
-from services.ranking.compute import (
-    TorchWorker,
-    WorkerEncoder,
-    in_passing_thread,
-    warm_between_requests,
-)
+from services.ranking.compute import TorchWorker, WorkerEncoder, in_passing_thread
 from services.ranking.models import ModelHolder
 from services.ranking.pipeline import (
     PipelineSettings,
@@ -191,9 +186,6 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     )
     registry = open_registry(config)
     holder: ModelHolder | None = None
-    # Every torch call of the request path runs on this one thread (services/ranking/compute.py),
-    # and so does the warm-up of a version that loads while another serves.
-    worker = TorchWorker(threads=config.model.torch_threads or None)
 
     def load_reranker(path: str) -> CrossEncoderReranker:
         reranker = CrossEncoderReranker.from_pretrained(
@@ -212,8 +204,6 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         reranker.item_state_capacity = max(
             reranker.item_state_capacity, config.ranking.warm_item_states
         )
-        if warms_between_requests():
-            return reranker  # prepare_reranker warms it, on the torch thread
         index = holder.current.index if holder is not None and holder.ready else None
         started = time.perf_counter()
         warmed = reranker.warm_items(_warm_texts(config, index))
@@ -227,30 +217,6 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
                 time.perf_counter() - started,
             )
         return reranker
-
-    def warms_between_requests() -> bool:
-        """A version serves: the next one's item states are computed between its requests."""
-        return holder is not None and holder.ready and config.ranking.swap_warm_slice_ms > 0
-
-    def prepare_reranker(reranker: CrossEncoderReranker) -> None:
-        if reranker.split is None or not warms_between_requests():
-            return
-        assert holder is not None
-        started = time.perf_counter()
-        warmed, calls = warm_between_requests(
-            reranker,
-            _warm_texts(config, holder.current.index),
-            worker,
-            config.ranking.swap_warm_slice_ms / 1e3,
-        )
-        if warmed:
-            release_free_heap()
-            log.info(
-                "next re-ranker: %d item states computed in %.1f s, in %d slices between requests",
-                warmed,
-                time.perf_counter() - started,
-                calls,
-            )
 
     serving = threading.Event()
 
@@ -273,12 +239,9 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         config.ranking.registry_poll_seconds,
         on_swap=on_swap,
         ef_search=config.ranking.ef_search,
-        prepare_reranker=prepare_reranker,
     )
     holder.start()
     if not holder.ready:
-        holder.stop()
-        worker.close()
         raise FailedPrecondition(
             f"no champion model/index under {config.registry_url or config.registry_dir}: "
             "run `freshrec init` first"
@@ -301,6 +264,8 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         category_weights=dict(config.ranking.category_weights),
         exclude_purchased=config.ranking.exclude_purchased,
     )
+    # Every torch call of the request path runs on this one thread (services/ranking/compute.py).
+    worker = TorchWorker(threads=config.model.torch_threads or None)
     encoder = WorkerEncoder(
         in_passing_thread(TextEncoder.from_pretrained, config.model.base_model or None), worker
     )

@@ -423,36 +423,6 @@ def test_holder_loads_on_a_thread_that_ends_with_the_load(
     assert all(t is not threading.current_thread() and not t.is_alive() for t in threads)
 
 
-def test_holder_prepares_each_loaded_reranker_before_it_serves(
-    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
-) -> None:
-    """The server warms a version that loads while another serves through this hook, on the
-    torch thread (services/ranking/server.py); a failing one refuses the version."""
-    prepared: list[tuple[CrossEncoderReranker, str, threading.Thread]] = []
-    holder: ModelHolder
-
-    def prepare(reranker: CrossEncoderReranker) -> None:
-        serving = holder.current.model_version if holder.ready else ""
-        prepared.append((reranker, serving, threading.current_thread()))
-        if len(prepared) == 3:
-            raise RuntimeError("warm-up failed")
-
-    holder = ModelHolder(registry, _loader, prepare_reranker=prepare)
-    assert holder.refresh() is True
-    registry.promote("reranker", _publish_reranker(registry, _different_reranker(tiny_reranker)))
-    assert holder.refresh() is True
-    # Prepared before it served, while the one before still did; on the caller's thread.
-    assert [(p[0], p[1]) for p in prepared] == [
-        (prepared[0][0], ""),
-        (holder.current.reranker, "v0001"),
-    ]
-    assert all(p[2] is threading.current_thread() for p in prepared)
-    registry.promote("reranker", _publish_reranker(registry, _different_reranker(tiny_reranker)))
-    assert holder.refresh() is False
-    assert holder.current.model_version == "v0002"
-    assert "warm-up failed" in holder.refusals[-1].reason
-
-
 def test_holder_swaps_on_promote(
     registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
 ) -> None:
