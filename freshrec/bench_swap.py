@@ -24,7 +24,8 @@ requests. `freshrec bench serving` never sees that: it serves one version. This 
 
 The JSON's last line: `load_s`, `steady`, `loading`, `after` (each `calls`, `errors`,
 `p50_ms`, `p95_ms`, `p99_ms`, `max_ms`, `qps`), `errors`, `rss_peak_mb_steady`,
-`rss_peak_mb_loading`, `warm_item_states`, `items`, `machine`.
+`rss_peak_mb_loading`, `rss_mb_end` (once the old version is gone), `warm_item_states`,
+`items`, `machine`.
 """
 
 from __future__ import annotations
@@ -216,6 +217,7 @@ def bench_swap(
         for th in threads:
             th.start()
         time.sleep(before)
+        old = app.models.current.reranker
         promoted = time.perf_counter()
         rss.phase = "loading"
         registry.promote("reranker", challenger, reason="bench swap")
@@ -232,9 +234,11 @@ def bench_swap(
         for th in threads:
             th.join()
         ended = time.perf_counter()
+        rss_end = psutil.Process().memory_info().rss / 2**20
         if crashed:
             raise crashed[0]
         n_items = len(app.models.current.index)
+        shared = served is not None and app.models.current.reranker.shares_item_states_with(old)
     finally:
         rss.stop.set()
         rss_thread.join()
@@ -261,9 +265,12 @@ def bench_swap(
             c.ok and c.version != challenger for c in calls if c.started >= swapped
         ),
         "first_new_answer_s": round(first_new - promoted, 2) if first_new else None,
+        # The new version kept the old one's item states (same item side: no warm-up).
+        "item_states_shared": shared,
         "rss_peak_mb_steady": round(rss.peaks.get("steady", 0.0), 1),
         "rss_peak_mb_loading": round(rss.peaks.get("loading", 0.0), 1),
         "rss_peak_mb_after": round(rss.peaks.get("after", 0.0), 1),
+        "rss_mb_end": round(rss_end, 1),
         "champion": champion,
         "challenger": challenger,
         "concurrency": concurrency,

@@ -415,6 +415,58 @@ class CrossEncoderReranker:
             self._item_states.put(chunk, states, mask.sum(dim=1).tolist())
         return len(missing)
 
+    def same_item_side(self, other: CrossEncoderReranker) -> bool:
+        """Whether `other` computes the same item-side states as this re-ranker for every
+        text: both split at the same layer with the same segment layout, the same tokenizer
+        vocabulary and text budget, states kept and computed in the same precision on the
+        same device, and identical embeddings and layers below the split (a version whose
+        fine-tuning froze them: `training.freeze_layers`). Compares the weights with torch: run it
+        where torch may run (services/ranking/compute.py)."""
+        a, b = self.split, other.split
+        if a is None or b is None or (a.split, a.layout) != (b.split, b.layout):
+            return False
+        mine = (self.item_state_dtype, self.device, self.max_length)
+        if mine != (other.item_state_dtype, other.device, other.max_length):
+            return False
+        if autocast_dtype(self.device, self.cpu_dtype) != autocast_dtype(
+            other.device, other.cpu_dtype
+        ):
+            return False
+        keys = ("hidden_act", "layer_norm_eps", "num_attention_heads", "position_embedding_type")
+        if any(
+            getattr(self.model.config, k, None) != getattr(other.model.config, k, None)
+            for k in keys
+        ):
+            return False
+        if self.tokenizer.get_vocab() != other.tokenizer.get_vocab():
+            return False
+
+        def below_split(r: CrossEncoderReranker) -> list[torch.Tensor]:
+            bert = r.model.bert
+            modules = [bert.embeddings, *bert.encoder.layer[: a.split]]
+            return [t for m in modules for t in m.state_dict().values()]
+
+        theirs = below_split(other)
+        mine_t = below_split(self)
+        return len(mine_t) == len(theirs) and all(
+            x.shape == y.shape and torch.equal(x, y) for x, y in zip(mine_t, theirs, strict=True)
+        )
+
+    def share_item_states(self, other: CrossEncoderReranker) -> bool:
+        """Use `other`'s cached item states and item token ids from now on, when it computes
+        the same states (`same_item_side`); returns whether it does. The two then fill one
+        store: a version promoted after a fine-tune that froze the item side needs no warm-up
+        (`freshrec bench swap`)."""
+        if not self.same_item_side(other):
+            return False
+        self._item_states = other._item_states
+        self._token_cache = other._token_cache
+        return True
+
+    def shares_item_states_with(self, other: CrossEncoderReranker) -> bool:
+        """Whether this re-ranker and `other` fill one item-state store."""
+        return self._item_states is other._item_states
+
     def clear_item_states(self) -> None:
         """Forget cached item- and user-side states, cached logits and the int8 user-side copy
         (they belong to the weights they were computed with; `model.training.train` calls

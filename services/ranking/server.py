@@ -204,6 +204,18 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         reranker.item_state_capacity = max(
             reranker.item_state_capacity, config.ranking.warm_item_states
         )
+        live = holder.current.reranker if holder is not None and holder.ready else None
+        # A version whose fine-tune froze everything below the split computes the same item
+        # states as the serving one: it fills that one's store and computes none (a swap
+        # without a warm-up; `freshrec bench swap`).
+        if live is not None and reranker.share_item_states(live):
+            log.info(
+                "re-ranker %s: the serving version's %d item states kept (same embeddings and "
+                "layers below the split)",
+                path,
+                reranker.cached_items(),
+            )
+            return reranker
         index = holder.current.index if holder is not None and holder.ready else None
         started = time.perf_counter()
         warmed = reranker.warm_items(_warm_texts(config, index))

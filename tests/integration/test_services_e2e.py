@@ -756,7 +756,9 @@ def test_bench_quality_trains_both_models_on_the_updaters_serving_like_pairs(
         assert 0.0 <= result[key] <= 1.0
 
 
-def test_bench_swap_times_the_calls_around_a_real_hot_swap(stack: Stack) -> None:
+def test_bench_swap_times_the_calls_around_a_real_hot_swap(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Last in the module: it promotes a version, and promotes the champion back at its end.
     from safetensors.torch import load_file
 
@@ -791,4 +793,14 @@ def test_bench_swap_times_the_calls_around_a_real_hot_swap(stack: Stack) -> None
     old = load_file(registry.path("reranker", champion) / "model.safetensors")
     new = load_file(registry.path("reranker", result["challenger"]) / "model.safetensors")
     assert old.keys() == new.keys() and all(not (old[k] == new[k]).all() for k in old)
+    assert result["item_states_shared"] is False  # its embeddings moved: its own states
+    # A fine-tune that froze everything below the split (the stack's models split after
+    # layer 1 of 2): the new version keeps the serving one's item states.
+    monkeypatch.setenv("FRESHREC_TRAINING__FREEZE_LAYERS", "1")
+    frozen = bench_swap(
+        stack.config.workdir, before=1.0, after=1.0, candidates=20, say=lambda _m: None
+    )
+    assert frozen["swapped"] is True and frozen["errors"] == 0
+    assert frozen["item_states_shared"] is True and frozen["freeze_layers"] == 1
+    assert frozen["after_answered_by_old"] == 0
     _wait_for(lambda: _served_version(stack) == champion, "the champion serving again")

@@ -462,3 +462,46 @@ def test_forward_seconds_count_the_forward_passes_and_nothing_else() -> None:
     assert reranker.forward_seconds == after_one
     reranker.score_many([(USERS[1], ITEMS), (USERS[2], ITEMS[:2])])  # a micro-batch runs one
     assert reranker.forward_seconds > after_one
+
+
+def test_a_version_with_the_same_item_side_shares_the_states_and_scores_as_its_own() -> None:
+    serving, loaded = _split(joint=1), _split(joint=1)
+    serving.warm_items(ITEMS)
+    # A fine-tune that froze everything below the split moved only the joint layer and head.
+    with torch.no_grad():
+        for p in [
+            *loaded.model.bert.encoder.layer[1].parameters(),
+            *loaded.model.classifier.parameters(),
+        ]:
+            p.add_(0.05)
+    assert loaded.same_item_side(serving) and serving.same_item_side(loaded)
+    assert loaded.share_item_states(serving) and loaded.shares_item_states_with(serving)
+    assert loaded.cached_items() == len(ITEMS)
+    assert loaded.warm_items(ITEMS) == 0  # nothing left to compute
+    # Its scores from the shared states are those it computes from its own.
+    own = _split(joint=1)
+    with torch.no_grad():
+        for p in [
+            *own.model.bert.encoder.layer[1].parameters(),
+            *own.model.classifier.parameters(),
+        ]:
+            p.add_(0.05)
+    np.testing.assert_allclose(loaded.score(USERS[0], ITEMS), own.score(USERS[0], ITEMS), atol=1e-6)
+    assert not np.allclose(loaded.score(USERS[0], ITEMS), serving.score(USERS[0], ITEMS))
+
+
+@pytest.mark.parametrize("change", ["lower layer", "embeddings", "precision", "split"])
+def test_a_version_whose_item_side_differs_computes_its_own_states(change: str) -> None:
+    serving = _split(joint=1)
+    serving.warm_items(ITEMS)
+    loaded = _split(joint=2 if change == "split" else 1)
+    with torch.no_grad():
+        if change == "lower layer":
+            next(loaded.model.bert.encoder.layer[0].parameters()).add_(1e-3)
+        elif change == "embeddings":
+            loaded.model.bert.embeddings.LayerNorm.bias.add_(1e-3)
+    if change == "precision":
+        loaded.item_state_dtype = torch.float16
+    assert not loaded.same_item_side(serving)
+    assert not loaded.share_item_states(serving) and not loaded.shares_item_states_with(serving)
+    assert loaded.cached_items() == 0
