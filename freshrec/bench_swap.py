@@ -7,9 +7,9 @@ warm_item_states`): the same forward passes as at start-up, on the same two core
 requests. `freshrec bench serving` never sees that: it serves one version. This bench does:
 
 1. In an initialised workdir (e.g. one `freshrec bench serving --items N` bootstrapped), it
-   publishes a challenger before anything is timed: the champion with the layers the updater
-   fine-tunes (`training.freeze_layers` and up, and the head) moved by a small deterministic
-   step. The ranking service cannot tell it from a fine-tuned version: only which layers
+   publishes a challenger before anything is timed: the champion with the layers an update
+   fine-tunes (those above `training.incremental_freeze_layers`, or `freeze_layers`, and the
+   head) moved by a small deterministic step. The ranking service cannot tell it from a fine-tuned version: only which layers
    changed decides what a load recomputes, not by how much.
 2. It starts the ranking service in this process (as `bench serving` does), drives Recommend
    from K clients, promotes the challenger after `--before` seconds, and keeps the load going
@@ -68,7 +68,7 @@ def publish_challenger(config: FreshRecConfig, seed: int = 0) -> tuple[str, str]
             f"no champion re-ranker in {config.workdir}: run `freshrec init` (or "
             "`freshrec bench serving`, which bootstraps one) first"
         )
-    layers = config.training.freeze_layers
+    layers = challenger_frozen(config)
 
     def make() -> str:
         reranker = CrossEncoderReranker.from_pretrained(
@@ -101,6 +101,13 @@ def publish_challenger(config: FreshRecConfig, seed: int = 0) -> tuple[str, str]
 
     # torch on a thread that ends with it (services/ranking/compute.py).
     return champion, in_passing_thread(make)
+
+
+def challenger_frozen(config: FreshRecConfig) -> int:
+    """Encoder layers an update from the champion keeps frozen (the challenger's too)."""
+    from services.updater.job import train_params
+
+    return train_params(config.training, from_parent=True).freeze_layers
 
 
 @dataclass
@@ -277,7 +284,7 @@ def bench_swap(
         "candidates": candidates,
         "items": n_items,
         "warm_item_states": config.ranking.warm_item_states,
-        "freeze_layers": config.training.freeze_layers,
+        "freeze_layers": challenger_frozen(config),
         "machine": {
             "cores": os.cpu_count(),
             "cpu": platform.processor() or platform.machine(),

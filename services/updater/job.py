@@ -58,13 +58,17 @@ class JobOutcome:
 
 
 def train_params(tcfg: TrainingConfig, from_parent: bool, seed: int | None = None) -> TrainParams:
-    """The fine-tuning hyper-parameters of `training.*`: `incremental_learning_rate` when
-    starting from a parent version, `learning_rate` from the pretrained backbone."""
+    """The fine-tuning hyper-parameters of `training.*`: `incremental_learning_rate` and
+    `incremental_freeze_layers` when starting from a parent version, `learning_rate` and
+    `freeze_layers` from the pretrained backbone."""
+    frozen = tcfg.freeze_layers
+    if from_parent and tcfg.incremental_freeze_layers is not None:
+        frozen = tcfg.incremental_freeze_layers
     return TrainParams(
         learning_rate=tcfg.incremental_learning_rate if from_parent else tcfg.learning_rate,
         epochs=tcfg.epochs,
         batch_size=tcfg.batch_size,
-        freeze_layers=tcfg.freeze_layers,
+        freeze_layers=frozen,
         frozen_eval=tcfg.frozen_eval,
         cpu_dtype=tcfg.cpu_dtype,
         seed=tcfg.seed if seed is None else seed,

@@ -796,7 +796,7 @@ def test_bench_swap_times_the_calls_around_a_real_hot_swap(
     assert result["item_states_shared"] is False  # its embeddings moved: its own states
     # A fine-tune that froze everything below the split (the stack's models split after
     # layer 1 of 2): the new version keeps the serving one's item states.
-    monkeypatch.setenv("FRESHREC_TRAINING__FREEZE_LAYERS", "1")
+    monkeypatch.setenv("FRESHREC_TRAINING__INCREMENTAL_FREEZE_LAYERS", "1")
     frozen = bench_swap(
         stack.config.workdir, before=1.0, after=1.0, candidates=20, say=lambda _m: None
     )

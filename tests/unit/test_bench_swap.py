@@ -16,7 +16,7 @@ from services.registry import open_registry
 
 
 def test_the_challenger_moves_only_the_layers_the_updater_fine_tunes(tmp_path: Path) -> None:
-    config = load_config(tmp_path / "work", training={"freeze_layers": 1})
+    config = load_config(tmp_path / "work", training={"incremental_freeze_layers": 1})
     registry = open_registry(config)
     staging = registry.staging_dir("reranker")
     CrossEncoderReranker.tiny(seed=0, joint_layers=1).save(staging)
@@ -50,3 +50,15 @@ def test_a_window_holds_the_calls_that_started_in_it() -> None:
     assert (w["calls"], w["errors"], w["qps"]) == (2, 1, 2.0)
     assert w["p50_ms"] == w["max_ms"] == 8.0
     assert window(calls, 2.0, 3.0) == {"calls": 0, "errors": 0, "seconds": 1.0, "qps": 0.0}
+
+
+def test_an_update_freezes_incremental_freeze_layers_and_a_first_training_freeze_layers(
+    tmp_path: Path,
+) -> None:
+    from services.updater.job import train_params
+
+    default = load_config(tmp_path / "a").training
+    assert train_params(default, from_parent=True).freeze_layers == default.freeze_layers
+    tcfg = load_config(tmp_path / "b", training={"incremental_freeze_layers": 5}).training
+    assert train_params(tcfg, from_parent=True).freeze_layers == 5
+    assert train_params(tcfg, from_parent=False).freeze_layers == tcfg.freeze_layers == 4
