@@ -16,8 +16,9 @@ requests. `freshrec bench serving` never sees that: it serves one version. This 
    until the service answers with the new version plus `--after` seconds.
 3. Each call is put in the window it started in: `steady` (before the promote), `loading`
    (promote until the first answer from the new version: the service polls, verifies, loads
-   and warms), `after`. Per window: calls, errors, p50/p95/p99/max, req/s; `load_s` is the
-   promote-to-first-answer time. RSS is sampled every 0.1 s: a load holds two versions' item
+   and warms), `after`. Per window: calls, errors, p50/p95/p99/max, req/s, and the full
+   garbage collections that ended in it (`full_gc`, `full_gc_max_ms`: each stops every
+   thread); `load_s` is the promote-to-first-answer time. RSS is sampled every 0.1 s: a load holds two versions' item
    states for a while.
 4. It promotes the old champion again at the end, so the workdir serves what it served before
    (both versions stay in the registry, as after any rollback).
@@ -30,10 +31,12 @@ The JSON's last line: `load_s`, `steady`, `loading`, `after` (each `calls`, `err
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,8 +137,16 @@ class _RssPeaks:
             self.stop.wait(0.1)
 
 
-def window(calls: list[_Call], start: float, end: float) -> dict[str, Any]:
-    """Calls that started in [start, end): count, errors, latency percentiles, req/s."""
+def window(
+    calls: list[_Call],
+    start: float,
+    end: float,
+    pauses: Sequence[tuple[float, int, float]] = (),
+) -> dict[str, Any]:
+    """Calls that started in [start, end): count, errors, latency percentiles, req/s; and the
+    process's full garbage collections that ended in it (`pauses`: (end, generation, s)),
+    which stop every thread."""
+    full = [sec * 1e3 for at, gen, sec in pauses if gen == 2 and start <= at < end]
     inside = [c for c in calls if start <= c.started < end]
     ms = np.asarray([c.ms for c in inside if c.ok])
     seconds = max(end - start, 1e-9)
@@ -144,6 +155,8 @@ def window(calls: list[_Call], start: float, end: float) -> dict[str, Any]:
         "errors": sum(not c.ok for c in inside),
         "seconds": round(seconds, 2),
         "qps": round(len(inside) / seconds, 2),
+        "full_gc": len(full),
+        "full_gc_max_ms": round(max(full, default=0.0), 1),
     }
     if ms.size:
         out |= {
@@ -172,6 +185,7 @@ def bench_swap(
     from freshrec.clients import channel, ranking_stub
     from freshrec.v1 import ranking_pb2
     from model.device import cpu_description
+    from services.common.heap import watch_pauses
     from services.ranking.server import build_ranking
     from services.registry import open_registry
 
@@ -180,6 +194,8 @@ def bench_swap(
     say(f"challenger {challenger} published (champion {champion}); starting the service")
     registry = open_registry(config)
     app = build_ranking(config, port=0)
+    pauses: list[tuple[float, int, float]] = []
+    hook = watch_pauses(lambda gen, sec: pauses.append((time.perf_counter(), gen, sec)))
     rss = _RssPeaks()
     rss_thread = threading.Thread(target=rss.run, name="bench-rss", daemon=True)
     rss_thread.start()
@@ -247,6 +263,7 @@ def bench_swap(
         n_items = len(app.models.current.index)
         shared = served is not None and app.models.current.reranker.shares_item_states_with(old)
     finally:
+        gc.callbacks.remove(hook)
         rss.stop.set()
         rss_thread.join()
         try:
@@ -259,9 +276,9 @@ def bench_swap(
     return {
         "load_s": round(swapped - promoted, 2) if served is not None else None,
         "swapped": served is not None,
-        "steady": window(calls, started, promoted),
-        "loading": window(calls, promoted, swapped),
-        "after": window(calls, swapped, ended),
+        "steady": window(calls, started, promoted, pauses),
+        "loading": window(calls, promoted, swapped, pauses),
+        "after": window(calls, swapped, ended, pauses),
         "errors": sum(not c.ok for c in calls),
         # A call answered by the new version before the service had swapped would be a bug.
         "answered_by_new_before_promote": sum(

@@ -535,7 +535,8 @@ def bench_swap_cmd(
         w = result[name]
         console.print(
             f"{name}: {w['calls']} calls, {w['errors']} errors, p50 {w.get('p50_ms')} ms, "
-            f"p99 {w.get('p99_ms')} ms, max {w.get('max_ms')} ms, {w['qps']} req/s"
+            f"p99 {w.get('p99_ms')} ms, max {w.get('max_ms')} ms, {w['qps']} req/s; "
+            f"{w['full_gc']} full GCs (longest {w['full_gc_max_ms']} ms)"
         )
     console.print(
         f"{result['challenger']} answered {result['load_s']} s after its promotion "

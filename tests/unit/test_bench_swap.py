@@ -46,10 +46,20 @@ def test_without_a_champion_the_bench_says_what_to_run(tmp_path: Path) -> None:
 
 def test_a_window_holds_the_calls_that_started_in_it() -> None:
     calls = [_Call(0.5, 4.0, True, "v1"), _Call(1.0, 8.0, True, "v1"), _Call(1.5, 9.0, False, "")]
-    w = window(calls, 1.0, 2.0)
+    # Collections as (end, generation, seconds): only the full ones that ended inside count.
+    pauses = [(1.2, 2, 0.25), (1.3, 0, 0.5), (1.9, 2, 0.1), (2.5, 2, 1.0)]
+    w = window(calls, 1.0, 2.0, pauses)
     assert (w["calls"], w["errors"], w["qps"]) == (2, 1, 2.0)
     assert w["p50_ms"] == w["max_ms"] == 8.0
-    assert window(calls, 2.0, 3.0) == {"calls": 0, "errors": 0, "seconds": 1.0, "qps": 0.0}
+    assert (w["full_gc"], w["full_gc_max_ms"]) == (2, 250.0)
+    assert window(calls, 2.0, 3.0) == {
+        "calls": 0,
+        "errors": 0,
+        "seconds": 1.0,
+        "qps": 0.0,
+        "full_gc": 0,
+        "full_gc_max_ms": 0.0,
+    }
 
 
 def test_an_update_freezes_incremental_freeze_layers_and_a_first_training_freeze_layers(
