@@ -419,8 +419,8 @@ class CrossEncoderReranker:
         """Whether `other` computes the same item-side states as this re-ranker for every
         text: both split at the same layer with the same segment layout, the same tokenizer
         vocabulary and text budget, states kept and computed in the same precision on the
-        same device, and identical embeddings and layers below the split (a version whose
-        fine-tuning froze them: `training.freeze_layers`). Compares the weights with torch: run it
+        same device, and identical embeddings and layers below the split (an update that froze
+        them: `training.incremental_freeze_layers`). Compares the weights with torch: run it
         where torch may run (services/ranking/compute.py)."""
         a, b = self.split, other.split
         if a is None or b is None or (a.split, a.layout) != (b.split, b.layout):
@@ -470,9 +470,12 @@ class CrossEncoderReranker:
     def clear_item_states(self) -> None:
         """Forget cached item- and user-side states, cached logits and the int8 user-side copy
         (they belong to the weights they were computed with; `model.training.train` calls
-        this when it changes the weights)."""
-        self._item_states.clear()
+        this when it changes the weights). A store shared with another version
+        (`share_item_states`) is left to that one: this re-ranker starts a new one."""
         with self._state_lock:
+            self._item_states = self._new_item_states(
+                self._item_states.dtype, self._item_states.capacity
+            )
             self._user_states_cache.clear()
             self._joint_users.clear()
             self._score_cache.clear()

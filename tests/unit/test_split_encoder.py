@@ -488,6 +488,10 @@ def test_a_version_with_the_same_item_side_shares_the_states_and_scores_as_its_o
             p.add_(0.05)
     np.testing.assert_allclose(loaded.score(USERS[0], ITEMS), own.score(USERS[0], ITEMS), atol=1e-6)
     assert not np.allclose(loaded.score(USERS[0], ITEMS), serving.score(USERS[0], ITEMS))
+    # Training one (which forgets its states) leaves the other's store alone.
+    loaded.clear_item_states()
+    assert not loaded.shares_item_states_with(serving) and loaded.cached_items() == 0
+    assert serving.cached_items() == len(ITEMS)
 
 
 @pytest.mark.parametrize("change", ["lower layer", "embeddings", "precision", "split"])
