@@ -8,8 +8,8 @@ requests. `freshrec bench serving` never sees that: it serves one version. This 
 
 1. In an initialised workdir (e.g. one `freshrec bench serving --items N` bootstrapped), it
    publishes a challenger before anything is timed: the champion with the layers an update
-   fine-tunes (those above `training.incremental_freeze_layers`, or `freeze_layers`, and the
-   head) moved by a small deterministic step. The ranking service cannot tell it from a fine-tuned version: only which layers
+   fine-tunes (those above what `training.incremental_freeze_layers` freezes, and the head)
+   moved by a small deterministic step. The ranking service cannot tell it from a fine-tuned version: only which layers
    changed decides what a load recomputes, not by how much.
 2. It starts the ranking service in this process (as `bench serving` does), drives Recommend
    from K clients, promotes the challenger after `--before` seconds, and keeps the load going
@@ -51,9 +51,10 @@ from freshrec.errors import FailedPrecondition
 CHALLENGER_STEP = 1e-3
 
 
-def publish_challenger(config: FreshRecConfig, seed: int = 0) -> tuple[str, str]:
-    """Publish the champion re-ranker with its fine-tuned layers moved (module docstring, 1);
-    returns (champion, challenger). Not promoted."""
+def publish_challenger(config: FreshRecConfig, seed: int = 0) -> tuple[str, str, int]:
+    """Publish the champion re-ranker with the layers an update fine-tunes moved (module
+    docstring, 1); returns (champion, challenger, the encoder layers left frozen). Not
+    promoted."""
     import shutil
 
     import torch
@@ -63,6 +64,7 @@ def publish_challenger(config: FreshRecConfig, seed: int = 0) -> tuple[str, str]
     from model.training import freeze_lower_layers
     from services.ranking.compute import in_passing_thread
     from services.registry import open_registry
+    from services.updater.job import train_params
 
     registry = open_registry(config)
     champion = registry.champion("reranker")
@@ -71,12 +73,15 @@ def publish_challenger(config: FreshRecConfig, seed: int = 0) -> tuple[str, str]
             f"no champion re-ranker in {config.workdir}: run `freshrec init` (or "
             "`freshrec bench serving`, which bootstraps one) first"
         )
-    layers = challenger_frozen(config)
 
-    def make() -> str:
+    def make() -> tuple[str, int]:
         reranker = CrossEncoderReranker.from_pretrained(
             registry.path("reranker", champion), config.model.max_length, "cpu", "fp32"
         )
+        # What the updater freezes in an update from this champion (services/updater/job.py).
+        layers = train_params(
+            config.training, from_parent=True, item_side_layers=reranker.item_side_layers
+        ).freeze_layers
         freeze_lower_layers(reranker, layers)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -100,17 +105,11 @@ def publish_challenger(config: FreshRecConfig, seed: int = 0) -> tuple[str, str]
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return sealed.version
+        return sealed.version, layers
 
     # torch on a thread that ends with it (services/ranking/compute.py).
-    return champion, in_passing_thread(make)
-
-
-def challenger_frozen(config: FreshRecConfig) -> int:
-    """Encoder layers an update from the champion keeps frozen (the challenger's too)."""
-    from services.updater.job import train_params
-
-    return train_params(config.training, from_parent=True).freeze_layers
+    challenger, layers = in_passing_thread(make)
+    return champion, challenger, layers
 
 
 @dataclass
@@ -190,7 +189,7 @@ def bench_swap(
     from services.registry import open_registry
 
     config = load_config(workdir, ranking={"recall_candidates": candidates})
-    champion, challenger = publish_challenger(config)
+    champion, challenger, frozen_layers = publish_challenger(config)
     say(f"challenger {challenger} published (champion {champion}); starting the service")
     registry = open_registry(config)
     app = build_ranking(config, port=0)
@@ -301,7 +300,7 @@ def bench_swap(
         "candidates": candidates,
         "items": n_items,
         "warm_item_states": config.ranking.warm_item_states,
-        "freeze_layers": challenger_frozen(config),
+        "freeze_layers": frozen_layers,
         "machine": {
             "cores": os.cpu_count(),
             "cpu": platform.processor() or platform.machine(),

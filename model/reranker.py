@@ -299,6 +299,12 @@ class CrossEncoderReranker:
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
 
+    @property
+    def item_side_layers(self) -> int | None:
+        """Encoder layers below a split model's joint layers, which compute the cached item
+        states with the embeddings; None for a full cross-encoder."""
+        return None if self.split is None else self.split.split
+
     def encode_pairs(
         self, user_texts: Sequence[str], item_texts: Sequence[str]
     ) -> dict[str, torch.Tensor]:

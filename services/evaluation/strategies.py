@@ -257,7 +257,7 @@ class RerankerTrainer:
             sampler,
             collab=features,
         )
-        params = train_params(tcfg, from_parent, seed)
+        params = train_params(tcfg, from_parent, seed, reranker.item_side_layers)
         memory = _PeakRss()
         report = train(reranker, pairs, params, lambda _n, _loss: memory.sample())
         collab_examples = 0

@@ -57,13 +57,28 @@ class JobOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def train_params(tcfg: TrainingConfig, from_parent: bool, seed: int | None = None) -> TrainParams:
+def train_params(
+    tcfg: TrainingConfig,
+    from_parent: bool,
+    seed: int | None = None,
+    item_side_layers: int | None = None,
+) -> TrainParams:
     """The fine-tuning hyper-parameters of `training.*`: `incremental_learning_rate` and
     `incremental_freeze_layers` when starting from a parent version, `learning_rate` and
-    `freeze_layers` from the pretrained backbone."""
+    `freeze_layers` from the pretrained backbone.
+
+    Args:
+        item_side_layers: the model's layers below its joint layers
+            (`CrossEncoderReranker.item_side_layers`; None: a full cross-encoder). Unless
+            `incremental_freeze_layers` is set, an update freezes at least these: it keeps its
+            parent's item states, and a swap to it computes none.
+    """
     frozen = tcfg.freeze_layers
-    if from_parent and tcfg.incremental_freeze_layers is not None:
-        frozen = tcfg.incremental_freeze_layers
+    if from_parent:
+        if tcfg.incremental_freeze_layers is not None:
+            frozen = tcfg.incremental_freeze_layers
+        elif item_side_layers is not None:
+            frozen = max(frozen, item_side_layers)
     return TrainParams(
         learning_rate=tcfg.incremental_learning_rate if from_parent else tcfg.learning_rate,
         epochs=tcfg.epochs,
@@ -282,7 +297,9 @@ def run_training(
         champion = load(source)
         champion_metrics = evaluate(champion, groups)
         del champion
-    params = train_params(tcfg, from_parent=parent is not None)
+    params = train_params(
+        tcfg, from_parent=parent is not None, item_side_layers=challenger.item_side_layers
+    )
     with tqdm(
         total=len(pairs) * params.epochs, desc="fine-tune", unit="pair", disable=not progress
     ) as bar:

@@ -766,6 +766,8 @@ def test_bench_swap_times_the_calls_around_a_real_hot_swap(
 
     registry = ModelRegistry(stack.config.registry_dir)
     champion = registry.champion("reranker")
+    # Updates that fine-tune every layer (the stack's `freeze_layers` is 0): a new item side.
+    monkeypatch.setenv("FRESHREC_TRAINING__INCREMENTAL_FREEZE_LAYERS", "0")
     result = bench_swap(
         stack.config.workdir,
         concurrency=2,
@@ -794,9 +796,9 @@ def test_bench_swap_times_the_calls_around_a_real_hot_swap(
     new = load_file(registry.path("reranker", result["challenger"]) / "model.safetensors")
     assert old.keys() == new.keys() and all(not (old[k] == new[k]).all() for k in old)
     assert result["item_states_shared"] is False  # its embeddings moved: its own states
-    # A fine-tune that froze everything below the split (the stack's models split after
+    # By default an update freezes everything below the split (the stack's models split after
     # layer 1 of 2): the new version keeps the serving one's item states.
-    monkeypatch.setenv("FRESHREC_TRAINING__INCREMENTAL_FREEZE_LAYERS", "1")
+    monkeypatch.delenv("FRESHREC_TRAINING__INCREMENTAL_FREEZE_LAYERS")
     frozen = bench_swap(
         stack.config.workdir, before=1.0, after=1.0, candidates=20, say=lambda _m: None
     )

@@ -25,7 +25,7 @@ def test_the_challenger_moves_only_the_layers_the_updater_fine_tunes(tmp_path: P
 
     got = publish_challenger(config)
 
-    assert got[0] == champion and got[1] != champion
+    assert got[0] == champion and got[1] != champion and got[2] == 1
     assert registry.champion("reranker") == champion  # published, not promoted
     old = load_file(registry.path("reranker", champion) / "model.safetensors")
     new = load_file(registry.path("reranker", got[1]) / "model.safetensors")
@@ -62,13 +62,18 @@ def test_a_window_holds_the_calls_that_started_in_it() -> None:
     }
 
 
-def test_an_update_freezes_incremental_freeze_layers_and_a_first_training_freeze_layers(
-    tmp_path: Path,
-) -> None:
+def test_an_update_keeps_the_item_side_unless_told_otherwise(tmp_path: Path) -> None:
     from services.updater.job import train_params
 
-    default = load_config(tmp_path / "a").training
-    assert train_params(default, from_parent=True).freeze_layers == default.freeze_layers
-    tcfg = load_config(tmp_path / "b", training={"incremental_freeze_layers": 5}).training
-    assert train_params(tcfg, from_parent=True).freeze_layers == 5
-    assert train_params(tcfg, from_parent=False).freeze_layers == tcfg.freeze_layers == 4
+    tcfg = load_config(tmp_path / "a").training
+    assert tcfg.freeze_layers == 4 and tcfg.incremental_freeze_layers is None
+    # A split model with 5 layers below its joint layer: an update freezes them all, a first
+    # training `freeze_layers`; a full cross-encoder `freeze_layers` either way.
+    assert train_params(tcfg, from_parent=True, item_side_layers=5).freeze_layers == 5
+    assert train_params(tcfg, from_parent=False, item_side_layers=5).freeze_layers == 4
+    assert train_params(tcfg, from_parent=True).freeze_layers == 4
+    # Never fewer than `freeze_layers` (a model split lower down keeps its item side anyway).
+    assert train_params(tcfg, from_parent=True, item_side_layers=2).freeze_layers == 4
+    told = load_config(tmp_path / "b", training={"incremental_freeze_layers": 3}).training
+    assert train_params(told, from_parent=True, item_side_layers=5).freeze_layers == 3
+    assert train_params(told, from_parent=False, item_side_layers=5).freeze_layers == 4
