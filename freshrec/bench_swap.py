@@ -55,7 +55,6 @@ def publish_challenger(config: FreshRecConfig, seed: int = 0) -> tuple[str, str,
     """Publish the champion re-ranker with the layers an update fine-tunes moved (module
     docstring, 1); returns (champion, challenger, the encoder layers left frozen). Not
     promoted."""
-    import shutil
 
     import torch
 
@@ -89,22 +88,17 @@ def publish_challenger(config: FreshRecConfig, seed: int = 0) -> tuple[str, str,
                 if p.requires_grad:
                     scale = CHALLENGER_STEP * float(p.abs().mean()) + 1e-12
                     p.add_(torch.randn(p.shape, generator=generator) * scale)
-        staging = registry.staging_dir("reranker")
-        try:
-            reranker.save(staging)
-            sealed = registry.publish(
-                "reranker",
-                staging,
-                Manifest(
-                    kind="reranker",
-                    version="",
-                    parent=champion,
-                    reason=f"bench swap: {champion} with layers {layers + 1}+ and the head moved",
-                    training={"freeze_layers": layers, "bench_swap_step": CHALLENGER_STEP},
-                ),
-            )
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        sealed = registry.publish_written(
+            "reranker",
+            reranker.save,
+            Manifest(
+                kind="reranker",
+                version="",
+                parent=champion,
+                reason=f"bench swap: {champion} with layers {layers + 1}+ and the head moved",
+                training={"freeze_layers": layers, "bench_swap_step": CHALLENGER_STEP},
+            ),
+        )
         return sealed.version, layers
 
     # torch on a thread that ends with it (services/ranking/compute.py).

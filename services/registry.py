@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,6 +114,18 @@ class ModelRegistry:
         path = self._kind_dir(kind) / f".staging-{uuid.uuid4().hex}"
         path.mkdir()
         return path
+
+    def publish_written(
+        self, kind: str, write: Callable[[Path], object], manifest: Manifest
+    ) -> Manifest:
+        """`write(staging)` a version into a fresh staging directory, then `publish` it; the
+        staging directory never outlives the call (published versions are moved out of it)."""
+        staging = self.staging_dir(kind)
+        try:
+            write(staging)
+            return self.publish(kind, staging, manifest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def clean_staging(self, kind: str) -> int:
         """Remove staging directories left by a killed writer; return how many."""

@@ -178,22 +178,17 @@ def bootstrap(
         vectors = encoder.encode(texts, progress=bar.update)
     popular = item_rows.sort_values(["popularity_30d", "popularity_7d"], ascending=False)
     index = RecallIndex.build(vectors, ids, [str(i) for i in popular["item_id"].head(POPULAR_LIST)])
-    staging = registry.staging_dir("index")
-    try:
-        index.save(staging)
-        sealed = registry.publish(
-            "index",
-            staging,
-            Manifest(
-                kind="index",
-                version="",
-                data_window={"end": cutoff.isoformat()},
-                metrics={"items": float(len(ids)), "dim": float(vectors.shape[1])},
-                reason=f"bootstrap from {dataset.name}",
-            ),
-        )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    sealed = registry.publish_written(
+        "index",
+        index.save,
+        Manifest(
+            kind="index",
+            version="",
+            data_window={"end": cutoff.isoformat()},
+            metrics={"items": float(len(ids)), "dim": float(vectors.shape[1])},
+            reason=f"bootstrap from {dataset.name}",
+        ),
+    )
     registry.promote("index", sealed.version, reason="bootstrap")
     report.index_version = sealed.version
     report.steps["embed items + FAISS index"] = clock() - t

@@ -10,7 +10,6 @@ the decision and its metrics stay inspectable; rejected ones are recorded as suc
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -311,42 +310,37 @@ def run_training(
         report = train(challenger, pairs, params, on_step)
     challenger.collab, collab_cost = collab_refit(tcfg, events, train_window.end, challenger.collab)
     metrics = evaluate(challenger, groups)
-    staging = registry.staging_dir("reranker")
-    try:
-        challenger.save(staging)
-        sealed = registry.publish(
-            "reranker",
-            staging,
-            Manifest(
-                kind="reranker",
-                version="",
-                parent=parent,
-                data_window={
-                    "start": _iso(train_window.start),
-                    "end": _iso(train_window.end),
-                    "holdout_end": _iso(holdout_window.end),
-                },
-                metrics={**metrics, **{f"champion_{k}": v for k, v in champion_metrics.items()}},
-                training={
-                    "examples": report.examples_processed,
-                    "positives": len(train_pos),
-                    "replay_positives": len(replay_pos),
-                    "seconds": round(report.seconds, 2),
-                    "trainable_params": report.trainable_params,
-                    "device": report.device,
-                    "final_loss": report.final_loss,
-                    "learning_rate": params.learning_rate,
-                    "freeze_layers": params.freeze_layers,
-                    "frozen_eval": params.frozen_eval,
-                    "negatives": negatives_drawn,
-                    "blend": _blend_record(challenger.blend),
-                    "collab": _collab_record(challenger.collab, collab_cost, features_cost),
-                },
-                reason=reason,
-            ),
-        )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    sealed = registry.publish_written(
+        "reranker",
+        challenger.save,
+        Manifest(
+            kind="reranker",
+            version="",
+            parent=parent,
+            data_window={
+                "start": _iso(train_window.start),
+                "end": _iso(train_window.end),
+                "holdout_end": _iso(holdout_window.end),
+            },
+            metrics={**metrics, **{f"champion_{k}": v for k, v in champion_metrics.items()}},
+            training={
+                "examples": report.examples_processed,
+                "positives": len(train_pos),
+                "replay_positives": len(replay_pos),
+                "seconds": round(report.seconds, 2),
+                "trainable_params": report.trainable_params,
+                "device": report.device,
+                "final_loss": report.final_loss,
+                "learning_rate": params.learning_rate,
+                "freeze_layers": params.freeze_layers,
+                "frozen_eval": params.frozen_eval,
+                "negatives": negatives_drawn,
+                "blend": _blend_record(challenger.blend),
+                "collab": _collab_record(challenger.collab, collab_cost, features_cost),
+            },
+            reason=reason,
+        ),
+    )
     challenger_metric = metrics[GATE_METRIC]
     champion_metric = champion_metrics.get(GATE_METRIC, float("-inf"))
     passes = parent is None or challenger_metric >= champion_metric + tcfg.gate_margin

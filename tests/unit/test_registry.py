@@ -258,3 +258,24 @@ def test_a_promotion_after_a_lost_history_line_keeps_the_lost_champion_in_the_ch
 
     assert registry.champion_chain("reranker") == ["v0001", v2, v3]
     assert registry.rollback("reranker") == (v2, v3)
+
+
+def test_publish_written_publishes_what_was_written_and_leaves_no_staging(
+    registry: ModelRegistry,
+) -> None:
+    def write(staging: Path) -> None:
+        (staging / "model.safetensors").write_bytes(b"w" * 64)
+
+    sealed = registry.publish_written("reranker", write, Manifest(kind="reranker", version=""))
+    assert (registry.path("reranker", sealed.version) / "model.safetensors").read_bytes() == (
+        b"w" * 64
+    )
+
+    def broken(staging: Path) -> None:
+        (staging / "half").write_bytes(b"x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        registry.publish_written("reranker", broken, Manifest(kind="reranker", version=""))
+    assert registry.versions("reranker") == [sealed.version]
+    assert registry.clean_staging("reranker") == 0  # nothing left behind
