@@ -2,31 +2,34 @@
 
 The updater publishes a new re-ranker version every time it promotes a challenger, and the
 ranking service loads it while it keeps serving the old one (services/ranking/models.py). With a
-split re-ranker the load includes the item-side states of the warm set (`ranking.
+split re-ranker the load may include the item-side states of the warm set (`ranking.
 warm_item_states`): the same forward passes as at start-up, on the same two cores that serve
-requests. `freshrec bench serving` never sees that: it serves one version. This bench does:
+requests, unless the new version keeps the serving one's (`CrossEncoderReranker.
+share_item_states`: an update that froze the layers below the split, the default).
+`freshrec bench serving` serves one version and never sees a swap. This bench does:
 
 1. In an initialised workdir (e.g. one `freshrec bench serving --items N` bootstrapped), it
    publishes a challenger before anything is timed: the champion with the layers an update
    fine-tunes (those above what `training.incremental_freeze_layers` freezes, and the head)
-   moved by a small deterministic step. The ranking service cannot tell it from a fine-tuned version: only which layers
-   changed decides what a load recomputes, not by how much.
+   moved by a small deterministic step. The ranking service cannot tell it from a fine-tuned
+   version: which layers changed decides what a load recomputes, not by how much.
 2. It starts the ranking service in this process (as `bench serving` does), drives Recommend
    from K clients, promotes the challenger after `--before` seconds, and keeps the load going
-   until the service answers with the new version plus `--after` seconds.
-3. Each call is put in the window it started in: `steady` (before the promote), `loading`
-   (promote until the first answer from the new version: the service polls, verifies, loads
-   and warms), `after`. Per window: calls, errors, p50/p95/p99/max, req/s, and the full
-   garbage collections that ended in it (`full_gc`, `full_gc_max_ms`: each stops every
-   thread); `load_s` is the promote-to-first-answer time. RSS is sampled every 0.1 s: a load holds two versions' item
-   states for a while.
+   until the service serves the new version, then `--after` seconds more.
+3. Each call counts in the window it started in: `steady` (before the promote), `loading`
+   (promote until the service serves the new version: it polls, verifies, loads and prepares
+   it), `after`. Per window: calls, errors, p50/p95/p99/max, req/s, and the full garbage
+   collections that ended in it (`full_gc`, `full_gc_max_ms`: each stops every thread).
+   `load_s` is the loading window's length. RSS is sampled every 0.1 s: a load that computes
+   item states holds two versions' for a while.
 4. It promotes the old champion again at the end, so the workdir serves what it served before
    (both versions stay in the registry, as after any rollback).
 
-The JSON's last line: `load_s`, `steady`, `loading`, `after` (each `calls`, `errors`,
-`p50_ms`, `p95_ms`, `p99_ms`, `max_ms`, `qps`), `errors`, `rss_peak_mb_steady`,
-`rss_peak_mb_loading`, `rss_mb_end` (once the old version is gone), `warm_item_states`,
-`items`, `machine`.
+The JSON's last line: `load_s`, `swapped`, `item_states_shared`, `steady`, `loading`, `after`
+(each `calls`, `errors`, `p50_ms`, `p95_ms`, `p99_ms`, `max_ms`, `qps`, `full_gc`,
+`full_gc_max_ms`), `errors`, `rss_peak_mb_steady`, `rss_peak_mb_loading`, `rss_mb_end` (once
+the old version is gone), `freeze_layers` (the challenger's frozen layers),
+`warm_item_states`, `items`, `machine`.
 """
 
 from __future__ import annotations
