@@ -246,6 +246,8 @@ def bench_swap(
                 served = time.perf_counter()
                 break
             time.sleep(0.005)
+        shared = served is not None and app.models.current.reranker.shares_item_states_with(old)
+        del old  # the old version goes as soon as the service lets it (`rss_mb_end`)
         rss.phase = "after"
         if served is not None:
             time.sleep(after)
@@ -257,7 +259,6 @@ def bench_swap(
         if crashed:
             raise crashed[0]
         n_items = len(app.models.current.index)
-        shared = served is not None and app.models.current.reranker.shares_item_states_with(old)
     finally:
         gc.callbacks.remove(hook)
         rss.stop.set()
