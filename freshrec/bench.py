@@ -102,7 +102,6 @@ def bench_serving(
 ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result."""
     import grpc
-    import pandas as pd
 
     from freshrec.clients import channel, ranking_stub
     from freshrec.data import load_dataset
@@ -139,11 +138,7 @@ def bench_serving(
     started_at = time.perf_counter()
     app = build_ranking(config, port=0)  # loads the champion and warms its item states
     startup_s = time.perf_counter() - started_at
-    users = (
-        pd.read_parquet(config.offline_dir / "user_profile.parquet", columns=["user_id"])["user_id"]
-        .astype(str)
-        .tolist()
-    )
+    users = profile_user_ids(config)
     n_items = len(app.models.current.index)
     assert app.pipeline is not None
     app.pipeline.timings_log = deque(maxlen=200_000)
@@ -306,6 +301,15 @@ def bench_serving(
         "startup_s": round(startup_s, 1),
         "max_length": config.model.max_length,
     }
+
+
+def profile_user_ids(config: Any) -> list[str]:
+    """The ids of the users with a profile in the workdir's offline store: the users a bench
+    drives `Recommend` for."""
+    import pandas as pd
+
+    table = pd.read_parquet(config.offline_dir / "user_profile.parquet", columns=["user_id"])
+    return table["user_id"].astype(str).tolist()
 
 
 def bench_project(workdir: Path) -> str:

@@ -58,7 +58,6 @@ def publish_challenger(config: FreshRecConfig, seed: int = 0) -> tuple[str, str,
     """Publish the champion re-ranker with the layers an update fine-tunes moved (module
     docstring, 1); returns (champion, challenger, the encoder layers left frozen). Not
     promoted."""
-
     import torch
 
     from model.artifacts import Manifest
@@ -176,8 +175,8 @@ def bench_swap(
 ) -> dict[str, Any]:
     """Run the benchmark (module docstring); returns the JSON-able result."""
     import grpc
-    import pandas as pd
 
+    from freshrec.bench import profile_user_ids
     from freshrec.clients import channel, ranking_stub
     from freshrec.v1 import ranking_pb2
     from model.device import cpu_description
@@ -196,13 +195,7 @@ def bench_swap(
     rss_thread = threading.Thread(target=rss.run, name="bench-rss", daemon=True)
     rss_thread.start()
     try:
-        users = (
-            pd.read_parquet(config.offline_dir / "user_profile.parquet", columns=["user_id"])[
-                "user_id"
-            ]
-            .astype(str)
-            .tolist()
-        )
+        users = profile_user_ids(config)
         calls: list[_Call] = []
         lock = threading.Lock()
         stop = threading.Event()
@@ -277,7 +270,7 @@ def bench_swap(
         "loading": window(calls, promoted, swapped, pauses),
         "after": window(calls, swapped, ended, pauses),
         "errors": sum(not c.ok for c in calls),
-        # A call answered by the new version before the service had swapped would be a bug.
+        # A call answered by the new version before it was promoted would be a bug.
         "answered_by_new_before_promote": sum(
             c.version == challenger and c.started + c.ms / 1e3 < promoted for c in calls
         ),

@@ -452,10 +452,9 @@ class CrossEncoderReranker:
             modules = [bert.embeddings, *bert.encoder.layer[: a.split]]
             return [t for m in modules for t in m.state_dict().values()]
 
-        theirs = below_split(other)
-        mine_t = below_split(self)
-        return len(mine_t) == len(theirs) and all(
-            x.shape == y.shape and torch.equal(x, y) for x, y in zip(mine_t, theirs, strict=True)
+        ours, theirs = below_split(self), below_split(other)
+        return len(ours) == len(theirs) and all(
+            x.shape == y.shape and torch.equal(x, y) for x, y in zip(ours, theirs, strict=True)
         )
 
     def share_item_states(self, other: CrossEncoderReranker) -> bool:

@@ -204,11 +204,11 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         reranker.item_state_capacity = max(
             reranker.item_state_capacity, config.ranking.warm_item_states
         )
-        live = holder.current.reranker if holder is not None and holder.ready else None
+        live = holder.current if holder is not None and holder.ready else None
         # A version whose fine-tune froze everything below the split computes the same item
         # states as the serving one: it fills that one's store and computes none (a swap
         # without a warm-up; `freshrec bench swap`).
-        if live is not None and reranker.share_item_states(live):
+        if live is not None and reranker.share_item_states(live.reranker):
             log.info(
                 "re-ranker %s: the serving version's %d item states kept (same embeddings and "
                 "layers below the split)",
@@ -216,9 +216,8 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
                 reranker.cached_items(),
             )
             return reranker
-        index = holder.current.index if holder is not None and holder.ready else None
         started = time.perf_counter()
-        warmed = reranker.warm_items(_warm_texts(config, index))
+        warmed = reranker.warm_items(_warm_texts(config, live.index if live else None))
         if warmed:
             # The warm-up's freed temporaries would stay in the RSS (services/common/memory.py).
             release_free_heap()
