@@ -29,6 +29,7 @@ The same code path serves training (B users × B items) and serving (1 user × N
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -477,7 +478,7 @@ class SplitEncoder:
 
 
 def segment_tensors(
-    rows: list[list[int]], width: int, pad: int, device: torch.device
+    rows: Sequence[Sequence[int]], width: int, pad: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token-id rows to `width` -> (ids, mask). Filled in numpy, then shared with torch:
     one row 4.5 µs, 64 rows 63 µs, against 17.6 and 732 µs slicing torch tensors row by row

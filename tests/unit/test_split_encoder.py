@@ -5,6 +5,7 @@ Tiny random BERTs with the real tokenizer; single-threaded torch (tests/conftest
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,6 +107,19 @@ def test_the_cache_keeps_the_item_states_at_the_split_not_keys_and_values() -> N
     rows = [len(reranker._item_row(t)) for t in ITEMS]
     pages = sum(-(-n // PAGE_TOKENS) for n in rows)
     assert reranker.item_state_bytes() == pages * PAGE_TOKENS * hidden * 4  # fp32 in this test
+
+
+def test_a_warm_up_leaves_no_per_item_object_for_the_garbage_collector() -> None:
+    # Token ids are kept as tuples of ints, which CPython stops tracking at their first
+    # collection (lists stay tracked): a 100k-item warm-up would otherwise add ~100k objects
+    # to every full collection while a new version loads (services/common/heap.py).
+    reranker = _split(joint=1)
+    reranker.warm_items(ITEMS)
+    gc.collect()
+    kept = list(reranker._token_cache.values())
+    assert len(kept) == len(ITEMS)
+    assert not any(gc.is_tracked(ids) for ids in kept)
+    assert all(isinstance(i, int) for ids in kept for i in ids)
 
 
 def test_a_returning_users_last_layer_side_is_kept_and_scores_the_same() -> None:
