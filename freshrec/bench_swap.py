@@ -28,13 +28,15 @@ share_item_states`: an update that froze the layers below the split, the default
 The JSON's last line: `load_s`, `swapped`, `item_states_shared`, `steady`, `loading`, `after`
 (each `calls`, `errors`, `p50_ms`, `p95_ms`, `p99_ms`, `max_ms`, `qps`, `full_gc`,
 `full_gc_max_ms`), `errors`, `rss_peak_mb_steady`, `rss_peak_mb_loading`, `rss_mb_end` (once
-the old version is gone), `freeze_layers` (the challenger's frozen layers),
-`warm_item_states`, `items`, `machine`.
+the old version is gone), `timeline` (from the promote on, in seconds since it: the slowest
+calls, every full garbage collection and the service's load milestones), `freeze_layers` (the
+challenger's frozen layers), `warm_item_states`, `items`, `machine`.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import platform
 import threading
@@ -42,7 +44,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import psutil
@@ -108,12 +110,73 @@ def publish_challenger(config: FreshRecConfig, seed: int = 0) -> tuple[str, str,
     return champion, challenger, layers
 
 
-@dataclass
-class _Call:
+class _Call(NamedTuple):
+    """One call. The clients record each as a plain tuple of atomic values, which CPython's
+    collector stops tracking (it does not untrack a tuple subclass such as this one): tens
+    of thousands of tracked records would make the process's full collections, which the
+    bench counts against the service, longer and more frequent."""
+
     started: float
     ms: float
     ok: bool
     version: str
+
+
+# Calls listed in `timeline` (the slowest after the promote), and the loggers whose records
+# during the run go there: the service's load and swap milestones.
+TIMELINE_CALLS = 8
+TIMELINE_LOGGERS = ("services.ranking.server", "services.ranking.models")
+
+
+class _Milestones(logging.Handler):
+    """Records of `TIMELINE_LOGGERS` at INFO and above, with their perf_counter time, kept
+    from the console (the bench prints warnings only)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[tuple[float, str]] = []
+        self._saved: list[tuple[logging.Logger, int, bool]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((time.perf_counter(), record.getMessage()))
+
+    def attach(self) -> _Milestones:
+        for name in TIMELINE_LOGGERS:
+            logger = logging.getLogger(name)
+            self._saved.append((logger, logger.level, logger.propagate))
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+            logger.addHandler(self)
+        return self
+
+    def detach(self) -> None:
+        for logger, level, propagate in self._saved:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
+def timeline(
+    calls: Sequence[_Call],
+    pauses: Sequence[tuple[float, int, float]],
+    milestones: Sequence[tuple[float, str]],
+    promoted: float,
+    slowest: int = TIMELINE_CALLS,
+) -> list[dict[str, Any]]:
+    """What happened from the promote on, in order: the `slowest` calls started since
+    (`at_s` is when each started), every full garbage collection (`at_s`: when it ended) and
+    the service's milestones, each at seconds since the promote."""
+    events: list[tuple[float, str]] = [(at, text) for at, text in milestones if at >= promoted]
+    events += [
+        (end, f"full garbage collection, {sec * 1e3:.1f} ms")
+        for end, gen, sec in pauses
+        if gen == 2 and end >= promoted
+    ]
+    late = sorted((c for c in calls if c.started >= promoted), key=lambda c: -c.ms)[:slowest]
+    events += [
+        (c.started, f"call {'answered' if c.ok else 'failed'} in {c.ms:.1f} ms") for c in late
+    ]
+    return [{"at_s": round(at - promoted, 3), "event": text} for at, text in sorted(events)]
 
 
 @dataclass
@@ -189,6 +252,7 @@ def bench_swap(
     say(f"challenger {challenger} published (champion {champion}); starting the service")
     registry = open_registry(config)
     app = build_ranking(config, port=0)
+    milestones = _Milestones().attach()
     pauses: list[tuple[float, int, float]] = []
     hook = watch_pauses(lambda gen, sec: pauses.append((time.perf_counter(), gen, sec)))
     rss = _RssPeaks()
@@ -204,7 +268,7 @@ def bench_swap(
 
         def client(seed: int) -> None:
             rng = np.random.default_rng(seed)
-            local: list[_Call] = []
+            local: list[tuple[float, float, bool, str]] = []
             try:
                 with channel(address) as ch:
                     stub = ranking_stub(ch)
@@ -216,13 +280,13 @@ def bench_swap(
                         try:
                             answer = stub.Recommend(req, timeout=30)
                             ms = (time.perf_counter() - t) * 1e3
-                            local.append(_Call(t, ms, True, answer.model_version))
+                            local.append((t, ms, True, answer.model_version))
                         except grpc.RpcError:
-                            local.append(_Call(t, (time.perf_counter() - t) * 1e3, False, ""))
+                            local.append((t, (time.perf_counter() - t) * 1e3, False, ""))
             except BaseException as exc:  # raised on the main thread after the load
                 crashed.append(exc)
             with lock:
-                calls.extend(local)
+                calls.extend(_Call(*c) for c in local)
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
         started = time.perf_counter()
@@ -254,6 +318,7 @@ def bench_swap(
         n_items = len(app.models.current.index)
     finally:
         gc.callbacks.remove(hook)
+        milestones.detach()
         rss.stop.set()
         rss_thread.join()
         try:
@@ -285,6 +350,7 @@ def bench_swap(
         "rss_peak_mb_loading": round(rss.peaks.get("loading", 0.0), 1),
         "rss_peak_mb_after": round(rss.peaks.get("after", 0.0), 1),
         "rss_mb_end": round(rss_end, 1),
+        "timeline": timeline(calls, pauses, milestones.records, promoted),
         "champion": champion,
         "challenger": challenger,
         "concurrency": concurrency,

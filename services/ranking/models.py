@@ -76,6 +76,7 @@ class ModelHolder:
 
     def _load(self, kind: str, version: str) -> object:
         try:
+            log.info("loading %s %s", kind, version)
             self.registry.verify(kind, version)
             path = self.registry.path(kind, version)
             if kind == "index":

@@ -796,6 +796,13 @@ def test_bench_swap_times_the_calls_around_a_real_hot_swap(
     new = load_file(registry.path("reranker", result["challenger"]) / "model.safetensors")
     assert old.keys() == new.keys() and all(not (old[k] == new[k]).all() for k in old)
     assert result["item_states_shared"] is False  # its embeddings moved: its own states
+    # The timeline, from the promote on: the service's load of the challenger, in order.
+    events = [e["event"] for e in result["timeline"]]
+    at = [e["at_s"] for e in result["timeline"]]
+    assert at == sorted(at) and at[0] >= 0
+    assert f"loading reranker {result['challenger']}" in events
+    assert any("item states computed in" in e for e in events)
+    assert any(e.startswith("call answered in") for e in events)
     # By default an update freezes everything below the split (the stack's models split after
     # layer 1 of 2): the new version keeps the serving one's item states.
     monkeypatch.delenv("FRESHREC_TRAINING__INCREMENTAL_FREEZE_LAYERS")

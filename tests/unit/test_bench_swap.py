@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from freshrec.bench_swap import _Call, publish_challenger, window
+from freshrec.bench_swap import _Call, publish_challenger, timeline, window
 from freshrec.config import load_config
 from freshrec.errors import FailedPrecondition
 from model.artifacts import Manifest
@@ -60,6 +60,24 @@ def test_a_window_holds_the_calls_that_started_in_it() -> None:
         "full_gc": 0,
         "full_gc_max_ms": 0.0,
     }
+
+
+def test_the_timeline_lists_from_the_promote_on_the_slowest_calls_full_gcs_and_milestones() -> None:
+    calls = [
+        _Call(0.5, 900.0, True, "v1"),  # before the promote: not listed, however slow
+        _Call(1.5, 40.0, True, "v1"),
+        _Call(2.0, 5.0, True, "v2"),
+        _Call(2.5, 700.0, False, ""),
+    ]
+    pauses = [(0.9, 2, 0.3), (1.2, 1, 0.2), (1.8, 2, 0.15)]  # (end, generation, seconds)
+    milestones = [(0.2, "loading reranker v1"), (1.1, "loading reranker v2")]
+    got = timeline(calls, pauses, milestones, promoted=1.0, slowest=2)
+    assert got == [
+        {"at_s": 0.1, "event": "loading reranker v2"},
+        {"at_s": 0.5, "event": "call answered in 40.0 ms"},
+        {"at_s": 0.8, "event": "full garbage collection, 150.0 ms"},
+        {"at_s": 1.5, "event": "call failed in 700.0 ms"},
+    ]
 
 
 def test_an_update_keeps_the_item_side_unless_told_otherwise(tmp_path: Path) -> None:
