@@ -239,7 +239,8 @@ class CrossEncoderReranker:
         if self.split is not None and self.device.type == "cpu":
             self.split.quantize_user_side()
             with self._state_lock:
-                self._user_states_cache.clear()
+                # New maps, not cleared ones: the user states may be shared (share_item_states).
+                self._user_states_cache = OrderedDict()
                 self._joint_users.clear()
                 self._score_cache.clear()
 
@@ -464,12 +465,26 @@ class CrossEncoderReranker:
         """Use `other`'s cached item states and item token ids from now on, when it computes
         the same states (`same_item_side`); returns whether it does. The two then fill one
         store: a version promoted after a fine-tune that froze the item side needs no warm-up
-        (`freshrec bench swap`)."""
+        (`freshrec bench swap`).
+
+        The user side below the split runs through the same embeddings and layers, so where
+        both run it alike (int8 or not: `SplitEncoder.user_side_int8`) the users' states are
+        shared too, under one lock: a returning user's first request to the new version runs
+        only the joint layer's user side (kept per version), not the whole user pass."""
         if not self.same_item_side(other):
             return False
         self._item_states = other._item_states
         self._token_cache = other._token_cache
+        assert self.split is not None and other.split is not None
+        if self.split.user_side_int8 == other.split.user_side_int8:
+            self._state_lock = other._state_lock
+            with self._state_lock:
+                self._user_states_cache = other._user_states_cache
         return True
+
+    def shares_user_states_with(self, other: CrossEncoderReranker) -> bool:
+        """Whether this re-ranker and `other` keep one map of users' states."""
+        return self._user_states_cache is other._user_states_cache
 
     def shares_item_states_with(self, other: CrossEncoderReranker) -> bool:
         """Whether this re-ranker and `other` fill one item-state store."""
@@ -478,13 +493,13 @@ class CrossEncoderReranker:
     def clear_item_states(self) -> None:
         """Forget cached item- and user-side states, cached logits and the int8 user-side copy
         (they belong to the weights they were computed with; `model.training.train` calls
-        this when it changes the weights). A store shared with another version
-        (`share_item_states`) is left to that one: this re-ranker starts a new one."""
+        this when it changes the weights). A store or users' states shared with another
+        version (`share_item_states`) are left to that one: this re-ranker starts new ones."""
         with self._state_lock:
             self._item_states = self._new_item_states(
                 self._item_states.dtype, self._item_states.capacity
             )
-            self._user_states_cache.clear()
+            self._user_states_cache = OrderedDict()
             self._joint_users.clear()
             self._score_cache.clear()
         if self.split is not None:

@@ -188,6 +188,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     holder: ModelHolder | None = None
 
     def load_reranker(path: str) -> CrossEncoderReranker:
+        started = time.perf_counter()
         reranker = CrossEncoderReranker.from_pretrained(
             path,
             config.model.max_length,
@@ -204,29 +205,33 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         reranker.item_state_capacity = max(
             reranker.item_state_capacity, config.ranking.warm_item_states
         )
+        log.info("re-ranker %s read and prepared in %.2f s", path, time.perf_counter() - started)
         live = holder.current if holder is not None and holder.ready else None
         # A version whose fine-tune froze everything below the split computes the same item
         # states as the serving one: it fills that one's store and computes none (a swap
         # without a warm-up; `freshrec bench swap`).
         if live is not None and reranker.share_item_states(live.reranker):
             log.info(
-                "re-ranker %s: the serving version's %d item states kept (same embeddings and "
-                "layers below the split)",
+                "re-ranker %s: the serving version's %d item states kept, users' states %s "
+                "(same embeddings and layers below the split)",
                 path,
                 reranker.cached_items(),
+                "too" if reranker.shares_user_states_with(live.reranker) else "not",
             )
             return reranker
         started = time.perf_counter()
         warmed = reranker.warm_items(_warm_texts(config, live.index if live else None))
         if warmed:
-            # The warm-up's freed temporaries would stay in the RSS (services/common/memory.py).
-            release_free_heap()
             log.info(
                 "re-ranker %s: %d item states computed in %.1f s",
                 path,
                 warmed,
                 time.perf_counter() - started,
             )
+            # The warm-up's freed temporaries would stay in the RSS (services/common/memory.py).
+            started = time.perf_counter()
+            release_free_heap()
+            log.info("free C heap returned in %.0f ms", (time.perf_counter() - started) * 1e3)
         return reranker
 
     serving = threading.Event()

@@ -481,6 +481,7 @@ def test_forward_seconds_count_the_forward_passes_and_nothing_else() -> None:
 def test_a_version_with_the_same_item_side_shares_the_states_and_scores_as_its_own() -> None:
     serving, loaded = _split(joint=1), _split(joint=1)
     serving.warm_items(ITEMS)
+    serving.score(USERS[0], ITEMS)  # a returning user: their states below the split kept
     # A fine-tune that froze everything below the split moved only the joint layer and head.
     with torch.no_grad():
         for p in [
@@ -492,6 +493,10 @@ def test_a_version_with_the_same_item_side_shares_the_states_and_scores_as_its_o
     assert loaded.share_item_states(serving) and loaded.shares_item_states_with(serving)
     assert loaded.cached_items() == len(ITEMS)
     assert loaded.warm_items(ITEMS) == 0  # nothing left to compute
+    # The user's states below the split too: its first request to the new version reads them.
+    assert loaded.shares_user_states_with(serving)
+    assert loaded.score(USERS[0], ITEMS, cache=False) is not None
+    assert (loaded.user_cache_hits, loaded.user_cache_misses) == (1, 0)
     # Its scores from the shared states are those it computes from its own.
     own = _split(joint=1)
     with torch.no_grad():
@@ -503,9 +508,22 @@ def test_a_version_with_the_same_item_side_shares_the_states_and_scores_as_its_o
     np.testing.assert_allclose(loaded.score(USERS[0], ITEMS), own.score(USERS[0], ITEMS), atol=1e-6)
     assert not np.allclose(loaded.score(USERS[0], ITEMS), serving.score(USERS[0], ITEMS))
     # Training one (which forgets its states) leaves the other's store alone.
+    users_kept = len(serving._user_states_cache)
     loaded.clear_item_states()
     assert not loaded.shares_item_states_with(serving) and loaded.cached_items() == 0
+    assert not loaded.shares_user_states_with(serving) and len(loaded._user_states_cache) == 0
     assert serving.cached_items() == len(ITEMS)
+    assert len(serving._user_states_cache) == users_kept > 0
+
+
+def test_a_version_whose_user_side_runs_otherwise_shares_only_the_item_states() -> None:
+    serving, loaded = _split(joint=1), _split(joint=1)
+    serving.quantize_user_side()  # int8 user side: other user states than the fp32 one's
+    serving.score(USERS[0], ITEMS)
+    assert loaded.share_item_states(serving) and not loaded.shares_user_states_with(serving)
+    np.testing.assert_allclose(
+        loaded.score(USERS[0], ITEMS), _split(joint=1).score(USERS[0], ITEMS), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("change", ["lower layer", "embeddings", "precision", "split"])
