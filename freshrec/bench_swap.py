@@ -27,8 +27,10 @@ share_item_states`: an update that froze the layers below the split, the default
 
 The JSON's last line: `load_s`, `swapped`, `item_states_shared`, `steady`, `loading`, `after`
 (each `calls`, `errors`, `p50_ms`, `p95_ms`, `p99_ms`, `max_ms`, `qps`, `full_gc`,
-`full_gc_max_ms`), `errors`, `rss_peak_mb_steady`, `rss_peak_mb_loading`, `rss_mb_end` (once
-the old version is gone), `timeline` (from the promote on, in seconds since it: the slowest
+`full_gc_max_ms`), `errors`, `after_user_cache_hit_rate` (the new version's user-state lookups
+that found the user's states, each miss a request that ran the whole user pass; null without a
+swap), `rss_peak_mb_steady`, `rss_peak_mb_loading`, `rss_mb_end` (once the old version is
+gone), `timeline` (from the promote on, in seconds since it: the slowest
 calls, every full garbage collection and the service's load milestones), `freeze_layers` (the
 challenger's frozen layers), `warm_item_states`, `items`, `machine`.
 """
@@ -316,6 +318,11 @@ def bench_swap(
         if crashed:
             raise crashed[0]
         n_items = len(app.models.current.index)
+        new = app.models.current.reranker
+        # The new version's user-state lookups, all made after the swap (its counters start
+        # at its load): a miss is a request that ran the whole user pass.
+        user_hits, user_misses = new.user_cache_hits, new.user_cache_misses
+        del new
     finally:
         gc.callbacks.remove(hook)
         milestones.detach()
@@ -346,6 +353,9 @@ def bench_swap(
         "first_new_answer_s": round(first_new - promoted, 2) if first_new else None,
         # The new version kept the old one's item states (same item side: no warm-up).
         "item_states_shared": shared,
+        "after_user_cache_hit_rate": (
+            round(user_hits / max(user_hits + user_misses, 1), 3) if served is not None else None
+        ),
         "rss_peak_mb_steady": round(rss.peaks.get("steady", 0.0), 1),
         "rss_peak_mb_loading": round(rss.peaks.get("loading", 0.0), 1),
         "rss_peak_mb_after": round(rss.peaks.get("after", 0.0), 1),

@@ -25,7 +25,7 @@ Profile semantics (batch and streaming alike):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -410,6 +410,25 @@ def read_item_catalog(table: Path) -> dict[str, ItemFeatures]:
     """Every item's features from the offline item table (the source of materialisation)."""
     rows: list[dict[str, Any]] = pd.read_parquet(table).to_dict("records")  # type: ignore[assignment]
     return {str(row["item_id"]): item_from_row(row) for row in rows}
+
+
+def iter_item_records(
+    frame: pd.DataFrame, item_ids: Sequence[str], chunk: int = 1024
+) -> Iterator[ItemFeatures]:
+    """The records of `item_ids` (those the item table `frame` holds, in that order), as
+    `read_item_catalog` builds them (the last row of an id wins), made `chunk` at a time.
+
+    For a caller that uses each record and drops it: a whole catalogue's records and row dicts
+    alive at once (~300,000 objects the garbage collector tracks at 100k items) made the
+    ranking service's full collections walk them while a model version loaded, several in a
+    row, each stopping every request for up to ~220 ms (stop 30)."""
+    frame = frame.drop_duplicates(subset="item_id", keep="last")
+    where = pd.Index(frame["item_id"].astype(str)).get_indexer(pd.Index(list(item_ids)))
+    where = where[where >= 0]
+    for start in range(0, len(where), chunk):
+        rows: list[dict[str, Any]] = frame.iloc[where[start : start + chunk]].to_dict("records")  # type: ignore[assignment]
+        for row in rows:
+            yield item_from_row(row)
 
 
 def profiles_frame(profiles: Iterable[UserProfile]) -> pd.DataFrame:

@@ -50,7 +50,7 @@ from services.common.served_scores import SERVED_SCORES_DIR, ServedScoreLog
 from services.common.server import ServerHandle, create_server
 from services.features.caching import CachingFeatureReader
 from services.features.feast_store import FeastFeatureStore
-from services.features.profiles import read_item_catalog
+from services.features.profiles import iter_item_records
 from services.features.reader import FeatureReader
 from services.features.redis_reader import RedisFeatureReader
 from services.features.store import ITEM_FEATURES_TABLE
@@ -367,10 +367,12 @@ def _warm_texts(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:
     table = _warm_catalogue(config)
     if table is None:
         return []
-    catalogue = read_item_catalog(table)
+    frame = pd.read_parquet(table)
+    order = _warm_order(frame["item_id"].astype(str), index, config.ranking.warm_item_states)
     now = datetime.now(UTC)
-    order = _warm_order(catalogue, index, config.ranking.warm_item_states)
-    return [ranking_item_text(catalogue[i], now) for i in order]
+    # Record by record, each dropped once its text is built (`iter_item_records`): a version
+    # loads while requests are served.
+    return [ranking_item_text(item, now) for item in iter_item_records(frame, order)]
 
 
 def _hot_path_reader(

@@ -811,5 +811,8 @@ def test_bench_swap_times_the_calls_around_a_real_hot_swap(
     )
     assert frozen["swapped"] is True and frozen["errors"] == 0
     assert frozen["item_states_shared"] is True and frozen["freeze_layers"] == 1
+    # The users' states below the split came with them: the first swap's new version ran
+    # the user pass for every user it served, this one for none of those the old one had.
+    assert frozen["after_user_cache_hit_rate"] > result["after_user_cache_hit_rate"]
     assert frozen["after_answered_by_old"] == 0
     _wait_for(lambda: _served_version(stack) == champion, "the champion serving again")

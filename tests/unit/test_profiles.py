@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -21,9 +22,11 @@ from services.features.profiles import (
     item_from_row,
     item_to_row,
     items_frame,
+    iter_item_records,
     profile_from_row,
     profile_to_row,
     profiles_frame,
+    read_item_catalog,
     update_profile,
 )
 
@@ -327,3 +330,20 @@ def test_item_converters_round_trip() -> None:
     assert item_from_row(frame.iloc[0]) == item
     # Feast answers None for every feature of an unknown row; defaults fill in.
     assert item_from_row({"item_id": "x", "in_stock": None, "price": None}) == ItemFeatures("x")
+
+
+def test_item_records_made_a_chunk_at_a_time_equal_the_whole_catalogues(tmp_path: Path) -> None:
+    items = [
+        ItemFeatures(
+            f"i{n}", f"Item {n}", f"Text {n}.", "c", "b", 1.5 * n, n, 2.0 * n, T0, n % 2 == 0
+        )
+        for n in range(7)
+    ]
+    changed = ItemFeatures("i3", "Item 3, renamed", price=9.25)  # a later row of i3 wins
+    table = tmp_path / "items.parquet"
+    pd.concat([items_frame(items, T0), items_frame([changed], T0)]).to_parquet(table)
+    whole = read_item_catalog(table)
+    wanted = ["i5", "i3", "missing", "i0", "i6", "i1"]
+    got = list(iter_item_records(pd.read_parquet(table), wanted, chunk=2))
+    assert got == [whole[i] for i in wanted if i in whole]
+    assert got[1] == changed
