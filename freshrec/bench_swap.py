@@ -30,9 +30,9 @@ The JSON's last line: `load_s`, `swapped`, `item_states_shared`, `steady`, `load
 `full_gc_max_ms`), `errors`, `after_user_cache_hit_rate` (the new version's user-state lookups
 that found the user's states, each miss a request that ran the whole user pass; null without a
 swap), `rss_peak_mb_steady`, `rss_peak_mb_loading`, `rss_mb_end` (once the old version is
-gone), `timeline` (from the promote on, in seconds since it: the slowest
-calls, every full garbage collection and the service's load milestones), `freeze_layers` (the
-challenger's frozen layers), `warm_item_states`, `items`, `machine`.
+gone), `timeline` (from the promote on, in seconds since it: the slowest calls, every full
+garbage collection and the service's load milestones), `freeze_layers` (the challenger's
+frozen layers), `warm_item_states`, `items`, `machine`.
 """
 
 from __future__ import annotations
