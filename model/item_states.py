@@ -26,6 +26,7 @@ scales, one pair of tensors per item (views into their warm-up batch), dequantis
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -71,6 +72,11 @@ class _Kept:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    def recent(self, limit: int) -> list[str]:
+        """Up to `limit` of the texts kept, the most recently used first."""
+        with self._lock:
+            return list(itertools.islice(reversed(self._entries), max(limit, 0)))
 
     def _touch(self, texts: Sequence[str]) -> list[Any] | None:
         """The entries of `texts`, now the most recently used; None if any is not kept.

@@ -509,6 +509,11 @@ class CrossEncoderReranker:
         """Item texts whose item-side states are cached."""
         return len(self._item_states)
 
+    def cached_item_texts(self, limit: int) -> list[str]:
+        """Up to `limit` of the item texts whose states are cached, the most recently used
+        first: what requests read now, the warm set of a version loaded beside this one."""
+        return self._item_states.recent(limit)
+
     def item_state_bytes(self) -> int:
         """Memory the cached item-side states take (`model/item_states.py`: `state_bytes`)."""
         return int(self._item_states.state_bytes())

@@ -220,13 +220,19 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
             )
             return reranker
         started = time.perf_counter()
-        warmed = reranker.warm_items(_warm_texts(config, live.index if live else None))
+        texts = _live_texts(config, live.reranker) if live is not None else []
+        source = "the texts the serving version holds"
+        if not texts:
+            texts = _warm_texts(config, live.index if live else None)
+            source = "the offline catalogue"
+        warmed = reranker.warm_items(texts)
         if warmed:
             log.info(
-                "re-ranker %s: %d item states computed in %.1f s",
+                "re-ranker %s: %d item states computed in %.1f s (warm set: %s)",
                 path,
                 warmed,
                 time.perf_counter() - started,
+                source,
             )
             # The warm-up's freed temporaries would stay in the RSS (services/common/memory.py).
             started = time.perf_counter()
@@ -360,6 +366,17 @@ def _warm_ids(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:
         return []
     ids = pd.read_parquet(table, columns=["item_id"])["item_id"].astype(str)
     return _warm_order(ids, index, config.ranking.warm_item_states)
+
+
+def _live_texts(config: FreshRecConfig, serving: CrossEncoderReranker) -> list[str]:
+    """The warm set of a version loaded while `serving` serves: the item texts whose states
+    it holds, the most recently used first, `ranking.warm_item_states` at most. These are the
+    texts requests read now (as the online features make them), and listing them costs
+    milliseconds; building them from the offline catalogue (`_warm_texts`) took ~1.5 s of
+    conversions that held the GIL, and requests waited up to ~500 ms behind it (stop 30)."""
+    if serving.split is None or config.ranking.warm_item_states <= 0:
+        return []
+    return serving.cached_item_texts(config.ranking.warm_item_states)
 
 
 def _warm_texts(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:

@@ -801,7 +801,11 @@ def test_bench_swap_times_the_calls_around_a_real_hot_swap(
     at = [e["at_s"] for e in result["timeline"]]
     assert at == sorted(at) and at[0] >= 0
     assert f"loading reranker {result['challenger']}" in events
-    assert any("item states computed in" in e for e in events)
+    # Its warm set: the texts the serving version held, not the offline catalogue again.
+    assert any(
+        "item states computed in" in e and "(warm set: the texts the serving version holds)" in e
+        for e in events
+    )
     assert any(e.startswith("call answered in") for e in events)
     # By default an update freezes everything below the split (the stack's models split after
     # layer 1 of 2): the new version keeps the serving one's item states.

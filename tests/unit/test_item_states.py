@@ -89,6 +89,16 @@ def test_what_requests_read_stays_and_the_least_recently_read_goes(int8: bool) -
     assert "head" in store and "c" not in store
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_recent_texts_come_most_recently_used_first(int8: bool) -> None:
+    # A version loaded beside this one warms these (services/ranking/server.py).
+    store = Int8ItemStates(3, capacity=10) if int8 else PagedItemStates(torch.float32, capacity=10)
+    store.put(["a", "b", "c", "d"], _batch([2, 3, 1, 2]), [2, 3, 1, 2])
+    assert store.gather(["b"], torch.float32) is not None  # read: now the most recent
+    assert store.recent(10) == ["b", "d", "c", "a"]
+    assert store.recent(2) == ["b", "d"] and store.recent(0) == []
+
+
 def test_growing_the_arena_keeps_what_it_held() -> None:
     store = PagedItemStates(torch.float32, capacity=10_000)
     first = _batch([5, 30], seed=1)
