@@ -192,8 +192,9 @@ class RankingConfig(_Section):
         description="Items whose item-side states a split re-ranker computes when a version "
         "loads, before it serves; the rest are computed on first use. At start-up, the "
         "catalogue's most popular first; for a version loaded while another serves, the item "
-        "texts that one holds, most recently used first. The state cache holds max(50,000, this) items (~23 KiB each in 16 bits at the "
-        "synthetic 100k catalogue: `item_state_mib` in `freshrec bench serving`).",
+        "texts that one holds, most recently used first. The state cache holds max(50,000, "
+        "this) items (~23 KiB each in 16 bits at the synthetic 100k catalogue: "
+        "`item_state_mib` in `freshrec bench serving`).",
     )
     score_cache: bool = Field(
         True,
