@@ -186,8 +186,13 @@ class RedisFeatureReader:
         self._hmget_many: Any = None
         self._get_then_hmget_many: Any = None
         self._decoded: dict[tuple[Any, ...], ItemFeatures] = {}
-        # item id -> (record, monotonic time read), all read under generation `_generation`.
-        self._item_cache: OrderedDict[str, tuple[ItemFeatures, float]] = OrderedDict()
+        # item id -> record, and item id -> monotonic time read, all read under generation
+        # `_generation`. Two maps, not one of (record, time) pairs: a pair is a new object the
+        # garbage collector tracks at every re-read, ~100,000 of them at 100k items alive
+        # between the ranking service's freezes (services/common/heap.py), where a re-read of an
+        # unchanged record (the same object, `_items_from`) and its float time add none.
+        self._item_cache: OrderedDict[str, ItemFeatures] = OrderedDict()
+        self._item_read_at: dict[str, float] = {}
         self._generation: bytes | None = None
         self._item_lock = threading.Lock()
         # This thread's last profile read's (generation, monotonic time), taken by `get_items`.
@@ -333,9 +338,9 @@ class RedisFeatureReader:
         with self._item_lock:
             seen = self._generation
             for item_id in unique:
-                entry = self._item_cache.get(item_id)
-                if entry is not None and entry[1] >= oldest:
-                    held[item_id] = entry[0]
+                item = self._item_cache.get(item_id)
+                if item is not None and self._item_read_at[item_id] >= oldest:
+                    held[item_id] = item
                     self._item_cache.move_to_end(item_id)
         missing = [i for i in unique if i not in held]
         fresh, generation = self._generation_from_profile(now)
@@ -354,12 +359,14 @@ class RedisFeatureReader:
             # never a mislabelled entry).
             if generation != self._generation:
                 self._item_cache.clear()
+                self._item_read_at.clear()
                 self._generation = generation
             for item_id, item in fetched.items():
-                self._item_cache[item_id] = (item, now)
+                self._item_cache[item_id] = item
                 self._item_cache.move_to_end(item_id)
+                self._item_read_at[item_id] = now
             while len(self._item_cache) > ITEM_CACHE_SIZE:
-                self._item_cache.popitem(last=False)
+                del self._item_read_at[self._item_cache.popitem(last=False)[0]]
             self.item_cache_hits += len(held)
             self.item_cache_misses += len(missing)
         found = {**held, **fetched}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 import uuid
 from collections.abc import Iterator
@@ -509,6 +510,41 @@ def test_item_cache_max_age_bounds_a_write_that_does_not_bump(on_redis: Prepared
         assert cached.get_items(["i4"])["i4"] == held  # within the maximum age: held
         time.sleep(0.6)
         assert cached.get_items(["i4"])["i4"] == outside
+    finally:
+        cached.close()
+
+
+def test_re_reading_unchanged_items_makes_no_object_the_collector_tracks(
+    on_redis: Prepared,
+) -> None:
+    """Past the maximum age, held items are read again. An unchanged record is the same object
+    (decoded once per stored bytes), and the cache keeps it and its read time without a new
+    container: objects that outlive a request would otherwise pile up between the ranking
+    service's freezes for every full collection to walk (services/common/heap.py)."""
+    from services.features.redis_reader import RedisFeatureReader
+
+    cached = RedisFeatureReader(on_redis.config.feature_repo_dir, item_cache_max_age_s=0.05)
+    cached.start()
+    ids = [str(i) for i in ITEMS["item_id"]]
+    try:
+        first = cached.get_items(ids)
+        records = {id(r) for r in first.values()}
+        gc.collect()
+        gc.freeze()
+        try:
+            for _ in range(5):
+                time.sleep(0.06)
+                again = cached.get_items(ids)
+            gc.collect()
+            # Objects made since the freeze that refer to a record.
+            made = [
+                o for o in gc.get_objects() if any(id(r) in records for r in gc.get_referents(o))
+            ]
+        finally:
+            gc.unfreeze()
+        assert cached.item_cache_misses == 6 * len(ids)  # every round read them again
+        assert all(again[i] is first[i] for i in ids)
+        assert all(o is again for o in made)  # the test's own answer, nothing the cache made
     finally:
         cached.close()
 
