@@ -88,7 +88,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from freshrec.config import load_config
+from freshrec.config import FreshRecConfig, load_config
 
 
 def bench_serving(
@@ -303,7 +303,7 @@ def bench_serving(
     }
 
 
-def profile_user_ids(config: Any) -> list[str]:
+def profile_user_ids(config: FreshRecConfig) -> list[str]:
     """The ids of the users with a profile in the workdir's offline store: the users a bench
     drives `Recommend` for."""
     import pandas as pd

@@ -374,9 +374,8 @@ def _live_texts(config: FreshRecConfig, serving: CrossEncoderReranker) -> list[s
     texts requests read now (as the online features make them), and listing them costs
     milliseconds; building them from the offline catalogue (`_warm_texts`) took ~1.5 s of
     conversions that held the GIL, and requests took up to 384 ms behind it at 100k items
-    (stop 30). A new item no request has read yet is computed on first use."""
-    if serving.split is None or config.ranking.warm_item_states <= 0:
-        return []
+    (stop 30). A new item no request has read yet is computed on first use. Empty when
+    `serving` holds none (a full cross-encoder)."""
     return serving.cached_item_texts(config.ranking.warm_item_states)
 
 
@@ -388,8 +387,8 @@ def _warm_texts(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:
     frame = pd.read_parquet(table)
     order = _warm_order(frame["item_id"].astype(str), index, config.ranking.warm_item_states)
     now = datetime.now(UTC)
-    # Record by record, each dropped once its text is built (`iter_item_records`): a version
-    # loads while requests are served.
+    # Record by record, each dropped once its text is built (`iter_item_records`): read at
+    # start-up, and for a load beside a version that holds no item texts (`_live_texts`).
     return [ranking_item_text(item, now) for item in iter_item_records(frame, order)]
 
 
