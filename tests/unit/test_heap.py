@@ -25,11 +25,15 @@ def thawed() -> Iterator[None]:
 def test_objects_alive_at_the_freeze_leave_the_collector_and_newer_ones_stay(
     thawed: None,
 ) -> None:
-    old = [Node()]
+    freeze_heap()
+    before = gc.get_freeze_count()
+    old = [Node() for _ in range(50)]
     frozen = freeze_heap()
-    # The count at the freeze; a thread another test left behind (a gRPC server unwinding
-    # its shutdown) may free frozen objects right after, which only lowers it.
-    assert 0 < gc.get_freeze_count() <= frozen
+    # What this freeze added: at least the list and its 50 nodes. A thread another test left
+    # behind (a gRPC server unwinding its shutdown) may free frozen objects right after,
+    # which only lowers the total.
+    assert frozen >= 51
+    assert frozen < before < gc.get_freeze_count() <= before + frozen
     tracked = {id(o) for o in gc.get_objects()}
     assert id(old) not in tracked  # in the permanent generation: no collection walks it
 
