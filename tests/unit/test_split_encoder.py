@@ -110,16 +110,20 @@ def test_the_cache_keeps_the_item_states_at_the_split_not_keys_and_values() -> N
 
 
 def test_a_warm_up_leaves_no_per_item_object_for_the_garbage_collector() -> None:
-    # Token ids are kept as tuples of ints, which CPython stops tracking at their first
-    # collection (lists stay tracked): a 100k-item warm-up would otherwise add ~100k objects
-    # to every full collection while a new version loads (services/common/heap.py).
+    # Token ids are kept packed, one object a text that CPython never tracks (lists stay
+    # tracked): a 100k-item warm-up would otherwise add ~100k objects to every full collection
+    # while a new version loads (services/common/heap.py). An entry holds no Python object
+    # per id either (a tuple holds an int each), so dropping a version frees ~1 object a text.
     reranker = _split(joint=1)
     reranker.warm_items(ITEMS)
     gc.collect()
     kept = list(reranker._token_cache.values())
     assert len(kept) == len(ITEMS)
     assert not any(gc.is_tracked(ids) for ids in kept)
-    assert all(isinstance(i, int) for ids in kept for i in ids)
+    assert not any(gc.get_referents(ids) for ids in kept)
+    for text in ITEMS:  # and they are the tokenizer's ids
+        want = reranker.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert list(reranker._token_ids(text)) == want
 
 
 def test_a_returning_users_last_layer_side_is_kept_and_scores_the_same() -> None:
