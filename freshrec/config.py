@@ -177,6 +177,15 @@ class RankingConfig(_Section):
     )
     exclude_purchased: bool = Field(True, description="Never recommend what the user bought.")
     registry_poll_seconds: float = Field(1.0, gt=0, description="How often to look for a champion.")
+    load_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Nice levels below the serving threads at which a new version is verified, "
+        "loaded and warmed while the service serves (Linux; the start-up load runs at full "
+        "priority): the load takes the CPU requests leave idle, so requests served during a "
+        "swap slow less, and a swap under full load takes longer. 0 = the same priority.",
+    )
     workers: int = Field(8, ge=1, le=256, description="gRPC worker threads.")
     rerank_batch: int = Field(
         16,

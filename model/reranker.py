@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import os
 import threading
 import time
@@ -77,6 +78,26 @@ def _truncated_lengths(n_first: int, n_second: int, budget: int) -> tuple[int, i
     return budget - keep_second, keep_second
 
 
+# The files a saved re-ranker's tokenizer is read from (`AutoTokenizer.from_pretrained`).
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "special_tokens_map", "added_tokens", "merges")
+
+
+def tokenizer_digest(path: Path | str) -> str:
+    """sha256 over the names and bytes of the tokenizer files in a saved re-ranker's directory:
+    two versions with the same digest read the same tokenizer."""
+    digest = hashlib.sha256()
+    files = sorted(
+        f
+        for f in Path(path).iterdir()
+        if f.is_file() and f.name.startswith(TOKENIZER_FILE_PREFIXES)
+    )
+    for f in files:
+        data = f.read_bytes()
+        digest.update(f"{f.name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
 def pretrained_path(base_model: str = "") -> Path:
     """Directory of the pretrained BERT: `base_model` if given, else the packaged MiniLM-L6."""
     if base_model:
@@ -113,6 +134,8 @@ class CrossEncoderReranker:
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         self.tokenizer = tokenizer
+        # `tokenizer_digest` of the files the tokenizer was read from; "" when not known.
+        self.tokenizer_digest = ""
         self.max_length = max_length
         self.cpu_dtype = cpu_dtype
         # Text → token ids packed as C ints in bytes: one object a text, which the collector
@@ -256,14 +279,24 @@ class CrossEncoderReranker:
         cpu_dtype: CpuDtype = "fp32",
         joint_layers: int | None = None,
         seed: int = 0,
+        tokenizer_of: CrossEncoderReranker | None = None,
     ) -> CrossEncoderReranker:
         """Load a saved re-ranker (or the pretrained backbone, which gets a fresh head).
 
         `joint_layers` applies to a backbone (a checkpoint without a trained head) only.
         `seed` draws the fresh head's weights (the process's random state is left as it
         was): drawn from the process's state instead, two runs of the same training started
-        from different heads, and replay figures moved by up to 4% between identical runs."""
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        from different heads, and replay figures moved by up to 4% between identical runs.
+        `tokenizer_of`: a loaded re-ranker whose tokenizer this one uses when it was read from
+        the same files (`tokenizer_digest`), instead of reading them again. The ranking service
+        passes the serving version: a fine-tune keeps its tokenizer, and reading one holds the
+        GIL in chunks of up to ~20 ms (the Rust tokenizer builds its vocabulary), which requests
+        served meanwhile wait on (docs/performance-log.md, stop 32)."""
+        digest = tokenizer_digest(path)
+        if tokenizer_of is not None and tokenizer_of.tokenizer_digest == digest:
+            tokenizer = tokenizer_of.tokenizer
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             loaded: Any = BertForSequenceClassification.from_pretrained(
@@ -281,6 +314,7 @@ class CrossEncoderReranker:
         )
         reranker.blend = None if backbone else ScoreBlend.load(Path(path))
         reranker.collab = None if backbone else CollabFactors.load(Path(path))
+        reranker.tokenizer_digest = digest
         return reranker
 
     @classmethod
@@ -453,7 +487,11 @@ class CrossEncoderReranker:
             for k in keys
         ):
             return False
-        if self.tokenizer.get_vocab() != other.tokenizer.get_vocab():
+        # One tokenizer object (`from_pretrained`'s `tokenizer_of`) has one vocabulary; two are
+        # compared as dicts of ~30k entries (~10-20 ms each, holding the GIL).
+        if self.tokenizer is not other.tokenizer and (
+            self.tokenizer.get_vocab() != other.tokenizer.get_vocab()
+        ):
             return False
 
         def below_split(r: CrossEncoderReranker) -> list[torch.Tensor]:

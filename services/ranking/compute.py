@@ -15,10 +15,19 @@ gRPC worker.
 So the ranking service runs every torch call of its request path (re-rank, query and catalogue
 embedding) on one long-lived thread, `TorchWorker`, and loads and warms new model versions on a
 thread that ends when the load does (`in_passing_thread`): its team goes with it.
+
+While a version loads, its thread and team compete with the serving team for the same two
+cores, and an OpenMP region of a request's forward pass waits at its barrier for whichever of
+its threads the loader pushed off a core. So the model watcher runs at a lower CPU priority
+(`lower_thread_priority`; the threads it starts inherit it): the load takes the cores requests
+leave idle (docs/performance-log.md, stop 32).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -85,3 +94,21 @@ def in_passing_thread(fn: Callable[..., T], *args: Any) -> T:
     returns its result or raises its error."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="freshrec-load") as pool:
         return pool.submit(fn, *args).result()
+
+
+def lower_thread_priority(steps: int) -> int:
+    """Make the calling thread `steps` nice levels nicer than it is (19 at most); threads it
+    starts afterwards inherit the value. Returns the thread's nice value afterwards. Linux
+    only, where the nice value is per thread; elsewhere (or for 0 steps) nothing changes.
+
+    Raises:
+        ValueError: `steps` is negative (a higher priority needs privileges).
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if not sys.platform.startswith("linux"):
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    thread = threading.get_native_id()
+    nice = min(19, os.getpriority(os.PRIO_PROCESS, thread) + steps)
+    os.setpriority(os.PRIO_PROCESS, thread, nice)
+    return nice

@@ -18,7 +18,7 @@ import numpy as np
 from freshrec.errors import ArtifactError, FailedPrecondition, NotFound
 from model.index import RecallIndex
 from model.reranker import CrossEncoderReranker
-from services.ranking.compute import in_passing_thread
+from services.ranking.compute import in_passing_thread, lower_thread_priority
 from services.ranking.pipeline import ServingModels
 from services.registry import ModelRegistry
 
@@ -44,12 +44,16 @@ class ModelHolder:
         poll_seconds: float = 1.0,
         on_swap: Callable[[ServingModels], None] | None = None,
         ef_search: int = 0,
+        load_nice: int = 0,
     ) -> None:
         """Args:
         ef_search: HNSW efSearch of loaded indexes (`RecallIndex.load`; 0 = by size).
+        load_nice: nice levels the watcher thread, and so every load after the first, runs
+            below the serving threads (`compute.lower_thread_priority`); 0 = the same.
         """
         self.registry = registry
         self.ef_search = ef_search
+        self.load_nice = load_nice
         self.load_reranker = load_reranker
         self.poll_seconds = poll_seconds
         self.on_swap = on_swap
@@ -156,6 +160,13 @@ class ModelHolder:
         self._thread.start()
 
     def _run(self) -> None:
+        # Verifying, loading and warming a new version while requests are served: on the
+        # cores they leave idle (services/ranking/compute.py).
+        nice = lower_thread_priority(self.load_nice)
+        if self.load_nice:
+            log.info(
+                "model watcher at nice %d: later versions load below the serving threads", nice
+            )
         while not self._stop.wait(self.poll_seconds):
             try:
                 self.refresh()

@@ -189,12 +189,14 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
 
     def load_reranker(path: str) -> CrossEncoderReranker:
         started = time.perf_counter()
+        live = holder.current if holder is not None and holder.ready else None
         reranker = CrossEncoderReranker.from_pretrained(
             path,
             config.model.max_length,
             config.model.device,
             config.model.rerank_dtype,
             joint_layers=config.model.joint_layers,
+            tokenizer_of=live.reranker if live is not None else None,
         )
         # Item-side states of a split re-ranker, before the version serves: no request pays
         # for the popular head of the catalogue after a hot swap.
@@ -205,8 +207,14 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         reranker.item_state_capacity = max(
             reranker.item_state_capacity, config.ranking.warm_item_states
         )
-        log.info("re-ranker %s read and prepared in %.2f s", path, time.perf_counter() - started)
-        live = holder.current if holder is not None and holder.ready else None
+        log.info(
+            "re-ranker %s read and prepared in %.2f s (tokenizer %s)",
+            path,
+            time.perf_counter() - started,
+            "the serving version's"
+            if live is not None and reranker.tokenizer is live.reranker.tokenizer
+            else "read",
+        )
         # A version whose fine-tune froze everything below the split computes the same item
         # states as the serving one: it fills that one's store and computes none (a swap
         # without a warm-up; `freshrec bench swap`).
@@ -261,6 +269,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         config.ranking.registry_poll_seconds,
         on_swap=on_swap,
         ef_search=config.ranking.ef_search,
+        load_nice=config.ranking.load_nice,
     )
     holder.start()
     if not holder.ready:

@@ -423,6 +423,78 @@ def test_holder_loads_on_a_thread_that_ends_with_the_load(
     assert all(t is not threading.current_thread() and not t.is_alive() for t in threads)
 
 
+def test_later_versions_load_below_the_serving_threads_and_reuse_the_tokenizer(
+    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
+) -> None:
+    """The first load (start-up) runs at the caller's priority; the watcher verifies, loads
+    and warms later ones `load_nice` levels lower (Linux: the nice value is per thread, and
+    the passing thread a load runs on inherits the watcher's). A version read from the same
+    tokenizer files takes the serving version's tokenizer instead of reading it again."""
+    import os
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: list[int] = []
+    loaded = threading.Event()
+
+    def loader(path: str) -> CrossEncoderReranker:
+        seen.append(nice())
+        live = holder.current.reranker if holder.ready else None
+        reranker = CrossEncoderReranker.from_pretrained(
+            path, max_length=32, device="cpu", tokenizer_of=live
+        )
+        if live is not None:
+            loaded.set()
+        return reranker
+
+    mine = nice()
+    holder = ModelHolder(registry, loader, poll_seconds=0.02, load_nice=3)
+    holder.start()
+    try:
+        first = holder.current.reranker
+        registry.promote(
+            "reranker", _publish_reranker(registry, _different_reranker(tiny_reranker))
+        )
+        assert loaded.wait(timeout=30)
+        for _ in range(1500):  # the swap follows the load
+            if holder.current.model_version == "v0002":
+                break
+            threading.Event().wait(0.02)
+        assert holder.current.model_version == "v0002"
+    finally:
+        holder.stop()
+    assert seen == [mine, min(19, mine + 3)]
+    assert nice() == mine  # the caller's own thread is left as it was
+    second = holder.current.reranker
+    assert second.tokenizer is first.tokenizer and second.tokenizer_digest
+    np.testing.assert_allclose(
+        second.score("u", ["a", "b"]),
+        _different_reranker(tiny_reranker).score("u", ["a", "b"]),
+        rtol=1e-6,
+    )
+
+
+def test_a_version_with_other_tokenizer_files_reads_its_own(
+    tmp_path: Path, tiny_reranker: CrossEncoderReranker
+) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    tiny_reranker.save(first)
+    tiny_reranker.save(second)
+    serving = CrossEncoderReranker.from_pretrained(first, max_length=32, device="cpu")
+    same = CrossEncoderReranker.from_pretrained(
+        second, max_length=32, device="cpu", tokenizer_of=serving
+    )
+    assert same.tokenizer is serving.tokenizer
+    config = second / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"do_lower_case": true', '"do_lower_case": false'))
+    other = CrossEncoderReranker.from_pretrained(
+        second, max_length=32, device="cpu", tokenizer_of=serving
+    )
+    assert other.tokenizer is not serving.tokenizer
+    assert other.tokenizer("Shoes")["input_ids"] != serving.tokenizer("Shoes")["input_ids"]
+
+
 def test_holder_swaps_on_promote(
     registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
 ) -> None:

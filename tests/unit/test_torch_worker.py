@@ -82,3 +82,10 @@ def test_in_passing_thread_returns_raises_and_ends_its_thread() -> None:
 
     with pytest.raises(ValueError, match="bad version"):
         in_passing_thread(fail)
+
+
+def test_a_thread_cannot_ask_for_a_higher_priority() -> None:
+    from services.ranking.compute import lower_thread_priority
+
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        lower_thread_priority(-1)
