@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import os
 import threading
 import time
@@ -80,11 +81,18 @@ def _truncated_lengths(n_first: int, n_second: int, budget: int) -> tuple[int, i
 
 # The files a saved re-ranker's tokenizer is read from (`AutoTokenizer.from_pretrained`).
 TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "special_tokens_map", "added_tokens", "merges")
+# Keys of tokenizer_config.json that say how the files were found, not how text is tokenised:
+# transformers saves the ones it was loaded with, and the updater loads offline, so its
+# versions record "local_files_only": true where the first version recorded false.
+TOKENIZER_LOADING_KEYS = frozenset(
+    {"is_local", "local_files_only", "name_or_path", "_commit_hash", "cache_dir", "revision"}
+)
 
 
 def tokenizer_digest(path: Path | str) -> str:
-    """sha256 over the names and bytes of the tokenizer files in a saved re-ranker's directory:
-    two versions with the same digest read the same tokenizer."""
+    """sha256 over the names and contents of the tokenizer files in a saved re-ranker's
+    directory (tokenizer_config.json without `TOKENIZER_LOADING_KEYS`): two versions with the
+    same digest read the same tokenizer."""
     digest = hashlib.sha256()
     files = sorted(
         f
@@ -93,6 +101,10 @@ def tokenizer_digest(path: Path | str) -> str:
     )
     for f in files:
         data = f.read_bytes()
+        if f.name == "tokenizer_config.json":
+            settings = json.loads(data)
+            kept = {k: v for k, v in settings.items() if k not in TOKENIZER_LOADING_KEYS}
+            data = json.dumps(kept, sort_keys=True).encode()
         digest.update(f"{f.name}\0{len(data)}\0".encode())
         digest.update(data)
     return digest.hexdigest()

@@ -4,6 +4,7 @@ and of the ModelHolder against a real registry in tmp_path."""
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -487,6 +488,15 @@ def test_a_version_with_other_tokenizer_files_reads_its_own(
     )
     assert same.tokenizer is serving.tokenizer
     config = second / "tokenizer_config.json"
+    # How the files were found is not how text is tokenised: the updater loads offline, and
+    # transformers saves that as "local_files_only": true.
+    settings = json.loads(config.read_text())
+    settings["local_files_only"] = not settings.get("local_files_only", False)
+    config.write_text(json.dumps(settings, indent=2))
+    offline = CrossEncoderReranker.from_pretrained(
+        second, max_length=32, device="cpu", tokenizer_of=serving
+    )
+    assert offline.tokenizer is serving.tokenizer
     config.write_text(config.read_text().replace('"do_lower_case": true', '"do_lower_case": false'))
     other = CrossEncoderReranker.from_pretrained(
         second, max_length=32, device="cpu", tokenizer_of=serving
