@@ -449,8 +449,15 @@ def test_later_versions_load_below_the_serving_threads_and_reuse_the_tokenizer(
             loaded.set()
         return reranker
 
+    swapped = threading.Event()
     mine = nice()
-    holder = ModelHolder(registry, loader, poll_seconds=0.02, load_nice=3)
+    holder = ModelHolder(
+        registry,
+        loader,
+        poll_seconds=0.02,
+        on_swap=lambda models: swapped.set() if models.model_version == "v0002" else None,
+        load_nice=3,
+    )
     holder.start()
     try:
         first = holder.current.reranker
@@ -458,10 +465,7 @@ def test_later_versions_load_below_the_serving_threads_and_reuse_the_tokenizer(
             "reranker", _publish_reranker(registry, _different_reranker(tiny_reranker))
         )
         assert loaded.wait(timeout=30)
-        for _ in range(1500):  # the swap follows the load
-            if holder.current.model_version == "v0002":
-                break
-            threading.Event().wait(0.02)
+        assert swapped.wait(timeout=30)  # the swap follows the load
         assert holder.current.model_version == "v0002"
     finally:
         holder.stop()
