@@ -62,7 +62,8 @@ class ModelHolder:
         self.refusals: list[Refusal] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # `_current` and the catalogue changes
+        self._refresh_lock = threading.Lock()  # one refresh at a time
         # Catalogue changes since the base index was built; re-applied to every new base.
         self._catalog_upserts: dict[str, np.ndarray] = {}
         self._catalog_removals: set[str] = set()
@@ -93,12 +94,21 @@ class ModelHolder:
 
     def refresh(self) -> bool:
         """Load the champions if they changed; True if a swap happened. Never raises for a bad
-        version: it is refused, logged, and the serving one stays."""
-        with self._lock:
+        version: it is refused, logged, and the serving one stays.
+
+        One refresh at a time (`_refresh_lock`); the state lock (`_lock`) is held only to read
+        the serving models and to publish the new ones, not while a version verifies and loads.
+        A load that computes item states can take minutes (longer at `load_nice` under full
+        load), and the catalogue follower's `apply_catalog` takes the state lock: held through
+        the load, it stopped every new or removed item from reaching recall until the load
+        ended. Changes applied meanwhile go to the serving index and are re-applied to a newly
+        loaded one at the swap (`_with_catalog`)."""
+        with self._refresh_lock:
             wanted = {k: self.registry.champion(k) for k in ("reranker", "index")}
             if None in wanted.values():
                 return False
-            current = self._current
+            with self._lock:
+                current = self._current
             have = (
                 {"reranker": current.model_version, "index": current.index_version}
                 if current
@@ -120,15 +130,22 @@ class ModelHolder:
                     self.refusals.append(Refusal(kind, version, str(exc)))
                     log.error("%s; still serving %s", exc, have[kind])
                     return False
-            reranker = loaded.get("reranker") or (current.reranker if current else None)
-            index = loaded.get("index")
-            if isinstance(index, RecallIndex):
-                index = self._with_catalog(index)
-            elif current is not None:
-                index = current.index
-            assert isinstance(reranker, CrossEncoderReranker) and isinstance(index, RecallIndex)
-            models = ServingModels(reranker, wanted["reranker"] or "", index, wanted["index"] or "")
-            self._current = models  # one reference swap: requests see old or new, never a mix
+            with self._lock:
+                # `apply_catalog` may have replaced the serving models (same versions, a newer
+                # overlay) during the load: compose from what serves now.
+                current = self._current
+                reranker = loaded.get("reranker") or (current.reranker if current else None)
+                index = loaded.get("index")
+                if isinstance(index, RecallIndex):
+                    index = self._with_catalog(index)
+                elif current is not None:
+                    index = current.index
+                assert isinstance(reranker, CrossEncoderReranker)
+                assert isinstance(index, RecallIndex)
+                models = ServingModels(
+                    reranker, wanted["reranker"] or "", index, wanted["index"] or ""
+                )
+                self._current = models  # one reference swap: requests see old or new, never a mix
             log.info("serving model %s, index %s", models.model_version, models.index_version)
             if self.on_swap is not None:
                 self.on_swap(models)

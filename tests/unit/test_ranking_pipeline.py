@@ -568,6 +568,50 @@ def test_holder_swaps_a_new_index(registry: ModelRegistry) -> None:
     assert (holder.current.model_version, holder.current.index_version) == ("v0001", "v0002")
 
 
+def test_catalogue_changes_reach_recall_while_a_version_loads(
+    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
+) -> None:
+    """A load can take minutes (item states computed at a low priority); the catalogue
+    follower must not wait for it. A change applied during the load serves at once on the old
+    version and is carried into the new one, index and all."""
+    release = threading.Event()
+    loading = threading.Event()
+
+    def loader(path: str) -> CrossEncoderReranker:
+        if holder.ready:
+            loading.set()
+            assert release.wait(timeout=30)
+        return _loader(path)
+
+    holder = ModelHolder(registry, loader)
+    holder.refresh()
+    registry.promote("reranker", _publish_reranker(registry, _different_reranker(tiny_reranker)))
+    registry.promote("index", _publish_index(registry, _index(seed=1)))
+    refreshed: list[bool] = []
+    refresher = threading.Thread(target=lambda: refreshed.append(holder.refresh()))
+    refresher.start()
+    try:
+        assert loading.wait(timeout=30)
+        vector = _index(seed=2).vectors_of(["i01"])[0]
+        applier = threading.Thread(
+            target=holder.apply_catalog, args=({"new-item": vector}, {"i02"})
+        )
+        applier.start()
+        applier.join(timeout=10)
+        assert not applier.is_alive(), "apply_catalog waited for the model load"
+        during = holder.current
+        assert during.model_version == "v0001" and "new-item" in during.index
+        assert "i02" not in during.index
+    finally:
+        release.set()
+        refresher.join(timeout=30)
+    assert refreshed == [True]
+    after = holder.current
+    assert (after.model_version, after.index_version) == ("v0002", "v0002")
+    assert "new-item" in after.index and "i02" not in after.index
+    assert "new-item" in [hit for hit, _ in after.index.search(vector, 5)]
+
+
 def test_holder_refuses_a_corrupt_version_and_keeps_serving(
     registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
 ) -> None:
