@@ -86,6 +86,26 @@ SERVING_VERSION = Gauge(
     "1 for the (model, index) versions being served.",
     ["model", "index"],
 )
+MODEL_LOADS = Counter(
+    "freshrec_model_loads_total",
+    "New versions the ranking service verified and loaded, by kind and outcome: ok (then "
+    "served), refused (failed its hash or did not load: never retried, the serving one stays), "
+    "failed (the registry could not be read: retried at the next poll).",
+    ["kind", "outcome"],
+)
+MODEL_LOAD_SECONDS = Histogram(
+    "freshrec_model_load_seconds",
+    "Wall time of each successful load: verify, read, and prepare the item states (seconds "
+    "when they are shared, minutes when computed, longer at ranking.load_nice under full load).",
+    ["kind"],
+    buckets=(0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0),
+)
+MODEL_LOAD_STARTED = Gauge(
+    "freshrec_model_load_started_seconds",
+    "Unix time the load of a new version of this kind began; 0 while none is loading "
+    "(alert on time() - this when it is above 0).",
+    ["kind"],
+)
 EVENTS = Counter("freshrec_events_total", "LogEvents events by outcome/reason.", ["outcome"])
 SERVED_RELEVANCE = ArrayHistogram(
     "freshrec_served_relevance",

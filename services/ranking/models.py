@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -18,6 +19,7 @@ import numpy as np
 from freshrec.errors import ArtifactError, FailedPrecondition, NotFound
 from model.index import RecallIndex
 from model.reranker import CrossEncoderReranker
+from services.common import metrics
 from services.ranking.compute import in_passing_thread, lower_thread_priority
 from services.ranking.pipeline import ServingModels
 from services.registry import ModelRegistry
@@ -80,17 +82,28 @@ class ModelHolder:
         return self._current is not None
 
     def _load(self, kind: str, version: str) -> object:
+        log.info("loading %s %s", kind, version)
+        started = time.monotonic()
+        metrics.MODEL_LOAD_STARTED.labels(kind=kind).set(time.time())
+        outcome = "failed"  # anything not caught below propagates, and the next poll retries
         try:
-            log.info("loading %s %s", kind, version)
             self.registry.verify(kind, version)
             path = self.registry.path(kind, version)
             if kind == "index":
-                return RecallIndex.load(path, self.ef_search)
-            # On a thread that ends with the load: its torch threads go with it
-            # (services/ranking/compute.py).
-            return in_passing_thread(self.load_reranker, str(path))
+                loaded: object = RecallIndex.load(path, self.ef_search)
+            else:
+                # On a thread that ends with the load: its torch threads go with it
+                # (services/ranking/compute.py).
+                loaded = in_passing_thread(self.load_reranker, str(path))
+            outcome = "ok"
+            metrics.MODEL_LOAD_SECONDS.labels(kind=kind).observe(time.monotonic() - started)
+            return loaded
         except (ArtifactError, NotFound, OSError, ValueError, RuntimeError) as exc:
+            outcome = "refused"
             raise ArtifactError(f"{kind} {version} refused: {exc}") from exc
+        finally:
+            metrics.MODEL_LOAD_STARTED.labels(kind=kind).set(0)
+            metrics.MODEL_LOADS.labels(kind=kind, outcome=outcome).inc()
 
     def refresh(self) -> bool:
         """Load the champions if they changed; True if a swap happened. Never raises for a bad

@@ -376,6 +376,21 @@ def _different_reranker(base: CrossEncoderReranker) -> CrossEncoderReranker:
     return other
 
 
+def _loads(kind: str, outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "freshrec_model_loads_total", {"kind": kind, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+def _load_started(kind: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("freshrec_model_load_started_seconds", {"kind": kind}) or 0.0
+
+
 def test_holder_without_a_champion_is_not_ready(tmp_path: Path) -> None:
     holder = ModelHolder(ModelRegistry(tmp_path / "empty"), _loader)
 
@@ -587,6 +602,7 @@ def test_catalogue_changes_reach_recall_while_a_version_loads(
     holder.refresh()
     registry.promote("reranker", _publish_reranker(registry, _different_reranker(tiny_reranker)))
     registry.promote("index", _publish_index(registry, _index(seed=1)))
+    loads_before = _loads("reranker", "ok"), _loads("index", "ok")
     refreshed: list[bool] = []
     refresher = threading.Thread(target=lambda: refreshed.append(holder.refresh()))
     refresher.start()
@@ -602,6 +618,7 @@ def test_catalogue_changes_reach_recall_while_a_version_loads(
         during = holder.current
         assert during.model_version == "v0001" and "new-item" in during.index
         assert "i02" not in during.index
+        assert _load_started("reranker") > 0  # what an operator's alert reads
     finally:
         release.set()
         refresher.join(timeout=30)
@@ -610,6 +627,11 @@ def test_catalogue_changes_reach_recall_while_a_version_loads(
     assert (after.model_version, after.index_version) == ("v0002", "v0002")
     assert "new-item" in after.index and "i02" not in after.index
     assert "new-item" in [hit for hit, _ in after.index.search(vector, 5)]
+    assert _load_started("reranker") == 0
+    assert (_loads("reranker", "ok"), _loads("index", "ok")) == (
+        loads_before[0] + 1,
+        loads_before[1] + 1,
+    )
 
 
 def test_holder_refuses_a_corrupt_version_and_keeps_serving(
@@ -624,9 +646,12 @@ def test_holder_refuses_a_corrupt_version_and_keeps_serving(
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     registry._set_champion("reranker", bad, "promote", "bypass verification")
+    refused = _loads("reranker", "refused")
 
     assert holder.refresh() is False
     assert holder.refresh() is False  # refused once, not re-hashed on every poll
+    assert _loads("reranker", "refused") == refused + 1
+    assert _load_started("reranker") == 0
 
     assert holder.current is serving
     assert len(holder.refusals) == 1
@@ -637,6 +662,30 @@ def test_holder_refuses_a_corrupt_version_and_keeps_serving(
     registry.promote("reranker", _publish_reranker(registry, tiny_reranker))
     assert holder.refresh() is True
     assert holder.current.model_version == "v0003"
+
+
+def test_a_registry_that_cannot_be_read_is_retried_not_refused(
+    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
+) -> None:
+    from freshrec.errors import Unavailable
+
+    holder = ModelHolder(registry, _loader)
+    holder.refresh()
+    registry.promote("reranker", _publish_reranker(registry, _different_reranker(tiny_reranker)))
+    verify = registry.verify
+    failed = _loads("reranker", "failed")
+
+    def unreachable(kind: str, version: str) -> Manifest:
+        raise Unavailable("object store: connection reset")
+
+    registry.verify = unreachable  # type: ignore[method-assign]
+    with pytest.raises(Unavailable):
+        holder.refresh()  # the watcher logs it and polls again
+    assert _loads("reranker", "failed") == failed + 1
+    assert _load_started("reranker") == 0 and not holder.refusals
+    registry.verify = verify  # type: ignore[method-assign]
+    assert holder.refresh() is True
+    assert holder.current.model_version == "v0002"
 
 
 def test_holder_refuses_a_version_that_does_not_load(
