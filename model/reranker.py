@@ -299,14 +299,20 @@ class CrossEncoderReranker:
         `seed` draws the fresh head's weights (the process's random state is left as it
         was): drawn from the process's state instead, two runs of the same training started
         from different heads, and replay figures moved by up to 4% between identical runs.
-        `tokenizer_of`: a loaded re-ranker whose tokenizer this one uses when it was read from
-        the same files (`tokenizer_digest`), instead of reading them again. The ranking service
-        passes the serving version: a fine-tune keeps its tokenizer, and reading one holds the
-        GIL in chunks of up to ~20 ms (the Rust tokenizer builds its vocabulary), which requests
-        served meanwhile wait on (docs/performance-log.md, stop 32)."""
+        `tokenizer_of`: a loaded re-ranker whose tokenizer (and cache of token ids) this one
+        uses when it was read from the same files (`tokenizer_digest`), instead of reading them
+        again. The ranking service passes the serving version: a fine-tune keeps its
+        tokenizer, and reading one holds the GIL in chunks of up to ~20 ms (the Rust tokenizer
+        builds its vocabulary), which requests served meanwhile wait on
+        (docs/performance-log.md, stop 32)."""
         digest = tokenizer_digest(path)
+        token_cache: dict[str, bytes] | None = None
         if tokenizer_of is not None and tokenizer_of.tokenizer_digest == digest:
             tokenizer = tokenizer_of.tokenizer
+            # Token ids are the tokenizer's alone: the same tokenizer, the same ids. A load
+            # that computes the item states would otherwise tokenise every warm text again,
+            # ~50 s of a 100k warm-up holding the GIL in short chunks (stop 33).
+            token_cache = tokenizer_of._token_cache
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         with torch.random.fork_rng(devices=[]):
@@ -327,6 +333,8 @@ class CrossEncoderReranker:
         reranker.blend = None if backbone else ScoreBlend.load(Path(path))
         reranker.collab = None if backbone else CollabFactors.load(Path(path))
         reranker.tokenizer_digest = digest
+        if token_cache is not None:
+            reranker._token_cache = token_cache
         return reranker
 
     @classmethod

@@ -476,6 +476,7 @@ def test_later_versions_load_below_the_serving_threads_and_reuse_the_tokenizer(
     holder.start()
     try:
         first = holder.current.reranker
+        first.score("likes: shoes.", ["Product 1", "Product 2"])  # token ids cached
         registry.promote(
             "reranker", _publish_reranker(registry, _different_reranker(tiny_reranker))
         )
@@ -488,6 +489,9 @@ def test_later_versions_load_below_the_serving_threads_and_reuse_the_tokenizer(
     assert nice() == mine  # the caller's own thread is left as it was
     second = holder.current.reranker
     assert second.tokenizer is first.tokenizer and second.tokenizer_digest
+    # The token ids come with it: a load that computes item states tokenises nothing the
+    # serving version already did.
+    assert second._token_cache is first._token_cache and first._token_cache
     np.testing.assert_allclose(
         second.score("u", ["a", "b"]),
         _different_reranker(tiny_reranker).score("u", ["a", "b"]),
@@ -522,6 +526,7 @@ def test_a_version_with_other_tokenizer_files_reads_its_own(
     )
     assert other.tokenizer is not serving.tokenizer
     assert other.tokenizer("Shoes")["input_ids"] != serving.tokenizer("Shoes")["input_ids"]
+    assert other._token_cache is not serving._token_cache
 
 
 def test_holder_swaps_on_promote(
