@@ -236,6 +236,28 @@ def test_warm_items_computes_each_text_once() -> None:
     assert reranker.cached_items() == 3
 
 
+def test_a_long_warm_up_lets_go_of_the_gil_and_a_request_s_few_items_do_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Building the rows of a large warm set from cached token ids is pure Python: it must
+    let go of the GIL as it goes, or requests served meanwhile queue behind it."""
+    import model.reranker as reranker_module
+
+    yields: list[float] = []
+    monkeypatch.setattr(reranker_module, "WARM_YIELD_EVERY", 4)
+    monkeypatch.setattr(reranker_module.time, "sleep", yields.append)
+    reranker = _split(joint=1)
+    texts = [f"Product {n}: a fine thing." for n in range(10)]
+    assert reranker.warm_items(texts[:3]) == 3  # a request's few missing items
+    assert yields == []
+    assert reranker.warm_items(texts) == 7
+    assert yields == [0]  # 7 texts: one yield at the 4th
+    fresh = _split(joint=1)
+    fresh.item_state_dtype = reranker.item_state_dtype
+    fresh.warm_items(list(reversed(texts)))
+    np.testing.assert_allclose(fresh.score(USERS[0], texts), reranker.score(USERS[0], texts))
+
+
 def test_cross_encoder_has_no_item_states() -> None:
     reranker = CrossEncoderReranker.tiny(seed=0, max_length=32)
     assert reranker.architecture == "cross"
