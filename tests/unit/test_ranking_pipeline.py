@@ -670,7 +670,7 @@ def test_holder_refuses_a_corrupt_version_and_keeps_serving(
 
 
 def test_a_registry_that_cannot_be_read_is_retried_not_refused(
-    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
+    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from freshrec.errors import Unavailable
 
@@ -683,12 +683,12 @@ def test_a_registry_that_cannot_be_read_is_retried_not_refused(
     def unreachable(kind: str, version: str) -> Manifest:
         raise Unavailable("object store: connection reset")
 
-    registry.verify = unreachable  # type: ignore[method-assign]
+    monkeypatch.setattr(registry, "verify", unreachable)
     with pytest.raises(Unavailable):
         holder.refresh()  # the watcher logs it and polls again
     assert _loads("reranker", "failed") == failed + 1
     assert _load_started("reranker") == 0 and not holder.refusals
-    registry.verify = verify  # type: ignore[method-assign]
+    monkeypatch.setattr(registry, "verify", verify)
     assert holder.refresh() is True
     assert holder.current.model_version == "v0002"
 
