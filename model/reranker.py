@@ -480,10 +480,8 @@ class CrossEncoderReranker:
         if not missing:  # every request comes through here: nothing more to do
             return 0
         rows: dict[str, tuple[int, ...]] = {}
-        lengths: dict[str, int] = {}
         for n, text in enumerate(missing, 1):
-            rows[text] = row = self._item_row(text)
-            lengths[text] = len(row)
+            rows[text] = self._item_row(text)
             if n % WARM_YIELD_EVERY == 0:
                 # Let other threads take the GIL now. A loop of pure Python (token ids all
                 # cached: no tokenizer call lets go of the GIL) otherwise keeps it, and every
@@ -492,8 +490,8 @@ class CrossEncoderReranker:
                 _let_go_of_the_gil()
         # In order of token count: a batch pads little (and an int8 batch tensor, which its
         # items' cached rows are views into, holds little padding).
-        missing.sort(key=lengths.__getitem__)
-        self._item_states.expect([lengths[t] for t in missing])
+        missing.sort(key=lambda t: len(rows[t]))
+        self._item_states.expect([len(rows[t]) for t in missing])
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
             ids, mask = self._segments([rows[t] for t in chunk])

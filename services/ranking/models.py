@@ -120,8 +120,7 @@ class ModelHolder:
             wanted = {k: self.registry.champion(k) for k in ("reranker", "index")}
             if None in wanted.values():
                 return False
-            with self._lock:
-                current = self._current
+            current = self._current  # one reference read; `apply_catalog` may replace it
             have = (
                 {"reranker": current.model_version, "index": current.index_version}
                 if current

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable, InvalidArgument
 from freshrec.records import ItemFeatures, UserProfile
@@ -377,17 +378,11 @@ def _different_reranker(base: CrossEncoderReranker) -> CrossEncoderReranker:
 
 
 def _loads(kind: str, outcome: str) -> float:
-    from prometheus_client import REGISTRY
-
-    value = REGISTRY.get_sample_value(
-        "freshrec_model_loads_total", {"kind": kind, "outcome": outcome}
-    )
-    return value or 0.0
+    labels = {"kind": kind, "outcome": outcome}
+    return REGISTRY.get_sample_value("freshrec_model_loads_total", labels) or 0.0
 
 
 def _load_started(kind: str) -> float:
-    from prometheus_client import REGISTRY
-
     return REGISTRY.get_sample_value("freshrec_model_load_started_seconds", {"kind": kind}) or 0.0
 
 
