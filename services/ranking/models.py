@@ -8,10 +8,12 @@ verification or loading is refused with a logged reason and the serving one stay
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -47,11 +49,14 @@ class ModelHolder:
         on_swap: Callable[[ServingModels], None] | None = None,
         ef_search: int = 0,
         load_nice: int = 0,
+        load_scope: Callable[[], AbstractContextManager[object]] | None = None,
     ) -> None:
         """Args:
         ef_search: HNSW efSearch of loaded indexes (`RecallIndex.load`; 0 = by size).
         load_nice: nice levels the watcher thread, and so every load after the first, runs
             below the serving threads (`compute.lower_thread_priority`); 0 = the same.
+        load_scope: a context entered from a refresh's first load until after `on_swap`
+            (or the refusal), e.g. `heap.full_collections_deferred`; None = none.
         """
         self.registry = registry
         self.ef_search = ef_search
@@ -59,6 +64,7 @@ class ModelHolder:
         self.load_reranker = load_reranker
         self.poll_seconds = poll_seconds
         self.on_swap = on_swap
+        self._load_scope = load_scope or contextlib.nullcontext
         self._current: ServingModels | None = None
         self._refused: dict[tuple[str, str], str] = {}
         self.refusals: list[Refusal] = []
@@ -121,47 +127,50 @@ class ModelHolder:
             if None in wanted.values():
                 return False
             current = self._current  # one reference read; `apply_catalog` may replace it
-            have = (
+            have: dict[str, str | None] = (
                 {"reranker": current.model_version, "index": current.index_version}
                 if current
                 else {"reranker": None, "index": None}
             )
             if wanted == have:
                 return False
-            loaded: dict[str, object] = {}
-            for kind, version in wanted.items():
-                assert version is not None
-                if have[kind] == version:
-                    continue
-                if (kind, version) in self._refused:
-                    return False
-                try:
-                    loaded[kind] = self._load(kind, version)
-                except ArtifactError as exc:
-                    self._refused[(kind, version)] = str(exc)
-                    self.refusals.append(Refusal(kind, version, str(exc)))
-                    log.error("%s; still serving %s", exc, have[kind])
-                    return False
-            with self._lock:
-                # `apply_catalog` may have replaced the serving models (same versions, a newer
-                # overlay) during the load: compose from what serves now.
-                current = self._current
-                reranker = loaded.get("reranker") or (current.reranker if current else None)
-                index = loaded.get("index")
-                if isinstance(index, RecallIndex):
-                    index = self._with_catalog(index)
-                elif current is not None:
-                    index = current.index
-                assert isinstance(reranker, CrossEncoderReranker)
-                assert isinstance(index, RecallIndex)
-                models = ServingModels(
-                    reranker, wanted["reranker"] or "", index, wanted["index"] or ""
-                )
-                self._current = models  # one reference swap: requests see old or new, never a mix
-            log.info("serving model %s, index %s", models.model_version, models.index_version)
-            if self.on_swap is not None:
-                self.on_swap(models)
-            return True
+            with self._load_scope():
+                return self._load_and_swap(wanted, have)
+
+    def _load_and_swap(self, wanted: dict[str, str | None], have: dict[str, str | None]) -> bool:
+        """`refresh`'s loads and swap, under its refresh lock."""
+        loaded: dict[str, object] = {}
+        for kind, version in wanted.items():
+            assert version is not None
+            if have[kind] == version:
+                continue
+            if (kind, version) in self._refused:
+                return False
+            try:
+                loaded[kind] = self._load(kind, version)
+            except ArtifactError as exc:
+                self._refused[(kind, version)] = str(exc)
+                self.refusals.append(Refusal(kind, version, str(exc)))
+                log.error("%s; still serving %s", exc, have[kind])
+                return False
+        with self._lock:
+            # `apply_catalog` may have replaced the serving models (same versions, a newer
+            # overlay) during the load: compose from what serves now.
+            current = self._current
+            reranker = loaded.get("reranker") or (current.reranker if current else None)
+            index = loaded.get("index")
+            if isinstance(index, RecallIndex):
+                index = self._with_catalog(index)
+            elif current is not None:
+                index = current.index
+            assert isinstance(reranker, CrossEncoderReranker)
+            assert isinstance(index, RecallIndex)
+            models = ServingModels(reranker, wanted["reranker"] or "", index, wanted["index"] or "")
+            self._current = models  # one reference swap: requests see old or new, never a mix
+        log.info("serving model %s, index %s", models.model_version, models.index_version)
+        if self.on_swap is not None:
+            self.on_swap(models)
+        return True
 
     def _with_catalog(self, base: RecallIndex) -> RecallIndex:
         if not self._catalog_upserts and not self._catalog_removals:

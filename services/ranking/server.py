@@ -43,7 +43,7 @@ from services.catalog.servicer import CatalogServicer
 from services.common import metrics
 from services.common.auth import server_credentials
 from services.common.breaker import CircuitBreaker
-from services.common.heap import freeze_heap
+from services.common.heap import freeze_heap, full_collections_deferred
 from services.common.memory import release_free_heap
 from services.common.privacy import pseudonymizer
 from services.common.served_scores import SERVED_SCORES_DIR, ServedScoreLog
@@ -270,6 +270,9 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         on_swap=on_swap,
         ef_search=config.ranking.ef_search,
         load_nice=config.ranking.load_nice,
+        # The load's objects are frozen after its swap: no full collection walks them while
+        # requests wait on it (services/common/heap.py).
+        load_scope=full_collections_deferred if config.ranking.freeze_heap else None,
     )
     holder.start()
     if not holder.ready:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.common.heap import freeze_heap, watch_pauses
+from services.common.heap import freeze_heap, full_collections_deferred, watch_pauses
 
 
 class Node:
@@ -79,3 +79,38 @@ def test_every_collection_is_reported_with_its_generation() -> None:
         gc.callbacks.remove(hook)
     assert [g for g, _ in seen[-2:]] == [0, 2]
     assert all(s >= 0 for _, s in seen)
+
+
+def _full_collections_while_objects_survive(count: int) -> int:
+    """How many full collections CPython starts by itself while `count` objects are made and
+    kept (far more than the young generations' thresholds, and than a quarter of the
+    collector's long-lived objects after a freeze)."""
+    full: list[float] = []
+    hook = watch_pauses(
+        lambda generation, seconds: full.append(seconds) if generation == 2 else None
+    )
+    try:
+        kept = [Node() for _ in range(count)]
+    finally:
+        gc.callbacks.remove(hook)
+    del kept
+    return len(full)
+
+
+def test_no_full_collection_starts_while_deferred(thawed: None) -> None:
+    before = gc.get_threshold()
+    freeze_heap()  # as the service: what was alive before the load is frozen
+    # The same allocations start full collections when nothing defers them.
+    assert _full_collections_while_objects_survive(300_000) >= 1
+    freeze_heap()
+    with full_collections_deferred():
+        assert gc.get_threshold()[:2] == before[:2]  # the young generations as before
+        assert _full_collections_while_objects_survive(300_000) == 0
+    assert gc.get_threshold() == before
+
+
+def test_the_threshold_comes_back_when_the_load_fails() -> None:
+    before = gc.get_threshold()
+    with pytest.raises(RuntimeError), full_collections_deferred():
+        raise RuntimeError("load failed")
+    assert gc.get_threshold() == before

@@ -3,10 +3,11 @@ and of the ModelHolder against a real registry in tmp_path."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -686,6 +687,47 @@ def test_a_registry_that_cannot_be_read_is_retried_not_refused(
     monkeypatch.setattr(registry, "verify", verify)
     assert holder.refresh() is True
     assert holder.current.model_version == "v0002"
+
+
+def test_a_load_runs_in_the_load_scope_from_the_first_load_to_after_the_swap(
+    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
+) -> None:
+    """The server passes `heap.full_collections_deferred`: the load's objects are frozen after
+    the swap (`on_swap`), so the scope must cover the load and the freeze, refusals included."""
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def scope() -> Iterator[None]:
+        events.append("enter")
+        try:
+            yield
+        finally:
+            events.append("exit")
+
+    def loader(path: str) -> CrossEncoderReranker:
+        events.append("load")
+        return _loader(path)
+
+    holder = ModelHolder(
+        registry,
+        loader,
+        on_swap=lambda m: events.append(f"swap {m.model_version}"),
+        load_scope=scope,
+    )
+    holder.refresh()
+    assert events == ["enter", "load", "swap v0001", "exit"]
+    assert holder.refresh() is False  # nothing to load: no scope
+    assert len(events) == 4
+
+    staging = registry.staging_dir("reranker")
+    (staging / "config.json").write_text("{}")  # verifiable, but not a model
+    registry.promote(
+        "reranker",
+        registry.publish("reranker", staging, Manifest(kind="reranker", version="")).version,
+    )
+    assert holder.refresh() is False
+    assert events[4:] == ["enter", "load", "exit"]
+    assert holder.current.model_version == "v0001"
 
 
 def test_holder_refuses_a_version_that_does_not_load(
