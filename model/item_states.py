@@ -144,7 +144,8 @@ class PagedItemStates(_Kept):
         allocated for all of them at once. Growing by half as they arrive would copy the
         arena each time, and at the last copy hold the old and the new together: warming a
         100k catalogue peaked at 8.3 GiB RSS that way, against 6.3 GiB after it."""
-        pages = sum(-(-int(n) // PAGE_TOKENS) for n in lengths)
+        # In numpy: at 100k items a generator over them is ~20 ms of Python beside requests.
+        pages = int((-(-np.asarray(lengths, dtype=np.int64) // PAGE_TOKENS)).sum())
         with self._lock:
             if self._arena is None:
                 # On CPU, room for `capacity` items of the announced size, not the warm-up

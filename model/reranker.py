@@ -52,9 +52,9 @@ hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
 
-# `warm_items` lets go of the GIL after this many texts (~1-2 ms of Python at most; a request's
-# own few missing items never reach it).
-WARM_YIELD_EVERY = 256
+# `warm_items` lets go of the GIL after this many texts while it lists their lengths (~0.1 ms
+# of Python; a request's own few missing items never reach it).
+WARM_YIELD_EVERY = 64
 TOKEN_CACHE_SIZE = 200_000  # texts; ~60 ids each, a few hundred MB at most for a big catalogue
 # Item-side cache of the split re-ranker (model/split_encoder.py): with one joint layer, its keys
 # and values: <= 32 tokens x 768 x 2 bytes (fp16) = <= 48 KiB an item, ~1.2 GB for 50k items.
@@ -442,6 +442,11 @@ class CrossEncoderReranker:
         keep = self.split.layout.item_len - 1
         return (*self._token_ids(text)[:keep], self.tokenizer.sep_token_id)
 
+    def _item_row_length(self, text: str) -> int:
+        """len(self._item_row(text)), without building the row."""
+        assert self.split is not None
+        return min(len(self._token_ids(text)), self.split.layout.item_len - 1) + 1
+
     def _segments(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
         return segment_tensors(rows, width, self.tokenizer.pad_token_id or 0, self.device)
@@ -479,22 +484,25 @@ class CrossEncoderReranker:
         missing = self._item_states.missing(item_texts)
         if not missing:  # every request comes through here: nothing more to do
             return 0
-        rows: dict[str, tuple[int, ...]] = {}
+        # Only the lengths up front; each batch's rows are built with it. On a load beside a
+        # serving version the token ids are all cached, so this is pure Python, and a request
+        # served meanwhile loses the GIL to it at every torch call it makes (each lets go of
+        # it) and waits to get it back: up to the 5 ms switch interval each time, or until the
+        # next yield here. Building the 100k rows up front (~0.4 s of Python, a yield every
+        # 256 texts) made 8 clients' calls take 0.5-0.6 s (stop 34); a batch's 128 rows
+        # (~0.5 ms) sit between forward passes that run without the GIL.
+        lengths: dict[str, int] = {}
         for n, text in enumerate(missing, 1):
-            rows[text] = self._item_row(text)
+            lengths[text] = self._item_row_length(text)
             if n % WARM_YIELD_EVERY == 0:
-                # Let other threads take the GIL now. A loop of pure Python (token ids all
-                # cached: no tokenizer call lets go of the GIL) otherwise keeps it, and every
-                # request served meanwhile waits the 5 ms switch interval each time it needs it
-                # back: at 100k warm texts, 8 clients' calls took ~0.8 s (stop 33).
                 _let_go_of_the_gil()
         # In order of token count: a batch pads little (and an int8 batch tensor, which its
         # items' cached rows are views into, holds little padding).
-        missing.sort(key=lambda t: len(rows[t]))
-        self._item_states.expect([len(rows[t]) for t in missing])
+        missing.sort(key=lengths.__getitem__)
+        self._item_states.expect(list(lengths.values()))
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
-            ids, mask = self._segments([rows[t] for t in chunk])
+            ids, mask = self._segments([self._item_row(t) for t in chunk])
             with self._autocast():
                 states = self.split.item_states(ids, mask)
             self._item_states.put(chunk, states, mask.sum(dim=1).tolist())
