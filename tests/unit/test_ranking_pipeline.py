@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -569,10 +570,45 @@ def test_a_released_version_is_freed_by_reference_counting_with_the_heap_frozen(
     gc.disable()
     try:
         assert holder.refresh() is True
+        # Kept until the watcher lets it go (`release_retired`), then freed at once.
+        assert old() is not None
+        assert holder.release_retired(older_than=0) == 1
         assert old() is None and old_model() is None and old_index() is None
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+def test_a_swapped_out_version_is_freed_on_the_watcher_s_thread_not_a_request_s(
+    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
+) -> None:
+    """At 100k items freeing a version is ~0.3 s of work: on the request thread that last held
+    it, that call and the ones beside it waited (stop 34). The watcher keeps a swapped-out
+    version past the requests that took it and lets it go on its own thread, at `load_nice`."""
+    import weakref
+
+    holder = ModelHolder(registry, _loader, poll_seconds=0.05, retire_after=0.2)
+    holder.start()
+    try:
+        request_snapshot = holder.current  # a request in flight at the swap
+        freed_on: list[str] = []
+        weakref.finalize(
+            request_snapshot.reranker, lambda: freed_on.append(threading.current_thread().name)
+        )
+        registry.promote(
+            "reranker", _publish_reranker(registry, _different_reranker(tiny_reranker))
+        )
+        deadline = time.monotonic() + 30
+        while holder.current.model_version != "v0002" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert holder.current.model_version == "v0002"
+        del request_snapshot  # the request ends; the holder still keeps the version
+        assert freed_on == []
+        while not freed_on and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert freed_on == ["model-watcher"]
+    finally:
+        holder.stop()
 
 
 def test_holder_swaps_a_new_index(registry: ModelRegistry) -> None:
