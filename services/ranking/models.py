@@ -145,6 +145,9 @@ class ModelHolder:
             )
             if wanted == have:
                 return False
+            # Not a third version in memory while this one loads: a version swapped out less
+            # than `retire_after` ago goes now (a request still on it frees it when it ends).
+            self.release_retired(older_than=0)
             with self._load_scope():
                 return self._load_and_swap(wanted, have)
 

@@ -611,6 +611,30 @@ def test_a_swapped_out_version_is_freed_on_the_watcher_s_thread_not_a_request_s(
         holder.stop()
 
 
+def test_a_new_load_does_not_wait_beside_a_retired_version(
+    registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
+) -> None:
+    """Two promotions within `retire_after`: the first swapped-out version must not stay in
+    memory while the third loads (three versions' item states at once)."""
+    import weakref
+
+    holder = ModelHolder(registry, _loader, retire_after=3600)
+    holder.refresh()
+    first = weakref.ref(holder.current.reranker)
+    registry.promote("reranker", _publish_reranker(registry, _different_reranker(tiny_reranker)))
+    assert holder.refresh() is True
+    assert first() is not None  # retired, kept
+
+    def loader(path: str) -> CrossEncoderReranker:
+        assert first() is None, "the retired version was still held during the load"
+        return _loader(path)
+
+    holder.load_reranker = loader
+    registry.promote("reranker", _publish_reranker(registry, tiny_reranker))
+    assert holder.refresh() is True
+    assert holder.current.model_version == "v0003"
+
+
 def test_holder_swaps_a_new_index(registry: ModelRegistry) -> None:
     holder = ModelHolder(registry, _loader)
     holder.refresh()
