@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from model.item_states import PAGE_TOKENS, Int8ItemStates, PagedItemStates
+from model.item_states import PAGE_TOKENS, Int8ItemStates, PagedItemStates, release_pages
 
 
 def _batch(lengths: list[int], width: int = 6, seed: int = 0) -> torch.Tensor:
@@ -191,3 +192,31 @@ def test_missing_lists_each_text_not_kept_once_in_order(kind: str) -> None:
     store.put(["a", "c"], _batch([2, 3]), [2, 3])
     assert store.missing(["d", "a", "b", "d", "c", "e"]) == ["d", "b", "e"]
     assert store.missing(["a", "c"]) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+def test_release_pages_gives_a_tensor_s_whole_pages_back_chunk_by_chunk() -> None:
+    tensor = torch.full((3 << 20,), 7.0)  # 12 MiB: allocated by mmap, page-aligned inside
+    released = release_pages(tensor, chunk=1 << 20)
+    assert released >= tensor.numel() * 4 - 2 * 4096  # all but the partial pages at the ends
+    assert released % 4096 == 0
+    assert int((tensor == 0).sum()) * 4 >= released  # the pages given back read as zeros
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+def test_a_store_that_goes_gives_its_arena_back_and_a_shared_one_keeps_it() -> None:
+    """A swapped-out version's arena is one allocation of GBs; freed at once it is one long
+    unmap that stops every thread mapping memory meanwhile (stop 34)."""
+    store = PagedItemStates(torch.float32, capacity=100)
+    store.expect([8] * 40_000)  # an arena of ~320,000 rows of 6: ~7 MiB
+    lengths = [5, 8, 3]
+    store.put([f"item {i}" for i in range(3)], _batch(lengths), lengths)
+    arena = store._arena
+    assert arena is not None and arena.numel() * 4 > 4 << 20
+    arena.fill_(1.0)  # every page written, as a warmed arena's are
+    also = store  # a newer version sharing the store (`share_item_states`)
+    del store
+    assert int((arena != 0).sum()) == arena.numel()  # still in use: untouched
+    del also
+    # Given back: only the partial pages at the allocation's two ends still hold values.
+    assert int((arena != 0).sum()) * 4 <= 2 * 4096

@@ -587,7 +587,7 @@ def test_a_swapped_out_version_is_freed_on_the_watcher_s_thread_not_a_request_s(
     version past the requests that took it and lets it go on its own thread, at `load_nice`."""
     import weakref
 
-    holder = ModelHolder(registry, _loader, poll_seconds=0.05, retire_after=0.2)
+    holder = ModelHolder(registry, _loader, poll_seconds=0.05, retire_after=2.0)
     holder.start()
     try:
         request_snapshot = holder.current  # a request in flight at the swap
