@@ -194,11 +194,12 @@ class ModelHolder:
         is freed on its thread.
 
         Freeing a version is a request's worth of work several times over: at 100k items its
-        2.2 GiB item-state arena goes back to the OS (~160 ms of kernel time) and its Python
-        structures are dropped. Left to reference counting, whichever request finished last
-        with the old version did it, at the serving priority, beside the torch thread's
-        OpenMP team on two cores: that call took 412 ms and the 7 that started after the swap
-        ~200 ms (stop 34). The watcher runs at `load_nice`."""
+        2.2 GiB item-state arena goes back to the OS and its Python structures are dropped.
+        Left to reference counting, whichever request finished last with the old version did
+        it on its own thread: that call took 412 ms and the 7 that started after the swap ~200
+        ms (stop 34). The watcher runs at `load_nice`; the store gives the arena back in
+        chunks (`model.item_states.release_pages`), so threads mapping memory meanwhile (the
+        torch thread) do not wait for one long unmap."""
         cutoff = time.monotonic() - (self.retire_after if older_than is None else older_than)
         with self._lock:
             going = [models for at, models in self._retired if at <= cutoff]
