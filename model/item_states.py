@@ -36,6 +36,7 @@ import ctypes
 import ctypes.util
 import functools
 import itertools
+import mmap
 import sys
 import threading
 from collections import OrderedDict
@@ -79,7 +80,7 @@ def release_pages(tensor: torch.Tensor, chunk: int = RELEASE_CHUNK_BYTES) -> int
     call = _madvise()
     if call is None or tensor.device.type != "cpu" or chunk <= 0:
         return 0
-    page = 4096
+    page = mmap.PAGESIZE
     first = tensor.data_ptr()
     start = -(-first // page) * page
     end = (first + tensor.numel() * tensor.element_size()) // page * page

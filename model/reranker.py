@@ -437,15 +437,17 @@ class CrossEncoderReranker:
         ids = self._token_ids(text)[:keep]
         return (self.tokenizer.cls_token_id, *ids, self.tokenizer.sep_token_id)
 
-    def _item_row(self, text: str) -> tuple[int, ...]:
+    def _item_ids_kept(self) -> int:
+        """Token ids an item row keeps before its [SEP]."""
         assert self.split is not None
-        keep = self.split.layout.item_len - 1
-        return (*self._token_ids(text)[:keep], self.tokenizer.sep_token_id)
+        return self.split.layout.item_len - 1
+
+    def _item_row(self, text: str) -> tuple[int, ...]:
+        return (*self._token_ids(text)[: self._item_ids_kept()], self.tokenizer.sep_token_id)
 
     def _item_row_length(self, text: str) -> int:
         """len(self._item_row(text)), without building the row."""
-        assert self.split is not None
-        return min(len(self._token_ids(text)), self.split.layout.item_len - 1) + 1
+        return min(len(self._token_ids(text)), self._item_ids_kept()) + 1
 
     def _segments(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)

@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -54,7 +53,7 @@ class ModelHolder:
         on_swap: Callable[[ServingModels], None] | None = None,
         ef_search: int = 0,
         load_nice: int = 0,
-        load_scope: Callable[[], AbstractContextManager[object]] | None = None,
+        load_scope: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
         retire_after: float = RETIRE_AFTER_SECONDS,
     ) -> None:
         """Args:
