@@ -92,10 +92,9 @@ def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> Any:
 
 
 def _logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from freshrec.logs import configure_logging
+
+    configure_logging(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("feast", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

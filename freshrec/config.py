@@ -505,12 +505,13 @@ def load_config(workdir: Path | None = None, **overrides: Any) -> FreshRecConfig
 
 
 # Variables with the prefix that are not settings (used by tools and tests, not by the config).
-_OTHER_ENV = {
+NON_SETTING_ENV = {
     "FRESHREC_WORKDIR",
     "FRESHREC_CACHE_DIR",
     "FRESHREC_RECBOLE_WHEEL",
     "FRESHREC_TEST_REDIS_URL",
     "FRESHREC_TOKEN",  # the CLI's --token for the updater's mutating commands
+    "FRESHREC_LOG_FORMAT",  # text | json, read before any configuration (freshrec/logs.py)
 }
 
 
@@ -522,7 +523,7 @@ def _reject_unknown_env() -> None:
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
     }
     for key in os.environ:
-        if not key.startswith("FRESHREC_") or key in _OTHER_ENV:
+        if not key.startswith("FRESHREC_") or key in NON_SETTING_ENV:
             continue
         name = key.removeprefix("FRESHREC_").lower()
         top, _, sub = name.partition("__")

@@ -76,6 +76,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             self.score_log.observe(result.model_version, result.relevance)
         if result.degraded:
             metrics.DEGRADED.labels(reason=result.degraded_reason.split(":")[0]).inc()
+        total_ms = result.timings_ms.get("total", 0.0)
         log.info(
             "recommend request_id=%s user=%s k=%d model=%s degraded=%s total_ms=%.1f",
             request_id,
@@ -83,7 +84,16 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             request.k,
             result.model_version,
             result.degraded,
-            result.timings_ms.get("total", 0.0),
+            total_ms,
+            # Fields of the record too: with FRESHREC_LOG_FORMAT=json, of its JSON object.
+            extra={
+                "request_id": request_id,
+                "user": user_id,
+                "k": request.k,
+                "model": result.model_version,
+                "degraded": result.degraded,
+                "total_ms": round(total_ms, 3),
+            },
         )
         return ranking_pb2.RecommendResponse(
             items=[
@@ -116,7 +126,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         metrics.EVENTS.labels(outcome="accepted").inc(result.accepted)
         for reason, n in result.rejected.items():
             metrics.EVENTS.labels(outcome=reason).inc(n)
-        log.info("log_events accepted=%d rejected=%s", result.accepted, dict(result.rejected))
+        rejected = dict(result.rejected)
+        log.info(
+            "log_events accepted=%d rejected=%s",
+            result.accepted,
+            rejected,
+            extra={"accepted": result.accepted, "rejected": rejected},
+        )
         return to_response(result)
 
 

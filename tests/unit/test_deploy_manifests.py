@@ -16,7 +16,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from freshrec.config import FreshRecConfig
+from freshrec.config import NON_SETTING_ENV, FreshRecConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -98,8 +98,9 @@ def _dockerfile_uid() -> int:
 
 
 def _config_field_error(name: str) -> str | None:
-    """Why FreshRecConfig would reject env var `name`, or None when it maps to a field."""
-    if not name.startswith("FRESHREC_"):
+    """Why FreshRecConfig would reject env var `name`, or None when it maps to a field (or is
+    one of the FRESHREC_ variables that are not settings, such as FRESHREC_LOG_FORMAT)."""
+    if not name.startswith("FRESHREC_") or name in NON_SETTING_ENV:
         return None
     path = name.removeprefix("FRESHREC_").lower().split("__")
     fields = FreshRecConfig.model_fields

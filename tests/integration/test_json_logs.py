@@ -1,0 +1,107 @@
+"""`freshrec serve ranking` as a real process with FRESHREC_LOG_FORMAT=json: its log is one JSON
+object a line, and each Recommend's object carries the request's fields (freshrec/logs.py). A
+format it does not know stops the command with a one-line error, before it starts anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from live_stack import bootstrap_shop, shop_config, teardown_project
+
+from freshrec.clients import channel, ranking_stub, wait_serving
+from freshrec.config import FreshRecConfig
+from freshrec.v1 import ranking_pb2
+
+pytestmark = pytest.mark.integration
+
+SERVE = [sys.executable, "-m", "freshrec.cli", "serve", "ranking"]
+
+
+@pytest.fixture(scope="module")
+def prepared(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FreshRecConfig]:
+    config = shop_config(tmp_path_factory.mktemp("jsonlogs") / "work", redis_url, workers=2)
+    bootstrap_shop(config)
+    try:
+        yield config
+    finally:
+        teardown_project(config, redis_url)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_ranking_service_logs_json_with_each_request_s_fields(
+    prepared: FreshRecConfig, tmp_path: Path
+) -> None:
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    log_path = tmp_path / "ranking.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FRESHREC_LOG_FORMAT": "json"}
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [*SERVE, "--workdir", str(prepared.workdir), "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            env=env,
+        )
+    try:
+        wait_serving(address, timeout=180)
+        with channel(address) as ch:
+            stub = ranking_stub(ch)
+            for n in range(3):
+                reply = stub.Recommend(
+                    ranking_pb2.RecommendRequest(user_id=f"u{n}", k=5, request_id=f"json-{n}"),
+                    timeout=60,
+                )
+                assert reply.request_id == f"json-{n}"
+        proc.terminate()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in lines:
+        if line.startswith("{"):
+            records.append(json.loads(line))
+    # Every line the logging system wrote is JSON: no "2026-... INFO name: ..." text line.
+    text_lines = [line for line in lines if not line.startswith("{") and " INFO " in line]
+    assert not text_lines, text_lines[:3]
+    assert any(r["message"].startswith("ranking service on port") for r in records)
+    by_id = {r["request_id"]: r for r in records if "request_id" in r}
+    for n in range(3):
+        r = by_id[f"json-{n}"]
+        assert r["level"] == "INFO" and r["logger"] == "services.ranking.servicer"
+        assert r["user"] == f"u{n}" and r["k"] == 5
+        assert r["model"] == reply.model_version
+        assert r["degraded"] is False and r["total_ms"] > 0
+        assert r["message"].startswith(f"recommend request_id=json-{n} ")
+
+
+def test_an_unknown_log_format_is_a_one_line_error(tmp_path: Path) -> None:
+    env = {**os.environ, "FRESHREC_LOG_FORMAT": "xml"}
+    result = subprocess.run(
+        [*SERVE, "--workdir", str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 2
+    assert "Traceback" not in output
+    assert "FRESHREC_LOG_FORMAT must be one of text, json, got 'xml'" in output
+    assert not (tmp_path / "work").exists()
