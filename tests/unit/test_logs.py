@@ -136,3 +136,26 @@ def test_json_logging_routes_python_warnings_through_logging(
     finally:
         logging.captureWarnings(False)
         root.handlers = saved
+
+
+class _Ingestor:
+    def ingest(self, events: Any) -> Any:
+        from collections import Counter
+
+        from services.ingestion.pipeline import IngestResult
+
+        return IngestResult(accepted=2, rejected=Counter({"duplicate": 1}))
+
+
+def test_each_log_events_record_carries_the_batch_s_counts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    servicer = RankingServicer(_Pipeline(), SimpleNamespace(current=None), _Ingestor())  # type: ignore[arg-type]
+
+    with caplog.at_level(logging.INFO, logger="services.ranking.servicer"):
+        reply = servicer.LogEvents(ranking_pb2.LogEventsRequest(), None)
+
+    assert (reply.accepted, reply.rejected) == (2, 1)
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("log_events ")]
+    obj = json.loads(formatter("json").format(record))
+    assert (obj["accepted"], obj["rejected"]) == (2, {"duplicate": 1})
