@@ -69,6 +69,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             process.wait(timeout=5)
 
 
+@pytest.fixture(scope="module")
+def shop_workdir(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A tiny shop bootstrapped into its own workdir and Feast project (4 gRPC workers), for a
+    test module that starts `freshrec serve` as a process of its own; its keys go afterwards
+    (live_stack.prepared_shop)."""
+    from live_stack import prepared_shop
+
+    with prepared_shop(tmp_path_factory.mktemp("shop") / "work", redis_url, workers=4) as config:
+        yield config
+
+
 @pytest.fixture(scope="session")
 def tiny_reranker_session() -> Iterator[object]:
     """One tiny random BERT re-ranker (real tokenizer) for the run; tests take copies.

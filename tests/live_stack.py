@@ -8,6 +8,7 @@ project's keys afterwards. Imported as a plain module (tests/ is on sys.path via
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -94,6 +95,25 @@ def teardown_project(config: FreshRecConfig, redis_url: str) -> None:
     for key in client.scan_iter(f"freshrec:{config.project}:*"):
         client.delete(key)
     client.close()
+
+
+@contextmanager
+def prepared_shop(workdir: Path, redis_url: str, **ranking: Any) -> Iterator[FreshRecConfig]:
+    """`shop_config` + `bootstrap_shop` in `workdir`, the project's keys removed afterwards: the
+    workdir of a test that starts `freshrec serve` as a process of its own."""
+    config = shop_config(workdir, redis_url, **ranking)
+    bootstrap_shop(config)
+    try:
+        yield config
+    finally:
+        teardown_project(config, redis_url)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass

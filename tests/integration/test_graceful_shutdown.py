@@ -11,19 +11,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from live_stack import bootstrap_shop, shop_config, teardown_project
+from live_stack import free_port
 
 from freshrec.clients import channel, ranking_stub, wait_serving
 from freshrec.config import FreshRecConfig
@@ -37,29 +35,13 @@ IN_FLIGHT = 48
 EXIT_MARGIN_S = 10.0
 
 
-@pytest.fixture(scope="module")
-def prepared(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FreshRecConfig]:
-    config = shop_config(tmp_path_factory.mktemp("shutdown") / "work", redis_url, workers=4)
-    bootstrap_shop(config)
-    try:
-        yield config
-    finally:
-        teardown_project(config, redis_url)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_sigterm_drains_in_flight_calls(prepared: FreshRecConfig, tmp_path: Path) -> None:
-    port = _free_port()
+def test_sigterm_drains_in_flight_calls(shop_workdir: FreshRecConfig, tmp_path: Path) -> None:
+    port = free_port()
     address = f"127.0.0.1:{port}"
     log_path = tmp_path / "ranking.log"
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
-            [*SERVE, "--workdir", str(prepared.workdir), "--port", str(port)],
+            [*SERVE, "--workdir", str(shop_workdir.workdir), "--port", str(port)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from live_stack import bootstrap_shop, shop_config, teardown_project
+from live_stack import free_port
 
 from freshrec.clients import channel, ranking_stub, wait_serving
 from freshrec.config import FreshRecConfig
@@ -24,32 +22,16 @@ pytestmark = pytest.mark.integration
 SERVE = [sys.executable, "-m", "freshrec.cli", "serve", "ranking"]
 
 
-@pytest.fixture(scope="module")
-def prepared(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FreshRecConfig]:
-    config = shop_config(tmp_path_factory.mktemp("jsonlogs") / "work", redis_url, workers=2)
-    bootstrap_shop(config)
-    try:
-        yield config
-    finally:
-        teardown_project(config, redis_url)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_the_ranking_service_logs_json_with_each_request_s_fields(
-    prepared: FreshRecConfig, tmp_path: Path
+    shop_workdir: FreshRecConfig, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     log_path = tmp_path / "ranking.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FRESHREC_LOG_FORMAT": "json"}
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
-            [*SERVE, "--workdir", str(prepared.workdir), "--port", str(port)],
+            [*SERVE, "--workdir", str(shop_workdir.workdir), "--port", str(port)],
             stdout=subprocess.DEVNULL,
             stderr=log_file,
             env=env,
