@@ -161,6 +161,16 @@ def materialize(
 
 
 # -- services --------------------------------------------------------------------------------
+def _announce(line: str) -> None:
+    """A service's start line on stdout, for a person at a terminal; not with JSON logs, where
+    the service's own log record says it and a plain line would break a stream that a log
+    collector reads as one JSON object a line (a container's stdout and stderr are one)."""
+    from freshrec.logs import log_format
+
+    if log_format() == "text":
+        console.print(line)
+
+
 @serve_app.command("ranking")
 def serve_ranking(
     workdir: WorkdirOpt = Path(".freshrec"),
@@ -172,7 +182,7 @@ def serve_ranking(
     from services.ranking.server import build_ranking
 
     rank = build_ranking(_config(workdir), port)
-    console.print(f"ranking service on port {rank.port}")
+    _announce(f"ranking service on port {rank.port}")
     wait_for_termination(rank.handle, on_stop=rank.models.stop)
 
 
@@ -187,7 +197,7 @@ def serve_updater(
     from services.updater.server import build_updater
 
     upd = build_updater(_config(workdir), port)
-    console.print(f"updater service on port {upd.port}")
+    _announce(f"updater service on port {upd.port}")
     wait_for_termination(upd.handle)
 
 
