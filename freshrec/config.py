@@ -205,6 +205,16 @@ class RankingConfig(_Section):
         "this) items (~23 KiB each in 16 bits at the synthetic 100k catalogue: "
         "`item_state_mib` in `freshrec bench serving`).",
     )
+    item_state_snapshots: bool = Field(
+        True,
+        description="Keep a split re-ranker's computed item-side states on disk under "
+        "`<workdir>/cache/item-states`, one snapshot per item side (tokenizer, embeddings and "
+        "layers below the split, precision), written after a load that computed them; a load "
+        "with the same item side (a restart, another replica on the same volume) reads them "
+        "back and computes only new or changed texts (model/item_state_snapshot.py). ~23 KiB "
+        "an item at the synthetic 100k catalogue; the 2 newest snapshots are kept. false: "
+        "every load computes its warm set.",
+    )
     score_cache: bool = Field(
         True,
         description="Keep a split re-ranker's BERT logits per (user-context tokens, item text) "
@@ -481,6 +491,11 @@ class FreshRecConfig(BaseSettings):
     @property
     def data_dir(self) -> Path:
         return self.workdir / "data"
+
+    @property
+    def item_state_dir(self) -> Path:
+        """Where item-side state snapshots are kept (`ranking.item_state_snapshots`)."""
+        return self.workdir / "cache" / "item-states"
 
 
 def load_config(workdir: Path | None = None, **overrides: Any) -> FreshRecConfig:

@@ -40,7 +40,7 @@ import mmap
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -226,15 +226,25 @@ class PagedItemStates(_Kept):
         """Keep `states[b, : lengths[b]]` as the states of `texts[b]` (states: (B, L, W)),
         converted to `dtype`; the least recently used go once there are more than
         `capacity`. The texts are distinct."""
+        on = states.device
+        keep = (
+            torch.arange(states.shape[1], device=on)[None, :]
+            < torch.as_tensor(lengths, device=on)[:, None]
+        )
+        self.put_rows(texts, states[keep], lengths)
+
+    def put_rows(self, texts: Sequence[str], rows: torch.Tensor, lengths: Sequence[int]) -> None:
+        """`put` for states without padding: `rows` (sum(lengths), W) holds each text's rows
+        one after the other (what `export` yields and a snapshot reads back)."""
         counts = [-(-int(n) // PAGE_TOKENS) for n in lengths]
         with self._lock:
             # Evict first, so the pages of what goes are reused: in a full warmed arena a new
             # text would otherwise grow it by half, holding the old and the new arena at once.
             self._evict(incoming=sum(1 for t in texts if t not in self._entries))
-            self._make_room(sum(counts), states.shape[-1])
+            self._make_room(sum(counts), rows.shape[-1])
             assert self._arena is not None
             offsets = np.arange(PAGE_TOKENS)
-            rows = []
+            kept = []
             for text, n, k in zip(texts, lengths, counts, strict=True):
                 pages = np.asarray([self._free.pop() for _ in range(k)], dtype=np.int64)
                 row = (pages[:, None] * PAGE_TOKENS + offsets).reshape(-1)[: int(n)]
@@ -242,15 +252,42 @@ class PagedItemStates(_Kept):
                 if old is not None:
                     self._forget(old)
                 self._entries[text] = row.tobytes()
-                rows.append(row)
-            on = states.device
-            keep = (
-                torch.arange(states.shape[1], device=on)[None, :]
-                < torch.as_tensor(lengths, device=on)[:, None]
-            )
-            index = torch.from_numpy(np.concatenate(rows)).to(self.device)
-            self._arena.index_copy_(0, index, states[keep].to(self.dtype))
+                kept.append(row)
+            if kept:
+                index = torch.from_numpy(np.concatenate(kept)).to(self.device)
+                self._arena.index_copy_(0, index, rows.to(self.device, self.dtype))
             self._evict()
+
+    def export(self, max_rows: int) -> Iterator[tuple[list[str], torch.Tensor, list[int]]]:
+        """The states kept, as (texts, rows (sum(lengths), W) on the host in `dtype`, lengths)
+        chunks of at most ~`max_rows` rows, least recently used first. Each chunk is copied out
+        under the lock, so requests are served between chunks; an item put or evicted
+        meanwhile is in the chunks or not, never torn."""
+        with self._lock:
+            sizes = [(t, len(e) >> 3) for t, e in self._entries.items()]
+        chunk: list[str] = []
+        rows = 0
+        for text, n in sizes:
+            chunk.append(text)
+            rows += n
+            if rows >= max_rows:
+                yield from self._export_chunk(chunk)
+                chunk, rows = [], 0
+        if chunk:
+            yield from self._export_chunk(chunk)
+
+    def _export_chunk(
+        self, texts: list[str]
+    ) -> Iterator[tuple[list[str], torch.Tensor, list[int]]]:
+        with self._lock:
+            kept: list[tuple[str, bytes]] = [
+                (t, e) for t in texts if (e := self._entries.get(t)) is not None
+            ]
+            if not kept or self._arena is None:
+                return
+            index = np.frombuffer(b"".join(e for _, e in kept), dtype=np.int64)
+            rows = self._arena.index_select(0, torch.from_numpy(index).to(self.device))
+        yield [t for t, _ in kept], rows.cpu(), [len(e) >> 3 for _, e in kept]
 
     def gather(
         self, texts: Sequence[str], dtype: torch.dtype

@@ -38,6 +38,8 @@ from transformers.utils import logging as hf_logging
 from model.blend import ScoreBlend, probabilities
 from model.collab import CollabFactors
 from model.device import CpuDtype, autocast_dtype, resolve_device
+from model.item_state_snapshot import CHUNK_BYTES as SNAPSHOT_CHUNK_BYTES
+from model.item_state_snapshot import ItemStateSnapshot, write_snapshot
 from model.item_states import Int8ItemStates, PagedItemStates
 from model.split_encoder import (
     JOINT_LAYERS_ATTR,
@@ -68,6 +70,19 @@ USER_STATE_CACHE_SIZE = 2048
 # ~25 KB for a user with one request's 70 candidates (bench serving on MovieLens, 867 users:
 # RSS 1,116 MB with it, 1,066 MB without, one run each).
 SCORE_CACHE_ITEMS_PER_USER = 256
+
+
+# Bumped when how an item text becomes its row of token ids or its states changes in code:
+# states kept on disk under an older fingerprint are then computed again.
+ITEM_SIDE_FORMAT = 1
+# The model config's settings that change item-side states without changing a weight.
+ITEM_SIDE_CONFIG_KEYS = (
+    "hidden_act",
+    "layer_norm_eps",
+    "num_attention_heads",
+    "position_embedding_type",
+    "hidden_size",
+)
 
 
 def _let_go_of_the_gil() -> None:
@@ -527,10 +542,9 @@ class CrossEncoderReranker:
             other.device, other.cpu_dtype
         ):
             return False
-        keys = ("hidden_act", "layer_norm_eps", "num_attention_heads", "position_embedding_type")
         if any(
             getattr(self.model.config, k, None) != getattr(other.model.config, k, None)
-            for k in keys
+            for k in ITEM_SIDE_CONFIG_KEYS
         ):
             return False
         # One tokenizer object (`from_pretrained`'s `tokenizer_of`) has one vocabulary; two are
@@ -540,14 +554,88 @@ class CrossEncoderReranker:
         ):
             return False
 
-        def below_split(r: CrossEncoderReranker) -> list[torch.Tensor]:
-            bert = r.model.bert
-            modules = [bert.embeddings, *bert.encoder.layer[: a.split]]
-            return [t for m in modules for t in m.state_dict().values()]
-
-        ours, theirs = below_split(self), below_split(other)
+        ours, theirs = self._below_split(), other._below_split()
         return len(ours) == len(theirs) and all(
             x.shape == y.shape and torch.equal(x, y) for x, y in zip(ours, theirs, strict=True)
+        )
+
+    def _below_split(self) -> list[torch.Tensor]:
+        """The weights item-side states are computed with: the embeddings' and the layers'
+        below the split (a split model only)."""
+        assert self.split is not None
+        bert = self.model.bert
+        modules = [bert.embeddings, *bert.encoder.layer[: self.split.split]]
+        return [t for m in modules for t in m.state_dict().values()]
+
+    def item_side_fingerprint(self) -> str | None:
+        """sha256 of everything the cached item states of a text depend on, hex: what
+        `same_item_side` compares, digested (the tokenizer by its files' digest where it was
+        read from a directory, else its vocabulary). Two re-rankers with the same fingerprint
+        compute the same states for every text, so states kept on disk under it
+        (`model/item_state_snapshot.py`) serve any of them. None for a full cross-encoder and
+        for int8 item states, which are not kept on disk. ~0.1-0.2 s (it reads ~50 MB of
+        weights): call it once a load."""
+        if self.split is None or isinstance(self._item_states, Int8ItemStates):
+            return None
+        digest = hashlib.sha256()
+        config = self.model.config
+        vocab = (
+            self.tokenizer_digest
+            or hashlib.sha256(
+                json.dumps(sorted(self.tokenizer.get_vocab().items())).encode()
+            ).hexdigest()
+        )
+        described = {
+            "format": ITEM_SIDE_FORMAT,
+            "split": self.split.split,
+            "layout": repr(self.split.layout),
+            "max_length": self.max_length,
+            "kept": str(self.item_state_dtype),
+            "computed": str(autocast_dtype(self.device, self.cpu_dtype)),
+            "device": self.device.type,
+            "config": [str(getattr(config, k, None)) for k in ITEM_SIDE_CONFIG_KEYS],
+            "tokenizer": vocab,
+            "sep": self.tokenizer.sep_token_id,
+        }
+        digest.update(json.dumps(described, sort_keys=True).encode())
+        for t in self._below_split():
+            flat = t.detach().reshape(-1).contiguous().cpu()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def load_item_states(self, snapshot: ItemStateSnapshot, item_texts: Sequence[str]) -> int:
+        """Keep the states `snapshot` holds for those of `item_texts` not kept yet, read from
+        disk instead of computed; returns how many. 0 when its states are not this store's
+        (another dtype or width: a snapshot found by `item_side_fingerprint` always is)."""
+        store = self._item_states
+        info = snapshot.info
+        if not isinstance(store, PagedItemStates) or info.dtype != store.dtype:
+            return 0
+        if info.width != self.model.config.hidden_size:
+            return 0
+        missing = store.missing(item_texts)
+        lengths = snapshot.lengths(missing)
+        if not len(lengths):
+            return 0
+        store.expect(lengths.tolist())
+        loaded = 0
+        for texts, rows, counts in snapshot.read(missing):
+            store.put_rows(texts, rows, counts)
+            loaded += len(texts)
+        return loaded
+
+    def save_item_states(self, root: Path | str, fingerprint: str | None = None) -> Any:
+        """Write the item states kept as the snapshot of this re-ranker's item side under
+        `root` (`model/item_state_snapshot.write_snapshot`); returns its `SnapshotInfo`, None
+        when there is nothing to write (no states, a full cross-encoder, int8 states)."""
+        fingerprint = fingerprint or self.item_side_fingerprint()
+        store = self._item_states
+        if fingerprint is None or not isinstance(store, PagedItemStates):
+            return None
+        row_bytes = self.model.config.hidden_size * store.dtype.itemsize
+        return write_snapshot(
+            Path(root), fingerprint, store.export(max(SNAPSHOT_CHUNK_BYTES // row_bytes, 1))
         )
 
     def share_item_states(self, other: CrossEncoderReranker) -> bool:

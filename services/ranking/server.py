@@ -30,6 +30,7 @@ from freshrec.errors import FailedPrecondition
 from freshrec.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from model.embeddings import TextEncoder
 from model.index import RecallIndex
+from model.item_state_snapshot import ItemStateSnapshot
 from model.reranker import CrossEncoderReranker
 from model.text import ranking_item_text
 from services.catalog.apply import apply_changes
@@ -75,6 +76,10 @@ from services.registry import open_registry
 
 log = logging.getLogger(__name__)
 
+# A load that read a snapshot writes a new one when it computed at least this share of its
+# warm set (texts changed or new since): writing ~2 GiB at every restart for a few changed
+# texts would cost more than computing them again at the next.
+SNAPSHOT_REWRITE = 0.05
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
 CATALOG_SERVICE_NAME = catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name
 DEDUP_TTL_SECONDS = 31 * 24 * 3600  # longer than the event API's 30-day lateness bound
@@ -233,6 +238,13 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         if not texts:
             texts = _warm_texts(config, live.index if live else None)
             source = "the offline catalogue"
+        # States an earlier load computed for this item side, from disk (a restart, another
+        # replica on the same volume): only new and changed texts are computed below.
+        fingerprint = (
+            reranker.item_side_fingerprint() if config.ranking.item_state_snapshots else None
+        )
+        read = _read_item_states(config, reranker, fingerprint, texts, path)
+        started = time.perf_counter()
         warmed = reranker.warm_items(texts)
         if warmed:
             log.info(
@@ -242,6 +254,9 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
                 time.perf_counter() - started,
                 source,
             )
+            if fingerprint is not None and (not read or warmed >= SNAPSHOT_REWRITE * len(texts)):
+                _write_item_states(config, reranker, fingerprint, path)
+        if warmed or read:
             # The warm-up's freed temporaries would stay in the RSS (services/common/memory.py).
             started = time.perf_counter()
             release_free_heap()
@@ -362,6 +377,56 @@ def _warm_order(ids: Iterable[str], index: RecallIndex | None, limit: int) -> li
     catalogue = dict.fromkeys(ids)
     head = [i for i in (index.popular if index is not None else []) if i in catalogue]
     return list(dict.fromkeys([*head, *catalogue]))[:limit]
+
+
+def _read_item_states(
+    config: FreshRecConfig,
+    reranker: CrossEncoderReranker,
+    fingerprint: str | None,
+    texts: list[str],
+    path: str,
+) -> int:
+    """Keep the states of `texts` that the snapshot of `fingerprint` holds
+    (model/item_state_snapshot.py); returns how many were read."""
+    if fingerprint is None or not texts:
+        return 0
+    snapshot = ItemStateSnapshot.open(config.item_state_dir, fingerprint)
+    if snapshot is None:
+        log.info("re-ranker %s: no item-state snapshot for its item side", path)
+        return 0
+    started = time.perf_counter()
+    read = reranker.load_item_states(snapshot, texts)
+    log.info(
+        "re-ranker %s: %d of %d item states read from %s in %.1f s",
+        path,
+        read,
+        len(texts),
+        snapshot.info.path,
+        time.perf_counter() - started,
+    )
+    return read
+
+
+def _write_item_states(
+    config: FreshRecConfig, reranker: CrossEncoderReranker, fingerprint: str, path: str
+) -> None:
+    """Write the item states `reranker` keeps as its item side's snapshot; a failure (a full
+    disk, a read-only volume) is logged and the version serves all the same."""
+    started = time.perf_counter()
+    try:
+        info = reranker.save_item_states(config.item_state_dir, fingerprint)
+    except OSError as exc:
+        log.warning("re-ranker %s: item states not written to disk: %s", path, exc)
+        return
+    if info is not None:
+        log.info(
+            "re-ranker %s: %d item states (%.0f MiB) written to %s in %.1f s",
+            path,
+            info.items,
+            info.rows * info.width * info.dtype.itemsize / 2**20,
+            info.path,
+            time.perf_counter() - started,
+        )
 
 
 def _warm_catalogue(config: FreshRecConfig) -> Path | None:

@@ -7,6 +7,7 @@ run in file order; the lifecycle test at the end changes champions.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -348,6 +349,37 @@ def test_a_repeat_request_reuses_its_scores_until_the_profile_changes(stack: Sta
     assert stack.rank.LogEvents(ranking_pb2.LogEventsRequest(events=[event])).accepted == 1
     _recommend(stack, user, 10)
     assert (reranker.score_cache_hits, reranker.score_cache_misses) == (hits + 1, misses + 1)
+
+
+def test_a_restarted_service_reads_its_item_states_from_disk_and_answers_alike(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    from model.item_state_snapshot import ItemStateSnapshot
+
+    serving = stack.ranking.models.current.reranker
+    fingerprint = serving.item_side_fingerprint()
+    assert fingerprint is not None
+    # The service's start-up computed its warm set and wrote it under its item side.
+    written = ItemStateSnapshot.open(stack.config.item_state_dir, fingerprint)
+    assert written is not None and len(written) >= len(stack.catalog)
+    caplog.set_level(logging.INFO, logger="services.ranking.server")
+    again = build_ranking(stack.config, port=0)  # a restart, or a replica on the same volume
+    try:
+        messages = [r.getMessage() for r in caplog.records]
+        assert any(f"item states read from {written.info.path}" in m for m in messages)
+        assert not any("item states computed" in m for m in messages)
+        assert again.models.current.reranker.cached_items() == serving.cached_items()
+        with channel(f"127.0.0.1:{again.port}") as other:
+            stub = ranking_stub(other)
+            for user in (stack.user.user_id, "someone-new"):
+                request = ranking_pb2.RecommendRequest(user_id=user, k=10)
+                theirs = stub.Recommend(request, timeout=30)
+                ours = stack.rank.Recommend(request, timeout=30)
+                assert [(i.item_id, i.relevance) for i in theirs.items] == [
+                    (i.item_id, i.relevance) for i in ours.items
+                ]
+    finally:
+        again.stop(grace=1)
 
 
 def test_log_events_rejects_an_empty_batch(stack: Stack) -> None:

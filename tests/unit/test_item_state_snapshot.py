@@ -1,0 +1,211 @@
+"""Item-side states on disk (model/item_state_snapshot.py): what a process reads back is what
+another one held, found by text, under the fingerprint of the item side that computed it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.item_state_snapshot import (
+    INDEX,
+    META,
+    ROWS,
+    ItemStateSnapshot,
+    prune,
+    write_snapshot,
+)
+from model.item_states import PagedItemStates
+from model.reranker import CrossEncoderReranker
+
+ITEMS = [
+    "red running shoes, sports, popular",
+    "blue denim jacket, fashion",
+    "espresso machine with milk frother, kitchen, new arrival",
+    "paperback novel, books",
+    "wireless earbuds, electronics, popular",
+]
+USER = "recently viewed: running shoes, earbuds"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _store(
+    lengths: list[int], dtype: torch.dtype = torch.float16
+) -> tuple[PagedItemStates, list[str]]:
+    g = torch.Generator().manual_seed(7)
+    states = torch.randn((len(lengths), max(lengths), 6), generator=g) + 10.0
+    store = PagedItemStates(dtype, capacity=1000)
+    texts = [f"item {i}: {'x' * i}" for i in range(len(lengths))]
+    store.put(texts, states, lengths)
+    return store, texts
+
+
+def _gathered(store: PagedItemStates, texts: list[str]) -> torch.Tensor:
+    got = store.gather(texts, torch.float32)
+    assert got is not None
+    return got[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_states_read_back_are_the_states_written_found_by_text(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    lengths = [3, 17, 1, 8, 9, 24, 2, 11]
+    held, texts = _store(lengths, dtype)
+    # Small chunks on both sides: several writes and several reads, reassembled in order.
+    info = write_snapshot(tmp_path, "fp", held.export(max_rows=10))
+    assert info is not None and (info.items, info.rows, info.width) == (8, sum(lengths), 6)
+    snapshot = ItemStateSnapshot.open(tmp_path, "fp")
+    assert snapshot is not None and len(snapshot) == 8 and snapshot.info.dtype == dtype
+    wanted = [texts[5], "never written", texts[0], texts[3], texts[7]]
+    assert (snapshot.find(wanted) >= 0).tolist() == [True, False, True, True, True]
+    assert sorted(snapshot.lengths(wanted).tolist()) == sorted([24, 3, 8, 11])
+    fresh = PagedItemStates(dtype, capacity=1000)
+    for names, rows, counts in snapshot.read(wanted, chunk_bytes=5 * 6 * 4):
+        assert rows.dtype == dtype and rows.shape == (sum(counts), 6)
+        fresh.put_rows(names, rows, counts)
+    assert fresh.missing(wanted) == ["never written"]
+    found = [t for t in wanted if t != "never written"]
+    assert torch.equal(_gathered(fresh, found), _gathered(held, found))
+
+
+def test_export_leaves_the_recency_order_alone(tmp_path: Path) -> None:
+    held, texts = _store([2, 3, 4])
+    held.gather([texts[0]], torch.float32)  # texts[0] now the most recently used
+    before = held.recent(3)
+    list(held.export(max_rows=1))
+    assert held.recent(3) == before == [texts[0], texts[2], texts[1]]
+
+
+def test_a_snapshot_that_does_not_read_whole_is_not_used(tmp_path: Path) -> None:
+    held, _ = _store([4, 5, 6])
+    write_snapshot(tmp_path, "fp", held.export(max_rows=100))
+    assert ItemStateSnapshot.open(tmp_path, "other") is None  # none written for it
+    rows = tmp_path / "fp" / ROWS
+    data = rows.read_bytes()
+    rows.write_bytes(data[:-2])  # a torn file
+    assert ItemStateSnapshot.open(tmp_path, "fp") is None
+    rows.write_bytes(data)
+    meta = json.loads((tmp_path / "fp" / META).read_text())
+    (tmp_path / "fp" / META).write_text(json.dumps({**meta, "format": 99}))
+    assert ItemStateSnapshot.open(tmp_path, "fp") is None
+    (tmp_path / "fp" / META).write_text(json.dumps(meta))
+    assert ItemStateSnapshot.open(tmp_path, "fp") is not None
+
+
+def test_a_text_whose_64_bit_key_matches_but_whose_digest_does_not_is_not_found(
+    tmp_path: Path,
+) -> None:
+    held, texts = _store([4, 5])
+    write_snapshot(tmp_path, "fp", held.export(max_rows=100))
+    index = np.load(tmp_path / "fp" / INDEX)
+    index["check"][0] ^= 1  # as if another text shared the first 64 bits
+    np.save(tmp_path / "fp" / INDEX, index)
+    snapshot = ItemStateSnapshot.open(tmp_path, "fp")
+    assert snapshot is not None
+    assert sorted(snapshot.find(texts).tolist()) == [-1, 1]
+
+
+def test_writing_again_replaces_the_snapshot_and_only_the_newest_are_kept(
+    tmp_path: Path,
+) -> None:
+    held, _ = _store([4, 5, 6])
+    write_snapshot(tmp_path, "a", held.export(max_rows=100))
+    smaller, _ = _store([4])
+    write_snapshot(tmp_path, "a", smaller.export(max_rows=100))
+    snapshot = ItemStateSnapshot.open(tmp_path, "a")
+    assert snapshot is not None and len(snapshot) == 1
+    for name in ("b", "c"):
+        time.sleep(0.01)  # distinct modification times
+        write_snapshot(tmp_path, name, held.export(max_rows=100), keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "c"]
+    stale = tmp_path / ".c.123.456"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert stale in prune(tmp_path, keep=2) and not stale.exists()
+    assert write_snapshot(tmp_path, "d", PagedItemStates(torch.float16, 10).export(10)) is None
+    assert not (tmp_path / "d").exists()
+
+
+def _split(seed: int = 3) -> CrossEncoderReranker:
+    model = CrossEncoderReranker.tiny(seed=seed, max_length=32, joint_layers=1)
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.mul_(4.0)
+    return model
+
+
+def test_a_reranker_that_reads_the_states_back_scores_as_the_one_that_computed_them(
+    tmp_path: Path,
+) -> None:
+    first = _split()
+    assert first.warm_items(ITEMS) == len(ITEMS)
+    fingerprint = first.item_side_fingerprint()
+    assert fingerprint is not None
+    info = first.save_item_states(tmp_path)
+    assert info is not None and info.items == len(ITEMS) and info.fingerprint == fingerprint
+    second = _split()  # a restart: the same weights, nothing cached
+    assert second.item_side_fingerprint() == fingerprint
+    snapshot = ItemStateSnapshot.open(tmp_path, fingerprint)
+    assert snapshot is not None
+    assert second.load_item_states(snapshot, [*ITEMS, "a text nobody wrote"]) == len(ITEMS)
+    assert second.load_item_states(snapshot, ITEMS) == 0  # kept already
+    assert second.warm_items(ITEMS) == 0  # nothing left to compute
+    np.testing.assert_array_equal(
+        second.score(USER, ITEMS, cache=False), first.score(USER, ITEMS, cache=False)
+    )
+    assert second.warm_items([*ITEMS, "a text nobody wrote"]) == 1
+
+
+@pytest.mark.parametrize(
+    "change", ["joint layer", "head", "lower layer", "embeddings", "precision", "split", "length"]
+)
+def test_the_fingerprint_changes_with_the_item_side_and_only_with_it(change: str) -> None:
+    base = _split().item_side_fingerprint()
+    other = (
+        CrossEncoderReranker.tiny(seed=3, max_length=32, joint_layers=2)
+        if change == "split"
+        else CrossEncoderReranker.tiny(seed=3, max_length=48, joint_layers=1)
+        if change == "length"
+        else _split()
+    )
+    if change in ("split", "length"):
+        with torch.no_grad():
+            for p in other.model.parameters():
+                p.mul_(4.0)
+    with torch.no_grad():
+        if change == "joint layer":
+            next(other.model.bert.encoder.layer[1].parameters()).add_(1e-3)
+        elif change == "head":
+            next(other.model.classifier.parameters()).add_(1e-3)
+        elif change == "lower layer":
+            next(other.model.bert.encoder.layer[0].parameters()).add_(1e-3)
+        elif change == "embeddings":
+            other.model.bert.embeddings.LayerNorm.bias.add_(1e-3)
+    if change == "precision":
+        other.item_state_dtype = torch.bfloat16
+    same = change in ("joint layer", "head")
+    assert (other.item_side_fingerprint() == base) is same
+
+
+def test_int8_states_and_a_full_cross_encoder_have_no_snapshot(tmp_path: Path) -> None:
+    cross = CrossEncoderReranker.tiny(seed=3, max_length=32)
+    assert cross.item_side_fingerprint() is None and cross.save_item_states(tmp_path) is None
+    int8 = _split()
+    int8.quantize_item_states()
+    int8.warm_items(ITEMS)
+    assert int8.item_side_fingerprint() is None and int8.save_item_states(tmp_path) is None
+    assert not list(tmp_path.iterdir())
