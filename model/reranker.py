@@ -196,6 +196,7 @@ class CrossEncoderReranker:
         self._joint_users: OrderedDict[tuple[tuple[int, ...], str], JointUser] = OrderedDict()
         self.user_cache_hits = 0
         self.user_cache_misses = 0
+        self.item_states_read = 0  # item states read from disk (`load_item_states`)
         # A split model's BERT logits per user-context tokens, then per item text: a repeat
         # request (same profile, same item texts, same version) needs no forward pass.
         self._score_cache: OrderedDict[tuple[int, ...], dict[str, float]] = OrderedDict()
@@ -623,6 +624,7 @@ class CrossEncoderReranker:
         for texts, rows, counts in snapshot.read(missing):
             store.put_rows(texts, rows, counts)
             loaded += len(texts)
+        self.item_states_read += loaded
         return loaded
 
     def save_item_states(self, root: Path | str, fingerprint: str | None = None) -> Any:

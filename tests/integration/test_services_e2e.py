@@ -683,6 +683,8 @@ def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) 
     assert result["errors"] == 0 and result["calls"] > 0 and result["qps"] > 0
     assert result["max_ms"] >= result["p999_ms"] >= result["p99_ms"] >= result["p50_ms"] > 0
     assert result["candidates"] == 20 and result["items"] == len(stack.catalog)
+    # Its service started on the workdir the stack's ranking service wrote its states from.
+    assert 0 < result["item_states_read_at_start"] <= result["cached_item_states"]
     # Target 4's second ratio is only meaningful on identical values, and the bench checks it.
     assert result["feature_values_identical"] is True
     stages = result["stages_ms"]
