@@ -141,6 +141,10 @@ class ItemStateSnapshot:
         per_chunk = max(chunk_bytes // row_bytes, 1)
         bits = _BITS[row_bytes // self.info.width]
         ends = records["row"] + records["rows"]
+        # One buffer for every read, never zero-filled: each chunk's rows are copied out of it
+        # (`index_select`) before the next read.
+        most = max(per_chunk, int(records["rows"].max()))
+        buffer = np.empty(most * row_bytes, dtype=np.uint8)
         with open(self.info.path / ROWS, "rb", buffering=0) as f:
             start = 0
             while start < len(records):
@@ -150,10 +154,10 @@ class ItemStateSnapshot:
                 stop = max(stop, start + 1)
                 part = records[start:stop]
                 last = int(ends[stop - 1])
-                buffer = bytearray((last - first) * row_bytes)
+                span = buffer[: (last - first) * row_bytes]
                 f.seek(first * row_bytes)
-                _read_exactly(f, buffer, self.info.path / ROWS)
-                raw = np.frombuffer(buffer, dtype=bits)
+                _read_exactly(f, span.data, self.info.path / ROWS)
+                raw = span.view(bits)
                 block = torch.from_numpy(raw).view(self.info.dtype).view(-1, self.info.width)
                 lengths = part["rows"].astype(np.int64)
                 starts = part["row"] - first
@@ -166,9 +170,9 @@ class ItemStateSnapshot:
                 start = stop
 
 
-def _read_exactly(f: Any, buffer: bytearray, name: Path) -> None:
-    view, done = memoryview(buffer), 0
-    while done < len(buffer):
+def _read_exactly(f: Any, view: memoryview, name: Path) -> None:
+    done = 0
+    while done < len(view):
         got = f.readinto(view[done:])
         if not got:
             raise OSError(f"{name} is shorter than its index says")
@@ -200,7 +204,7 @@ def write_snapshot(
                 if rows.dtype != dtype or rows.shape[-1] != width:
                     raise ValueError("item states of one snapshot differ in dtype or width")
                 bits = _BITS[rows.element_size()]
-                f.write(rows.contiguous().view(-1).view(_torch_bits(bits)).numpy().tobytes())
+                f.write(rows.contiguous().view(-1).view(_torch_bits(bits)).numpy().data)
                 keys.append(text_keys(texts))
                 lengths.extend(int(n) for n in counts)
             f.flush()

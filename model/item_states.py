@@ -285,7 +285,7 @@ class PagedItemStates(_Kept):
             ]
             if not kept or self._arena is None:
                 return
-            index = np.frombuffer(b"".join(e for _, e in kept), dtype=np.int64)
+            index = np.frombuffer(bytearray(b"".join(e for _, e in kept)), dtype=np.int64)
             rows = self._arena.index_select(0, torch.from_numpy(index).to(self.device))
         yield [t for t, _ in kept], rows.cpu(), [len(e) >> 3 for _, e in kept]
 
