@@ -160,6 +160,46 @@ def materialize(
         console.print(f"{view}: {info['rows']:,} rows in {info['seconds']:.1f} s")
 
 
+@app.command("item-states")
+def item_states(
+    workdir: WorkdirOpt = Path(".freshrec"),
+    items: Annotated[
+        int,
+        typer.Option(
+            min=0, help="The catalogue's N most popular items; 0 = every item.", show_default=True
+        ),
+    ] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Write the champion re-ranker's item states for the catalogue to disk
+    (<workdir>/cache/item-states), for the ranking service to read instead of computing:
+    at start-up, and for a request's candidate outside its warm set. Run it with the ranking
+    service's settings, on the same kind of machine (the states of another device or
+    precision are not used)."""
+    from services.jobs.item_states import write_item_states
+
+    _logging()
+    config = _config(workdir)
+    report = write_item_states(config, items, announce=console.print)
+    result = {
+        "version": report.version,
+        "fingerprint": report.fingerprint,
+        "items": report.items,
+        "read": report.read,
+        "computed": report.computed,
+        "path": str(report.path) if report.path else None,
+        "mib": report.mib,
+        "seconds": report.seconds,
+    }
+    console.print(
+        f"{report.items:,} item states ({report.mib:,.0f} MiB: {report.read:,} read from the "
+        f"earlier snapshot, {report.computed:,} computed) written to {report.path} in "
+        f"{report.seconds:.1f} s"
+    )
+    if as_json:
+        print(json.dumps(result))
+
+
 # -- services --------------------------------------------------------------------------------
 def _announce(line: str) -> None:
     """A service's start line on stdout, for a person at a terminal; not with JSON logs, where

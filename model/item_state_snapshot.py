@@ -35,10 +35,10 @@ import logging
 import os
 import shutil
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ INDEX = "index.npy"
 INDEX_DTYPE = np.dtype([("key", "<u8"), ("check", "<u8"), ("row", "<i8"), ("rows", "<i4")])
 # A read copies at most this many bytes of rows at a time (and a write holds one chunk).
 CHUNK_BYTES = 64 << 20
+# Items further apart than this in the file are read apart (a request's few missing items).
+GAP_BYTES = 256 << 10
 # Snapshot directories kept side by side: the newest (by modification time) stay.
 KEEP = 2
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -75,11 +77,18 @@ class SnapshotInfo:
 
 
 class ItemStateSnapshot:
-    """A written snapshot, opened for reading (`open`)."""
+    """A written snapshot, opened for reading (`open`). It holds its rows file open: reads
+    stay consistent with its index after the directory is replaced or deleted (another
+    process writing a newer one), and are positioned (`pread`), so threads share it."""
 
-    def __init__(self, info: SnapshotInfo, index: np.ndarray) -> None:
+    def __init__(self, info: SnapshotInfo, index: np.ndarray, fd: int) -> None:
         self.info = info
         self._index = index
+        self._fd = fd
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    def close(self) -> None:
+        self._closer()
 
     @classmethod
     def open(cls, root: Path, fingerprint: str) -> ItemStateSnapshot | None:
@@ -88,23 +97,27 @@ class ItemStateSnapshot:
         path = Path(root) / fingerprint
         if not (path / META).is_file():
             return None
+        fd = -1
         try:
+            fd = os.open(path / ROWS, os.O_RDONLY)
             meta = json.loads((path / META).read_text())
             if meta.get("format") != FORMAT or meta.get("fingerprint") != fingerprint:
                 raise ValueError(f"format {meta.get('format')}, not {FORMAT}")
             dtype = _DTYPES[meta["dtype"]]
             width, items, rows = int(meta["width"]), int(meta["items"]), int(meta["rows"])
             index = np.load(path / INDEX, allow_pickle=False)
-            size = (path / ROWS).stat().st_size
+            size = os.fstat(fd).st_size
             item_size = torch.empty((), dtype=dtype).element_size()
             if index.dtype != INDEX_DTYPE or len(index) != items:
                 raise ValueError(f"index of {len(index)} items, meta says {items}")
             if size != rows * width * item_size or int(index["rows"].sum()) != rows:
                 raise ValueError(f"{ROWS} holds {size} bytes, meta says {rows} rows of {width}")
         except (OSError, ValueError, KeyError, TypeError) as exc:
+            if fd >= 0:
+                os.close(fd)
             log.warning("item-state snapshot %s not used: %s", path, exc)
             return None
-        return cls(SnapshotInfo(path, fingerprint, dtype, width, items, rows), index)
+        return cls(SnapshotInfo(path, fingerprint, dtype, width, items, rows), index, fd)
 
     def __len__(self) -> int:
         return self.info.items
@@ -125,11 +138,14 @@ class ItemStateSnapshot:
         return self._index["rows"][found[found >= 0]].astype(np.int64)
 
     def read(
-        self, texts: Sequence[str], chunk_bytes: int = CHUNK_BYTES
+        self, texts: Sequence[str], chunk_bytes: int = CHUNK_BYTES, gap_bytes: int = GAP_BYTES
     ) -> Iterator[tuple[list[str], torch.Tensor, list[int]]]:
         """The states of those of `texts` the snapshot holds, as (texts, rows (sum(lengths),
-        W) in the snapshot's dtype, lengths) chunks, in the file's order. Stops early (OSError)
-        only if the file changes under it, which a rename-replaced snapshot does not do."""
+        W) in the snapshot's dtype, lengths) chunks, in the file's order. One read a chunk:
+        items that lie within `chunk_bytes` of the chunk's first and less than `gap_bytes`
+        after the one before (a warm-up reads the file in order; a request's few items, far
+        apart, one read each). Stops early (OSError) only if the file changes under it, which
+        a rename-replaced snapshot does not do."""
         found = self.find(texts)
         wanted = np.flatnonzero(found >= 0)
         if not len(wanted):
@@ -137,46 +153,55 @@ class ItemStateSnapshot:
         records = self._index[found[wanted]]
         order = np.argsort(records["row"], kind="stable")
         records, names = records[order], [texts[i] for i in wanted[order]]
-        row_bytes = self.info.width * torch.empty((), dtype=self.info.dtype).element_size()
-        per_chunk = max(chunk_bytes // row_bytes, 1)
-        bits = _BITS[row_bytes // self.info.width]
-        ends = records["row"] + records["rows"]
+        width = self.info.width
+        row_bytes = width * torch.empty((), dtype=self.info.dtype).element_size()
+        bits = _BITS[row_bytes // width]
+        starts, ends = records["row"], records["row"] + records["rows"]
+        groups = _groups(starts, ends, max(chunk_bytes // row_bytes, 1), gap_bytes // row_bytes)
         # One buffer for every read, never zero-filled: each chunk's rows are copied out of it
         # (`index_select`) before the next read.
-        most = max(per_chunk, int(records["rows"].max()))
+        most = max(int(ends[stop - 1] - starts[start]) for start, stop in groups)
         buffer = np.empty(most * row_bytes, dtype=np.uint8)
-        with open(self.info.path / ROWS, "rb", buffering=0) as f:
-            start = 0
-            while start < len(records):
-                # Items whose rows lie within `per_chunk` rows of the first one's: one read.
-                first = int(records["row"][start])
-                stop = int(np.searchsorted(ends, first + per_chunk, side="right"))
-                stop = max(stop, start + 1)
-                part = records[start:stop]
-                last = int(ends[stop - 1])
-                span = buffer[: (last - first) * row_bytes]
-                f.seek(first * row_bytes)
-                _read_exactly(f, span.data, self.info.path / ROWS)
-                raw = span.view(bits)
-                block = torch.from_numpy(raw).view(self.info.dtype).view(-1, self.info.width)
-                lengths = part["rows"].astype(np.int64)
-                starts = part["row"] - first
-                # Each item's rows: starts[i] + 0..lengths[i]-1, one index array for the block.
-                offsets = np.arange(int(lengths.sum())) - np.repeat(
-                    np.cumsum(lengths) - lengths, lengths
-                )
-                take = torch.from_numpy(np.repeat(starts, lengths) + offsets)
-                yield names[start:stop], block.index_select(0, take), lengths.tolist()
-                start = stop
+        for start, stop in groups:
+            first, last = int(starts[start]), int(ends[stop - 1])
+            span = buffer[: (last - first) * row_bytes]
+            self._read_at(span.data, first * row_bytes)
+            block = torch.from_numpy(span.view(bits)).view(self.info.dtype).view(-1, width)
+            lengths = records["rows"][start:stop].astype(np.int64)
+            # Each item's rows: its start in the block + 0..length-1, one index array.
+            offsets = np.arange(int(lengths.sum())) - np.repeat(
+                np.cumsum(lengths) - lengths, lengths
+            )
+            take = np.repeat(starts[start:stop] - first, lengths) + offsets
+            rows = block.index_select(0, torch.from_numpy(take))
+            yield names[start:stop], rows, lengths.tolist()
+
+    def _read_at(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if not got:
+                raise OSError(f"{self.info.path / ROWS} is shorter than its index says")
+            done += got
 
 
-def _read_exactly(f: Any, view: memoryview, name: Path) -> None:
-    done = 0
-    while done < len(view):
-        got = f.readinto(view[done:])
-        if not got:
-            raise OSError(f"{name} is shorter than its index says")
-        done += got
+def _groups(
+    starts: np.ndarray, ends: np.ndarray, most_rows: int, gap_rows: int
+) -> list[tuple[int, int]]:
+    """[start, stop) runs of items (sorted by row) read at once: a run spans at most
+    `most_rows` rows (or one item, if longer) and has no gap over `gap_rows` inside."""
+    breaks = np.flatnonzero(starts[1:] - ends[:-1] > gap_rows) + 1
+    bounds = [*breaks.tolist(), len(starts)]
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for bound in bounds:
+        while start < bound:
+            limit = int(starts[start]) + most_rows
+            stop = int(np.searchsorted(ends[start:bound], limit, side="right")) + start
+            stop = max(stop, start + 1)
+            groups.append((start, stop))
+            start = stop
+    return groups
 
 
 def write_snapshot(

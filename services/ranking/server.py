@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -224,6 +224,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         # states as the serving one: it fills that one's store and computes none (a swap
         # without a warm-up; `freshrec bench swap`).
         if live is not None and reranker.share_item_states(live.reranker):
+            reranker.item_state_source = live.reranker.item_state_source
             log.info(
                 "re-ranker %s: the serving version's %d item states kept, users' states %s "
                 "(same embeddings and layers below the split)",
@@ -243,7 +244,10 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         fingerprint = (
             reranker.item_side_fingerprint() if config.ranking.item_state_snapshots else None
         )
-        read = _read_item_states(config, reranker, fingerprint, texts, path)
+        snapshot, read = _read_item_states(config, reranker, fingerprint, texts, path)
+        # From now on a text missing from the store is read from disk where the snapshot
+        # holds it (a request's candidate beyond the warm set), computed otherwise.
+        reranker.item_state_source = snapshot
         started = time.perf_counter()
         warmed = reranker.warm_items(texts)
         if warmed:
@@ -255,7 +259,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
                 source,
             )
             if fingerprint is not None and (not read or warmed >= SNAPSHOT_REWRITE * len(texts)):
-                _write_item_states(config, reranker, fingerprint, path)
+                _write_item_states(config, reranker, fingerprint, snapshot, path)
         if warmed or read:
             # The warm-up's freed temporaries would stay in the RSS (services/common/memory.py).
             started = time.perf_counter()
@@ -371,11 +375,11 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     return RankingApp(handle, holder, closers, ingestor, breaker, worker, pipeline)
 
 
-def _warm_order(ids: Iterable[str], index: RecallIndex | None, limit: int) -> list[str]:
+def _warm_order(ids: Iterable[str], popular: Sequence[str], limit: int) -> list[str]:
     """The items a loading version and a starting service prepare: the most popular first (the
-    index's popularity list when one is serving), then catalogue order, `limit` at most."""
+    serving index's popularity list, if any), then catalogue order, `limit` at most."""
     catalogue = dict.fromkeys(ids)
-    head = [i for i in (index.popular if index is not None else []) if i in catalogue]
+    head = [i for i in popular if i in catalogue]
     return list(dict.fromkeys([*head, *catalogue]))[:limit]
 
 
@@ -385,15 +389,16 @@ def _read_item_states(
     fingerprint: str | None,
     texts: list[str],
     path: str,
-) -> int:
+) -> tuple[ItemStateSnapshot | None, int]:
     """Keep the states of `texts` that the snapshot of `fingerprint` holds
-    (model/item_state_snapshot.py); returns how many were read."""
-    if fingerprint is None or not texts:
-        return 0
+    (model/item_state_snapshot.py); returns the snapshot (None if there is none) and how many
+    were read."""
+    if fingerprint is None:
+        return None, 0
     snapshot = ItemStateSnapshot.open(config.item_state_dir, fingerprint)
     if snapshot is None:
         log.info("re-ranker %s: no item-state snapshot for its item side", path)
-        return 0
+        return None, 0
     started = time.perf_counter()
     read = reranker.load_item_states(snapshot, texts)
     log.info(
@@ -404,14 +409,29 @@ def _read_item_states(
         snapshot.info.path,
         time.perf_counter() - started,
     )
-    return read
+    return snapshot, read
 
 
 def _write_item_states(
-    config: FreshRecConfig, reranker: CrossEncoderReranker, fingerprint: str, path: str
+    config: FreshRecConfig,
+    reranker: CrossEncoderReranker,
+    fingerprint: str,
+    read_from: ItemStateSnapshot | None,
+    path: str,
 ) -> None:
-    """Write the item states `reranker` keeps as its item side's snapshot; a failure (a full
-    disk, a read-only volume) is logged and the version serves all the same."""
+    """Write the item states `reranker` keeps as its item side's snapshot, and read missing
+    texts from it from now on; a failure (a full disk, a read-only volume) is logged and the
+    version serves all the same. A snapshot holding more items than the store (one written
+    for a whole catalogue, of which this process keeps its warm set) stays as it is."""
+    if read_from is not None and len(read_from) > reranker.cached_items():
+        log.info(
+            "re-ranker %s: the item-state snapshot %s kept (%d items, more than the %d held)",
+            path,
+            read_from.info.path,
+            len(read_from),
+            reranker.cached_items(),
+        )
+        return
     started = time.perf_counter()
     try:
         info = reranker.save_item_states(config.item_state_dir, fingerprint)
@@ -427,6 +447,7 @@ def _write_item_states(
             info.path,
             time.perf_counter() - started,
         )
+        reranker.item_state_source = ItemStateSnapshot.open(config.item_state_dir, fingerprint)
 
 
 def _warm_catalogue(config: FreshRecConfig) -> Path | None:
@@ -442,7 +463,7 @@ def _warm_ids(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:
     if table is None:
         return []
     ids = pd.read_parquet(table, columns=["item_id"])["item_id"].astype(str)
-    return _warm_order(ids, index, config.ranking.warm_item_states)
+    return _warm_order(ids, index.popular if index else [], config.ranking.warm_item_states)
 
 
 def _live_texts(config: FreshRecConfig, serving: CrossEncoderReranker) -> list[str]:
@@ -458,11 +479,20 @@ def _live_texts(config: FreshRecConfig, serving: CrossEncoderReranker) -> list[s
 
 def _warm_texts(config: FreshRecConfig, index: RecallIndex | None) -> list[str]:
     """Item texts to precompute for a split re-ranker: the warm set's (`_warm_order`)."""
-    table = _warm_catalogue(config)
-    if table is None:
+    if _warm_catalogue(config) is None:
+        return []
+    popular = index.popular if index is not None else []
+    return catalogue_texts(config, popular, config.ranking.warm_item_states)
+
+
+def catalogue_texts(config: FreshRecConfig, popular: Sequence[str], limit: int) -> list[str]:
+    """The ranking texts of the offline catalogue's items as requests build them now, the
+    most popular first (`_warm_order`), `limit` at most; [] without a catalogue."""
+    table = config.offline_dir / ITEM_FEATURES_TABLE
+    if not table.exists():
         return []
     frame = pd.read_parquet(table)
-    order = _warm_order(frame["item_id"].astype(str), index, config.ranking.warm_item_states)
+    order = _warm_order(frame["item_id"].astype(str), popular, limit)
     now = datetime.now(UTC)
     # Record by record, each dropped once its text is built (`iter_item_records`): read at
     # start-up, and for a load beside a version that holds no item texts (`_live_texts`).

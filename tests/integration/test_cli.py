@@ -34,7 +34,16 @@ def test_help_lists_the_commands() -> None:
     result = _freshrec("--help")
 
     assert result.returncode == 0, result.stderr
-    for command in ("init", "serve", "updater", "data", "demo", "recommend", "materialize"):
+    for command in (
+        "init",
+        "serve",
+        "updater",
+        "data",
+        "demo",
+        "recommend",
+        "materialize",
+        "item-states",
+    ):
         assert f" {command} " in result.stdout, command
 
 
@@ -141,3 +150,13 @@ def test_a_bad_map_option_is_rejected_without_a_traceback(tmp_path: Path) -> Non
     assert result.returncode != 0
     assert "Traceback" not in result.stdout + result.stderr
     assert "--map" in result.stdout + result.stderr
+
+
+def test_item_states_without_a_model_is_a_one_line_error(tmp_path: Path) -> None:
+    result = _freshrec("item-states", "--workdir", str(tmp_path / "empty"))
+
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 2
+    assert "Traceback" not in output
+    assert len(output.splitlines()) == 1, output
+    assert "no champion re-ranker" in output and "freshrec init" in output

@@ -382,6 +382,44 @@ def test_a_restarted_service_reads_its_item_states_from_disk_and_answers_alike(
         again.stop(grace=1)
 
 
+def test_the_item_states_job_writes_the_catalogue_as_the_service_computes_it(
+    stack: Stack,
+) -> None:
+    from model.item_state_snapshot import ItemStateSnapshot
+    from services.jobs.item_states import write_item_states
+
+    serving = stack.ranking.models.current.reranker
+    fingerprint = serving.item_side_fingerprint()
+    assert fingerprint is not None
+    shutil.rmtree(stack.config.item_state_dir / fingerprint)  # the service keeps its open file
+    head = write_item_states(stack.config, items=40, announce=lambda _m: None)
+    assert (head.fingerprint, head.version) == (fingerprint, "v0001")
+    assert (head.items, head.read, head.computed) == (40, 0, 40)
+    whole = write_item_states(stack.config, announce=lambda _m: None)
+    # The 40 written first are read back, the rest of the catalogue computed.
+    assert whole.read == 40 and whole.items == whole.read + whole.computed >= 140
+    snapshot = ItemStateSnapshot.open(stack.config.item_state_dir, fingerprint)
+    assert snapshot is not None and len(snapshot) == whole.items
+    # The job's states are the service's own, bit for bit, for the texts requests read.
+    texts = serving.cached_item_texts(1000)
+    found = [t for t, at in zip(texts, snapshot.find(texts), strict=True) if at >= 0]
+    assert len(found) >= 100
+    fresh = CrossEncoderReranker.from_pretrained(
+        ModelRegistry(stack.config.registry_dir).path("reranker", "v0001"),
+        MAX_LENGTH,
+        "cpu",
+        "fp32",
+    )
+    fresh.prepare_serving(True, False)
+    assert fresh.load_item_states(snapshot, found) == len(found)
+    assert fresh.warm_items(found) == 0
+    user = "recently viewed: a lamp, a desk"
+    assert (
+        fresh.score(user, found, cache=False).tolist()
+        == serving.score(user, found, cache=False).tolist()
+    )
+
+
 def test_log_events_rejects_an_empty_batch(stack: Stack) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stack.rank.LogEvents(ranking_pb2.LogEventsRequest(events=[]), timeout=10)

@@ -18,6 +18,7 @@ from model.item_state_snapshot import (
     META,
     ROWS,
     ItemStateSnapshot,
+    _groups,
     prune,
     write_snapshot,
 )
@@ -209,3 +210,74 @@ def test_int8_states_and_a_full_cross_encoder_have_no_snapshot(tmp_path: Path) -
     int8.warm_items(ITEMS)
     assert int8.item_side_fingerprint() is None and int8.save_item_states(tmp_path) is None
     assert not list(tmp_path.iterdir())
+
+
+def test_items_are_read_together_when_near_and_apart_when_far() -> None:
+    # Rows [0,4) [4,9) [9,12) then a gap of 100 rows, [112,140) (longer than a chunk), [140,143).
+    starts = np.array([0, 4, 9, 112, 140])
+    ends = np.array([4, 9, 12, 140, 143])
+    assert _groups(starts, ends, most_rows=10, gap_rows=50) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert _groups(starts, ends, most_rows=200, gap_rows=50) == [(0, 3), (3, 5)]
+    assert _groups(starts, ends, most_rows=200, gap_rows=100) == [(0, 5)]
+    # A warm-up's whole file in order: contiguous, so only the chunk size splits it.
+    assert _groups(np.arange(0, 100, 10), np.arange(10, 110, 10), 30, 0) == [
+        (0, 3),
+        (3, 6),
+        (6, 9),
+        (9, 10),
+    ]
+
+
+def test_an_open_snapshot_reads_its_own_rows_after_another_process_replaces_it(
+    tmp_path: Path,
+) -> None:
+    held, texts = _store([4, 5, 6])
+    write_snapshot(tmp_path, "fp", held.export(max_rows=100))
+    opened = ItemStateSnapshot.open(tmp_path, "fp")
+    assert opened is not None
+    other, _ = _store([9, 2, 7, 3, 1])  # other lengths: another layout of rows.bin
+    write_snapshot(tmp_path, "fp", other.export(max_rows=100))
+    fresh = PagedItemStates(torch.float16, capacity=100)
+    for names, rows, counts in opened.read(texts):
+        fresh.put_rows(names, rows, counts)
+    assert torch.equal(_gathered(fresh, texts), _gathered(held, texts))
+    opened.close()
+
+
+def test_a_request_reads_a_missing_items_states_from_the_source_instead_of_computing(
+    tmp_path: Path,
+) -> None:
+    first = _split()
+    first.warm_items(ITEMS)
+    fingerprint = first.item_side_fingerprint()
+    first.save_item_states(tmp_path)
+    serving = _split()
+    serving.item_state_source = ItemStateSnapshot.open(tmp_path, str(fingerprint))
+    # Nothing warmed: the request's candidates come from disk, and only the new text is
+    # computed (the forward pass of its states would otherwise run for all of them).
+    new_text = "a text nobody wrote"
+    scores = serving.score(USER, [*ITEMS, new_text], cache=False)
+    assert serving.item_states_read == len(ITEMS) and serving.cached_items() == len(ITEMS) + 1
+    np.testing.assert_array_equal(scores, first.score(USER, [*ITEMS, new_text], cache=False))
+    # Weights that change (training) drop the source with the states; copies start without.
+    assert serving.__getstate__()["item_state_source"] is None
+    serving.clear_item_states()
+    assert serving.item_state_source is None
+    assert serving.warm_items(ITEMS) == len(ITEMS)
+
+
+def test_a_source_that_cannot_be_read_is_dropped_and_the_states_computed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = _split()
+    first.warm_items(ITEMS)
+    fingerprint = first.item_side_fingerprint()
+    first.save_item_states(tmp_path)
+    serving = _split()
+    source = ItemStateSnapshot.open(tmp_path, str(fingerprint))
+    assert source is not None
+    with open(tmp_path / str(fingerprint) / ROWS, "r+b") as rows:
+        rows.truncate(10)  # as a lost disk reads
+    serving.item_state_source = source
+    assert serving.warm_items(ITEMS) == len(ITEMS)
+    assert serving.item_state_source is None and "no longer read from" in caplog.text
