@@ -400,7 +400,11 @@ def _read_item_states(
         log.info("re-ranker %s: no item-state snapshot for its item side", path)
         return None, 0
     started = time.perf_counter()
-    read = reranker.load_item_states(snapshot, texts)
+    try:
+        read = reranker.load_item_states(snapshot, texts)
+    except OSError as exc:  # a disk that fails: the version loads all the same, computing
+        log.warning("re-ranker %s: item states not read from %s: %s", path, snapshot.info.path, exc)
+        return None, 0
     log.info(
         "re-ranker %s: %d of %d item states read from %s in %.1f s",
         path,
