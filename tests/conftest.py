@@ -105,3 +105,14 @@ def tiny_reranker(tiny_reranker_session: object) -> object:
     import copy
 
     return copy.deepcopy(tiny_reranker_session)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch at one intra-op thread for the test (tiny models gain nothing from more)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_models import split_reranker
 
 from model.item_state_snapshot import (
     INDEX,
@@ -35,12 +35,7 @@ ITEMS = [
 USER = "recently viewed: running shoes, earbuds"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _store(
@@ -142,11 +137,18 @@ def test_writing_again_replaces_the_snapshot_and_only_the_newest_are_kept(
 
 
 def _split(seed: int = 3) -> CrossEncoderReranker:
-    model = CrossEncoderReranker.tiny(seed=seed, max_length=32, joint_layers=1)
-    with torch.no_grad():
-        for p in model.model.parameters():
-            p.mul_(4.0)
-    return model
+    return split_reranker(1, seed)
+
+
+def _written(root: Path) -> tuple[CrossEncoderReranker, str]:
+    """A re-ranker that computed the states of ITEMS and wrote them under `root`, and its
+    item side's fingerprint."""
+    first = _split()
+    first.warm_items(ITEMS)
+    fingerprint = first.item_side_fingerprint()
+    assert fingerprint is not None
+    first.save_item_states(root)
+    return first, fingerprint
 
 
 def test_a_reranker_that_reads_the_states_back_scores_as_the_one_that_computed_them(
@@ -247,12 +249,9 @@ def test_an_open_snapshot_reads_its_own_rows_after_another_process_replaces_it(
 def test_a_request_reads_a_missing_items_states_from_the_source_instead_of_computing(
     tmp_path: Path,
 ) -> None:
-    first = _split()
-    first.warm_items(ITEMS)
-    fingerprint = first.item_side_fingerprint()
-    first.save_item_states(tmp_path)
+    first, fingerprint = _written(tmp_path)
     serving = _split()
-    serving.item_state_source = ItemStateSnapshot.open(tmp_path, str(fingerprint))
+    serving.item_state_source = ItemStateSnapshot.open(tmp_path, fingerprint)
     # Nothing warmed: the request's candidates come from disk, and only the new text is
     # computed (the forward pass of its states would otherwise run for all of them).
     new_text = "a text nobody wrote"
@@ -269,14 +268,11 @@ def test_a_request_reads_a_missing_items_states_from_the_source_instead_of_compu
 def test_a_source_that_cannot_be_read_is_dropped_and_the_states_computed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first = _split()
-    first.warm_items(ITEMS)
-    fingerprint = first.item_side_fingerprint()
-    first.save_item_states(tmp_path)
+    _, fingerprint = _written(tmp_path)
     serving = _split()
-    source = ItemStateSnapshot.open(tmp_path, str(fingerprint))
+    source = ItemStateSnapshot.open(tmp_path, fingerprint)
     assert source is not None
-    with open(tmp_path / str(fingerprint) / ROWS, "r+b") as rows:
+    with open(tmp_path / fingerprint / ROWS, "r+b") as rows:
         rows.truncate(10)  # as a lost disk reads
     serving.item_state_source = source
     assert serving.warm_items(ITEMS) == len(ITEMS)

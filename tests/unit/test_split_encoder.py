@@ -6,12 +6,12 @@ Tiny random BERTs with the real tokenizer; single-threaded torch (tests/conftest
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_models import split_reranker
 
 from model.item_states import PAGE_TOKENS
 from model.reranker import CrossEncoderReranker
@@ -26,20 +26,11 @@ ITEMS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _split(joint: int, seed: int = 3) -> CrossEncoderReranker:
-    model = CrossEncoderReranker.tiny(seed=seed, max_length=32, joint_layers=joint)
-    # Random tiny BERTs score everything alike; spread the weights so differences show.
-    with torch.no_grad():
-        for p in model.model.parameters():
-            p.mul_(4.0)
+    model = split_reranker(joint, seed)
     model.item_state_dtype = torch.float32  # exact comparisons; fp16 has its own test
     return model
 
