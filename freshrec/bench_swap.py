@@ -52,7 +52,6 @@ import numpy as np
 import psutil
 
 from freshrec.config import FreshRecConfig, load_config
-from freshrec.errors import FailedPrecondition
 
 # The challenger's step: each fine-tuned tensor moves by this share of its mean magnitude.
 CHALLENGER_STEP = 1e-3
@@ -68,16 +67,16 @@ def publish_challenger(config: FreshRecConfig, seed: int = 0) -> tuple[str, str,
     from model.reranker import CrossEncoderReranker
     from model.training import freeze_lower_layers
     from services.ranking.compute import in_passing_thread
-    from services.registry import open_registry
+    from services.registry import open_registry, required_champion
     from services.updater.job import train_params
 
     registry = open_registry(config)
-    champion = registry.champion("reranker")
-    if champion is None:
-        raise FailedPrecondition(
-            f"no champion re-ranker in {config.workdir}: run `freshrec init` (or "
-            "`freshrec bench serving`, which bootstraps one) first"
-        )
+    champion = required_champion(
+        registry,
+        "reranker",
+        str(config.workdir),
+        "run `freshrec init` (or `freshrec bench serving`, which bootstraps one) first",
+    )
 
     def make() -> tuple[str, int]:
         reranker = CrossEncoderReranker.from_pretrained(

@@ -344,3 +344,13 @@ def open_registry(config: FreshRecConfig) -> ModelRegistry:
     return S3ModelRegistry.from_url(
         config.registry_url, config.registry_dir, endpoint_url=config.s3_endpoint_url or None
     )
+
+
+def required_champion(registry: ModelRegistry, kind: str, where: str, hint: str) -> str:
+    """`registry`'s champion of `kind`; FailedPrecondition ("no champion <kind> in <where>:
+    <hint>") before the first promote."""
+    version = registry.champion(kind)
+    if version is None:
+        name = "re-ranker" if kind == "reranker" else kind
+        raise FailedPrecondition(f"no champion {name} in {where}: {hint}")
+    return version

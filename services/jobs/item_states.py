@@ -31,7 +31,7 @@ from model.index import POPULAR_FILE
 from model.item_state_snapshot import ItemStateSnapshot, write_snapshot
 from model.reranker import CrossEncoderReranker
 from services.ranking.server import catalogue_texts
-from services.registry import open_registry
+from services.registry import open_registry, required_champion
 
 BATCH = 128
 
@@ -55,12 +55,8 @@ def write_item_states(
     champion re-ranker's item-side snapshot under `config.item_state_dir`."""
     started = time.perf_counter()
     registry = open_registry(config)
-    version = registry.champion("reranker")
-    if version is None:
-        raise FailedPrecondition(
-            f"no champion re-ranker under {config.registry_url or config.registry_dir}: "
-            "run `freshrec init` first"
-        )
+    where = config.registry_url or str(config.registry_dir)
+    version = required_champion(registry, "reranker", where, "run `freshrec init` first")
     registry.verify("reranker", version)
     reranker = CrossEncoderReranker.from_pretrained(
         registry.path("reranker", version),

@@ -542,6 +542,8 @@ def test_a_version_with_the_same_item_side_shares_the_states_and_scores_as_its_o
         ]:
             p.add_(0.05)
     assert loaded.same_item_side(serving) and serving.same_item_side(loaded)
+    # Their states on disk are one snapshot (model/item_state_snapshot.py).
+    assert loaded.item_side_fingerprint() == serving.item_side_fingerprint()
     assert loaded.share_item_states(serving) and loaded.shares_item_states_with(serving)
     assert loaded.cached_items() == len(ITEMS)
     assert loaded.warm_items(ITEMS) == 0  # nothing left to compute
@@ -591,5 +593,6 @@ def test_a_version_whose_item_side_differs_computes_its_own_states(change: str) 
     if change == "precision":
         loaded.item_state_dtype = torch.float16
     assert not loaded.same_item_side(serving)
+    assert loaded.item_side_fingerprint() != serving.item_side_fingerprint()
     assert not loaded.share_item_states(serving) and not loaded.shares_item_states_with(serving)
     assert loaded.cached_items() == 0
