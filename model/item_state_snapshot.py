@@ -39,6 +39,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,15 +98,21 @@ class ItemStateSnapshot:
         path = Path(root) / fingerprint
         if not (path / META).is_file():
             return None
-        fd = -1
+        fd, directory = -1, -1
         try:
-            fd = os.open(path / ROWS, os.O_RDONLY)
-            meta = json.loads((path / META).read_text())
+            # Every file through one handle on the directory: a writer never changes a
+            # directory in place (it renames a new one over it), so the three files read here
+            # are one snapshot even if another process replaces it meanwhile.
+            directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            fd = os.open(ROWS, os.O_RDONLY, dir_fd=directory)
+            with _opened(META, directory) as f:
+                meta = json.loads(f.read())
             if meta.get("format") != FORMAT or meta.get("fingerprint") != fingerprint:
                 raise ValueError(f"format {meta.get('format')}, not {FORMAT}")
             dtype = _DTYPES[meta["dtype"]]
             width, items, rows = int(meta["width"]), int(meta["items"]), int(meta["rows"])
-            index = np.load(path / INDEX, allow_pickle=False)
+            with _opened(INDEX, directory) as f:
+                index = np.load(f, allow_pickle=False)
             size = os.fstat(fd).st_size
             item_size = torch.empty((), dtype=dtype).element_size()
             if index.dtype != INDEX_DTYPE or len(index) != items:
@@ -117,6 +124,9 @@ class ItemStateSnapshot:
                 os.close(fd)
             log.warning("item-state snapshot %s not used: %s", path, exc)
             return None
+        finally:
+            if directory >= 0:
+                os.close(directory)
         return cls(SnapshotInfo(path, fingerprint, dtype, width, items, rows), index, fd)
 
     def __len__(self) -> int:
@@ -183,6 +193,11 @@ class ItemStateSnapshot:
             if not got:
                 raise OSError(f"{self.info.path / ROWS} is shorter than its index says")
             done += got
+
+
+def _opened(name: str, directory: int) -> Any:
+    """The file `name` of the directory open as `directory`, open for reading in binary."""
+    return os.fdopen(os.open(name, os.O_RDONLY, dir_fd=directory), "rb")
 
 
 def _groups(

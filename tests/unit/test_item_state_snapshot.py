@@ -259,3 +259,30 @@ def test_a_source_that_cannot_be_read_is_dropped_and_the_states_computed(
     serving.item_state_source = source
     assert serving.warm_items(ITEMS) == len(ITEMS)
     assert serving.item_state_source is None and "no longer read from" in caplog.text
+
+
+def test_a_snapshot_replaced_while_it_is_opened_is_never_read_half_old_half_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import model.item_state_snapshot as snapshots
+
+    held, texts = _store([4, 5, 6])
+    write_snapshot(tmp_path, "fp", held.export(max_rows=100))
+    other, _ = _store([6, 5, 4])  # the same texts and rows in all, laid out otherwise
+    opened = snapshots._opened
+    replaced = []
+
+    def replace_first(name: str, directory: int) -> object:
+        if not replaced:  # another process writes its snapshot after the rows file is open
+            replaced.append(write_snapshot(tmp_path, "fp", other.export(max_rows=100)))
+        return opened(name, directory)
+
+    monkeypatch.setattr(snapshots, "_opened", replace_first)
+    snapshot = ItemStateSnapshot.open(tmp_path, "fp")
+    assert replaced
+    if snapshot is not None:  # whichever it opened, its rows are its own index's
+        fresh = PagedItemStates(torch.float16, capacity=100)
+        for names, rows, counts in snapshot.read(texts):
+            fresh.put_rows(names, rows, counts)
+        got = _gathered(fresh, texts)
+        assert torch.equal(got, _gathered(held, texts)) or torch.equal(got, _gathered(other, texts))
