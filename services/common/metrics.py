@@ -144,6 +144,11 @@ ITEM_STATE_BYTES = Gauge(
     "freshrec_item_state_bytes",
     "Memory the serving version's cached item-side states take, in bytes.",
 )
+ITEM_STATES_READ = Gauge(
+    "freshrec_item_states_read",
+    "Item-side states the serving version read from disk (its item side's snapshot) instead "
+    "of computing them, since it loaded.",
+)
 
 # The updater (served on `updater.metrics_port` when it is not 0).
 UPDATES = Counter("freshrec_updates_total", "Update jobs by final state.", ["state"])
@@ -173,6 +178,7 @@ def watch_reranker_caches(current: Callable[[], Any]) -> None:
     SCORE_CACHE_HIT_RATE.set_function(score_hit_rate)
     ITEM_STATES_CACHED.set_function(lambda: float(current().cached_items()))
     ITEM_STATE_BYTES.set_function(lambda: float(current().item_state_bytes()))
+    ITEM_STATES_READ.set_function(lambda: float(current().item_states_read))
 
 
 def watch_item_feature_cache(reader: Any) -> None:

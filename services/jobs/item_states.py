@@ -80,11 +80,16 @@ def write_item_states(
     announce(f"re-ranker {version}: {len(texts):,} item texts, item side {fingerprint[:12]}")
     earlier = ItemStateSnapshot.open(config.item_state_dir, fingerprint)
     counts = {"read": 0, "computed": 0}
-    info = write_snapshot(
-        config.item_state_dir,
-        fingerprint,
-        _states(reranker, texts, earlier, counts, announce),
-    )
+    try:
+        info = write_snapshot(
+            config.item_state_dir,
+            fingerprint,
+            _states(reranker, texts, earlier, counts, announce),
+        )
+    except OSError as exc:  # a full or read-only volume: a message, not a traceback
+        raise FailedPrecondition(
+            f"item states not written to {config.item_state_dir}: {exc}"
+        ) from exc
     if earlier is not None:
         earlier.close()
     mib = 0.0 if info is None else info.rows * info.width * info.dtype.itemsize / 2**20

@@ -17,6 +17,7 @@ def test_cache_gauges_follow_the_current_reranker() -> None:
         score_cache_misses=1,
         cached_items=lambda: 42,
         item_state_bytes=lambda: 3 * 2**20,
+        item_states_read=7,
     )
     metrics.watch_reranker_caches(lambda: reranker)
 
@@ -24,5 +25,6 @@ def test_cache_gauges_follow_the_current_reranker() -> None:
     assert REGISTRY.get_sample_value("freshrec_score_cache_hit_rate") == 0.75
     assert REGISTRY.get_sample_value("freshrec_item_states_cached") == 42.0
     assert REGISTRY.get_sample_value("freshrec_item_state_bytes") == 3 * 2**20
+    assert REGISTRY.get_sample_value("freshrec_item_states_read") == 7.0
     reranker.score_cache_hits = 0  # read at scrape time, not when watched
     assert REGISTRY.get_sample_value("freshrec_score_cache_hit_rate") == 0.0
