@@ -40,7 +40,7 @@ from model.blend import ScoreBlend, probabilities
 from model.collab import CollabFactors
 from model.device import CpuDtype, autocast_dtype, resolve_device
 from model.item_state_snapshot import CHUNK_BYTES as SNAPSHOT_CHUNK_BYTES
-from model.item_state_snapshot import ItemStateSnapshot, write_snapshot
+from model.item_state_snapshot import ItemStateSnapshot, SnapshotInfo, write_snapshot
 from model.item_states import Int8ItemStates, PagedItemStates
 from model.split_encoder import (
     JOINT_LAYERS_ATTR,
@@ -674,7 +674,9 @@ class CrossEncoderReranker:
             self.item_state_source = None
             return 0
 
-    def save_item_states(self, root: Path | str, fingerprint: str | None = None) -> Any:
+    def save_item_states(
+        self, root: Path | str, fingerprint: str | None = None
+    ) -> SnapshotInfo | None:
         """Write the item states kept as the snapshot of this re-ranker's item side under
         `root` (`model/item_state_snapshot.write_snapshot`); returns its `SnapshotInfo`, None
         when there is nothing to write (no states, a full cross-encoder, int8 states)."""
