@@ -176,21 +176,14 @@ def item_states(
     at start-up, and for a request's candidate outside its warm set. Run it with the ranking
     service's settings, on the same kind of machine (the states of another device or
     precision are not used)."""
+    from dataclasses import asdict
+
     from services.jobs.item_states import write_item_states
 
     _logging()
     config = _config(workdir)
     report = write_item_states(config, items, announce=console.print)
-    result = {
-        "version": report.version,
-        "fingerprint": report.fingerprint,
-        "items": report.items,
-        "read": report.read,
-        "computed": report.computed,
-        "path": str(report.path) if report.path else None,
-        "mib": report.mib,
-        "seconds": report.seconds,
-    }
+    result = {**asdict(report), "path": str(report.path) if report.path else None}
     console.print(
         f"{report.items:,} item states ({report.mib:,.0f} MiB: {report.read:,} read from the "
         f"earlier snapshot, {report.computed:,} computed) written to {report.path} in "

@@ -471,12 +471,8 @@ class CrossEncoderReranker:
         return (*self._token_ids(text)[: self._item_ids_kept()], self.tokenizer.sep_token_id)
 
     def item_row_length(self, text: str) -> int:
-        """Tokens of `text`'s item row (its states' rows): what to sort texts by before
-        `item_state_batches`."""
-        return self._item_row_length(text)
-
-    def _item_row_length(self, text: str) -> int:
-        """len(self._item_row(text)), without building the row."""
+        """len(self._item_row(text)), without building the row: its states' rows, what to
+        sort texts by before `item_state_batches`."""
         return min(len(self._token_ids(text)), self._item_ids_kept()) + 1
 
     def _segments(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -530,7 +526,7 @@ class CrossEncoderReranker:
         # (~0.5 ms) sit between forward passes that run without the GIL.
         lengths: dict[str, int] = {}
         for n, text in enumerate(missing, 1):
-            lengths[text] = self._item_row_length(text)
+            lengths[text] = self.item_row_length(text)
             if n % WARM_YIELD_EVERY == 0:
                 _let_go_of_the_gil()
         # In order of token count: a batch pads little (and an int8 batch tensor, which its
@@ -650,12 +646,13 @@ class CrossEncoderReranker:
         if info.width != self.model.config.hidden_size:
             return 0
         missing = store.missing(item_texts)
-        lengths = snapshot.lengths(missing)
+        found = snapshot.find(missing)
+        lengths = snapshot.lengths(missing, found)
         if not len(lengths):
             return 0
         store.expect(lengths.tolist())
         loaded = 0
-        for texts, rows, counts in snapshot.read(missing):
+        for texts, rows, counts in snapshot.read(missing, found=found):
             store.put_rows(texts, rows, counts)
             loaded += len(texts)
         self.item_states_read += loaded

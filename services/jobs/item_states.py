@@ -31,7 +31,7 @@ from model.index import POPULAR_FILE
 from model.item_state_snapshot import ItemStateSnapshot, write_snapshot
 from model.reranker import CrossEncoderReranker
 from services.ranking.server import catalogue_texts
-from services.registry import open_registry, required_champion
+from services.registry import ModelRegistry, open_registry, required_champion
 
 BATCH = 128
 
@@ -72,7 +72,7 @@ def write_item_states(
             f"re-ranker {version} keeps no item states on disk: it is a full cross-encoder, "
             "or its item states are int8 (model.item_states_int8)"
         )
-    texts = catalogue_texts(config, _popular(config), items or 2**62)
+    texts = catalogue_texts(config, _popular(registry), items or 2**62)
     if not texts:
         raise FailedPrecondition(f"no item catalogue under {config.offline_dir}")
     # One text once: two items with the same text have the same states.
@@ -105,12 +105,12 @@ def write_item_states(
     )
 
 
-def _popular(config: FreshRecConfig) -> list[str]:
+def _popular(registry: ModelRegistry) -> list[str]:
     """The serving index's popularity list (the order the ranking service warms in)."""
-    version = open_registry(config).champion("index")
+    version = registry.champion("index")
     if version is None:
         return []
-    path = open_registry(config).path("index", version) / POPULAR_FILE
+    path = registry.path("index", version) / POPULAR_FILE
     return [str(i) for i in json.loads(path.read_text())] if path.exists() else []
 
 
@@ -126,11 +126,11 @@ def _states(
     dtype = reranker.item_state_dtype
     rest = list(texts)
     if earlier is not None and earlier.info.dtype == dtype:
-        held = earlier.find(rest) >= 0
-        for part in earlier.read([t for t, h in zip(rest, held, strict=True) if h]):
+        found = earlier.find(rest)
+        for part in earlier.read(rest, found=found):
             counts["read"] += len(part[0])
             yield part
-        rest = [t for t, h in zip(rest, held, strict=True) if not h]
+        rest = [t for t, at in zip(rest, found, strict=True) if at < 0]
     rest.sort(key=reranker.item_row_length)
     started, reported = time.perf_counter(), 0
     for chunk, states, lengths in reranker.item_state_batches(rest, BATCH):
