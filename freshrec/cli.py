@@ -193,6 +193,32 @@ def item_states(
         print(json.dumps(result))
 
 
+@app.command("index-rebuild")
+def index_rebuild(
+    workdir: WorkdirOpt = Path(".freshrec"),
+    min_changes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Publish nothing unless at least this many catalogue changes are waiting.",
+            show_default=True,
+        ),
+    ] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Fold the catalogue changes since the champion index into a new index version and
+    promote it: the ranking replicas swap to it and stop searching those changes as an
+    overlay beside FAISS. For a schedule (deploy/k8s/index-rebuild-cronjob.yaml)."""
+    from dataclasses import asdict
+
+    from services.jobs.index_rebuild import rebuild_index
+
+    _logging()
+    report = rebuild_index(_config(workdir), min_changes, announce=console.print)
+    if as_json:
+        print(json.dumps(asdict(report)))
+
+
 # -- services --------------------------------------------------------------------------------
 def _announce(line: str) -> None:
     """A service's start line on stdout, for a person at a terminal; not with JSON logs, where

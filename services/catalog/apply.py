@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -13,7 +13,12 @@ from services.catalog.changes import CatalogChange
 
 
 class CatalogTarget(Protocol):
-    def apply_catalog(self, upserts: dict[str, np.ndarray], removals: set[str]) -> None: ...
+    def apply_catalog(
+        self,
+        upserts: dict[str, np.ndarray],
+        removals: set[str],
+        positions: Mapping[str, str] | None = None,
+    ) -> None: ...
 
 
 def net_changes(changes: Sequence[CatalogChange]) -> tuple[dict[str, CatalogChange], set[str]]:
@@ -30,10 +35,11 @@ def net_changes(changes: Sequence[CatalogChange]) -> tuple[dict[str, CatalogChan
     return upserts, removals
 
 
-def apply_changes(
-    changes: Sequence[CatalogChange], encoder: Embedder, target: CatalogTarget
-) -> None:
-    """Embed upserted items' text (the same text the index was built from) and apply."""
+def embedded_changes(
+    changes: Sequence[CatalogChange], encoder: Embedder
+) -> tuple[dict[str, np.ndarray], set[str]]:
+    """The net changes (`net_changes`) with each upserted item's text embedded (the same text
+    the index was built from): (unit vectors by id, removed ids)."""
     upserts, removals = net_changes(changes)
     ids = list(upserts)
     vectors = (
@@ -41,4 +47,14 @@ def apply_changes(
         if ids
         else np.zeros((0, encoder.dim), dtype=np.float32)
     )
-    target.apply_catalog(dict(zip(ids, vectors, strict=True)), removals)
+    return dict(zip(ids, vectors, strict=True)), removals
+
+
+def apply_changes(
+    changes: Sequence[tuple[str, CatalogChange]], encoder: Embedder, target: CatalogTarget
+) -> None:
+    """Embed and apply a batch of (stream id, change), telling the target the stream id of
+    each item's last change (what it compares with its base index's `catalog_position`)."""
+    upserts, removals = embedded_changes([change for _, change in changes], encoder)
+    positions = {change.item_id: position for position, change in changes}
+    target.apply_catalog(upserts, removals, positions)

@@ -19,12 +19,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import pandas as pd
 import redis
 
-from freshrec.errors import FeatureStoreUnavailable
+from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable
 from freshrec.records import ItemFeatures
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,19 @@ class CatalogChange:
         return cls(op, fields["item_id"], item)
 
 
+def position_key(position: str) -> tuple[int, int]:
+    """A change's stream id (`<ms>-<seq>`, or "0" for before the first) as a pair that sorts
+    as the stream does.
+
+    Raises:
+        ValueError: not a stream id.
+    """
+    head, _, tail = position.partition("-")
+    if not head.isdigit() or not (tail == "" or tail.isdigit()):
+        raise ValueError(f"not a change-stream id: {position!r}")
+    return int(head), int(tail or 0)
+
+
 class ChangeStream(Protocol):
     def publish(self, changes: Sequence[CatalogChange]) -> str:
         """Append changes; returns the id of the last one."""
@@ -64,6 +77,30 @@ class ChangeStream(Protocol):
     def read(self, after: str, block_ms: int) -> list[tuple[str, CatalogChange]]:
         """Changes after `after` ("0" = from the start), waiting up to block_ms for one."""
         ...
+
+    def trimmed_through(self) -> str:
+        """The id of the newest change the stream has dropped ("0" for none): a reader that
+        needs the changes after an older id can no longer have them all."""
+        ...
+
+
+def read_since(stream: ChangeStream, after: str) -> list[tuple[str, CatalogChange]]:
+    """Every change after `after` the stream holds now, in order (without waiting for more).
+
+    Raises:
+        FailedPrecondition: the stream has dropped changes after `after` (it keeps the newest
+            `STREAM_MAXLEN`).
+    """
+    lost = stream.trimmed_through()
+    if position_key(lost) > position_key(after):
+        raise FailedPrecondition(
+            f"the catalogue change stream dropped changes up to {lost}, after {after}: "
+            "the changes since the index was built are no longer all in the stream"
+        )
+    out: list[tuple[str, CatalogChange]] = []
+    while batch := stream.read(out[-1][0] if out else after, 1):
+        out += batch
+    return out
 
 
 class RedisChangeStream:
@@ -94,6 +131,15 @@ class RedisChangeStream:
                 out.append((str(entry_id), CatalogChange.from_fields(fields)))
         return out
 
+    def trimmed_through(self) -> str:
+        try:
+            info = cast(dict[str, Any], self._client.xinfo_stream(self.key))
+        except redis.ResponseError:  # no such key: nothing was ever dropped
+            return "0"
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"catalogue change stream unavailable: {exc}") from exc
+        return str(info.get("max-deleted-entry-id") or "0")
+
 
 class InMemoryChangeStream:
     """The same contract in one process (embedded mode and unit tests)."""
@@ -116,31 +162,53 @@ class InMemoryChangeStream:
                 self._cond.wait(block_ms / 1000)
             return list(self._entries[seen:])
 
+    def trimmed_through(self) -> str:
+        return "0"  # keeps every change
+
 
 class ChangeFollower:
-    """Tails a ChangeStream in a thread and hands each batch of changes to `apply`."""
+    """Tails a ChangeStream in a thread and hands each batch of changes, with their stream
+    ids, to `apply`."""
 
     def __init__(
         self,
         stream: ChangeStream,
-        apply: Callable[[list[CatalogChange]], None],
+        apply: Callable[[list[tuple[str, CatalogChange]]], None],
         start_after: str = "0",
         block_ms: int = 200,
     ) -> None:
+        """Args:
+        start_after: the stream id to follow from: the serving index's `catalog_position`
+            (the changes up to it are in its base).
+        """
         self.stream = stream
         self.apply = apply
         self.last_id = start_after
         self.block_ms = block_ms
         self.applied = 0
+        self._lock = threading.Lock()
+        self._rewind_to: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def rewind(self, after: str) -> None:
+        """Follow from `after` again from the next poll on (an older index came back into
+        service: the changes since its base are to be applied again)."""
+        with self._lock:
+            self._rewind_to = after
+
     def poll_once(self) -> int:
         """Read and apply one batch; returns how many changes were applied."""
-        batch = self.stream.read(self.last_id, self.block_ms)
+        with self._lock:
+            if self._rewind_to is not None:
+                self.last_id, self._rewind_to = self._rewind_to, None
+            after = self.last_id
+        batch = self.stream.read(after, self.block_ms)
         if batch:
-            self.apply([change for _, change in batch])
-            self.last_id = batch[-1][0]
+            self.apply(batch)
+            with self._lock:
+                if self._rewind_to is None:  # a rewind asked for meanwhile wins
+                    self.last_id = batch[-1][0]
             self.applied += len(batch)
         return len(batch)
 

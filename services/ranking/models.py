@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -20,6 +21,7 @@ import numpy as np
 from freshrec.errors import ArtifactError, FailedPrecondition, NotFound
 from model.index import RecallIndex
 from model.reranker import CrossEncoderReranker
+from services.catalog.changes import position_key
 from services.common import metrics
 from services.ranking.compute import in_passing_thread, lower_thread_priority
 from services.ranking.pipeline import ServingModels
@@ -82,9 +84,16 @@ class ModelHolder:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # `_current` and the catalogue changes
         self._refresh_lock = threading.Lock()  # one refresh at a time
-        # Catalogue changes since the base index was built; re-applied to every new base.
+        # Catalogue changes after the serving base index's `catalog_position` (the last change
+        # its base folds in; `_catalog_floor` as a sortable key), with each item's last change's
+        # stream id; re-applied to every new base that has not folded them in.
         self._catalog_upserts: dict[str, np.ndarray] = {}
         self._catalog_removals: set[str] = set()
+        self._catalog_at: dict[str, tuple[int, int]] = {}
+        self._catalog_floor: tuple[int, int] = (-1, -1)
+        # Set by the server to the catalogue follower's `rewind`: an index whose base is older
+        # than the changes kept here needs the stream read again from its position.
+        self.rewind_catalog: Callable[[str], None] | None = None
 
     @property
     def current(self) -> ServingModels:
@@ -172,8 +181,9 @@ class ModelHolder:
             current = self._current
             reranker = loaded.get("reranker") or (current.reranker if current else None)
             index = loaded.get("index")
+            rewind = None
             if isinstance(index, RecallIndex):
-                index = self._with_catalog(index)
+                index, rewind = self._rebase_catalog(index)
             elif current is not None:
                 index = current.index
             assert isinstance(reranker, CrossEncoderReranker)
@@ -183,6 +193,15 @@ class ModelHolder:
             if current is not None:
                 self._retired.append((time.monotonic(), current))
         log.info("serving model %s, index %s", models.model_version, models.index_version)
+        if rewind is not None:
+            log.warning(
+                "index %s folds catalogue changes only up to %s, before the changes this "
+                "replica kept: following the change stream again from there",
+                models.index_version,
+                rewind,
+            )
+            if self.rewind_catalog is not None:
+                self.rewind_catalog(rewind)
         if self.on_swap is not None:
             self.on_swap(models)
         return True
@@ -207,21 +226,58 @@ class ModelHolder:
         del going  # the last reference, unless a request still holds the version
         return count
 
-    def _with_catalog(self, base: RecallIndex) -> RecallIndex:
+    def _rebase_catalog(self, base: RecallIndex) -> tuple[RecallIndex, str | None]:
+        """`base` with the kept catalogue changes it has not folded in (the caller holds the
+        state lock); the changes it folds in are forgotten. Returns it and, for a base older
+        than what is kept (a rollback to an earlier index), the stream id to follow again from
+        (the kept changes are dropped: the stream has them all)."""
+        floor = position_key(base.catalog_position)
+        if floor < self._catalog_floor:
+            self._catalog_upserts.clear()
+            self._catalog_removals.clear()
+            self._catalog_at.clear()
+            self._catalog_floor = floor
+            return base, base.catalog_position
+        for item_id in [i for i, at in self._catalog_at.items() if at <= floor]:
+            self._catalog_upserts.pop(item_id, None)
+            self._catalog_removals.discard(item_id)
+            del self._catalog_at[item_id]
+        self._catalog_floor = floor
         if not self._catalog_upserts and not self._catalog_removals:
-            return base
-        return base.with_changes(self._catalog_upserts, self._catalog_removals)
+            return base, None
+        return base.with_changes(self._catalog_upserts, self._catalog_removals), None
 
-    def apply_catalog(self, upserts: dict[str, np.ndarray], removals: set[str]) -> None:
+    def apply_catalog(
+        self,
+        upserts: dict[str, np.ndarray],
+        removals: set[str],
+        positions: Mapping[str, str] | None = None,
+    ) -> None:
         """Add/replace items (unit vectors) and remove items in the serving index, without a
-        rebuild: one new ServingModels with the same versions and an updated overlay."""
+        rebuild: one new ServingModels with the same versions and an updated overlay.
+
+        Args:
+            positions: the change-stream id of each item's change; a change the serving base
+                index already folds in (at or before its `catalog_position`) is skipped. None:
+                every change is newer than the base (changes applied by hand, tests).
+        """
         with self._lock:
+            newest = (sys.maxsize, sys.maxsize)
+            at = {
+                item_id: position_key(positions[item_id]) if positions else newest
+                for item_id in [*upserts, *removals]
+            }
+            upserts = {i: v for i, v in upserts.items() if at[i] > self._catalog_floor}
+            removals = {i for i in removals if at[i] > self._catalog_floor}
+            if not upserts and not removals:
+                return
             for item_id in upserts:
                 self._catalog_removals.discard(item_id)
             self._catalog_upserts.update(upserts)
             for item_id in removals:
                 self._catalog_upserts.pop(item_id, None)
             self._catalog_removals |= removals
+            self._catalog_at.update({i: at[i] for i in [*upserts, *removals]})
             current = self._current
             if current is None:
                 return

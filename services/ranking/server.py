@@ -136,6 +136,7 @@ class RankingApp:
     breaker: CircuitBreaker | None = None
     worker: TorchWorker | None = None  # the one thread that runs torch (compute.py)
     pipeline: RankingPipeline | None = None
+    follower: ChangeFollower | None = None  # the catalogue change stream's
 
     @property
     def port(self) -> int:
@@ -337,8 +338,18 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         else InMemoryChangeStream()
     )
     catalog = CatalogServicer(reader, features, stream, config.offline_dir)
-    follower = ChangeFollower(stream, lambda changes: apply_changes(changes, encoder, holder))
+    # From the serving index's position: the changes before it are in its base, so a replica
+    # neither embeds them again nor searches them as overlay (`freshrec index-rebuild` folds
+    # them in).
+    position = holder.current.index.catalog_position
+    follower = ChangeFollower(
+        stream, lambda changes: apply_changes(changes, encoder, holder), start_after=position
+    )
+    holder.rewind_catalog = follower.rewind
     follower.start()
+    log.info(
+        "following catalogue changes after %s (index %s)", position, holder.current.index_version
+    )
     handle = create_server(
         config.ranking.host,
         config.ranking.port if port is None else port,
@@ -372,7 +383,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     log.info("ranking service on port %d", handle.port)
     # score_log.stop runs after the server stopped: its last flush holds every answer.
     closers = [follower.stop, watcher.stop, dedup.close, score_log.stop, worker.close]
-    return RankingApp(handle, holder, closers, ingestor, breaker, worker, pipeline)
+    return RankingApp(handle, holder, closers, ingestor, breaker, worker, pipeline, follower)
 
 
 def _warm_order(ids: Iterable[str], popular: Sequence[str], limit: int) -> list[str]:

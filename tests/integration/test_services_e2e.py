@@ -892,3 +892,87 @@ def test_bench_swap_times_the_calls_around_a_real_hot_swap(
     assert frozen["after_user_cache_hit_rate"] > result["after_user_cache_hit_rate"]
     assert frozen["after_answered_by_old"] == 0
     _wait_for(lambda: _served_version(stack) == champion, "the champion serving again")
+
+
+# -- Index rebuild: the catalogue changes folded into a new base the replicas swap to --------
+
+
+def test_index_rebuild_folds_catalogue_changes_into_a_new_base_and_a_rollback_replays_them(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    from freshrec.v1 import catalog_pb2, catalog_pb2_grpc
+    from services.jobs.index_rebuild import rebuild_index
+
+    cat = catalog_pb2_grpc.CatalogServiceStub(stack.rank_channel)
+    user = stack.user
+    latest = stack.features.get_items([user.recent_items[0]])[user.recent_items[0]]
+
+    def add(item_id: str) -> None:  # the text of the user's latest item: recalled for them
+        item = catalog_pb2.CatalogItem(
+            item_id=item_id,
+            title=latest.title,
+            description=latest.text,
+            category=latest.category,
+            brand=latest.brand,
+            price=latest.price,
+            in_stock=True,
+        )
+        assert cat.UpsertItems(catalog_pb2.UpsertItemsRequest(items=[item]), timeout=30).accepted
+
+    def recalled() -> set[str]:
+        answer = _recommend(stack, user.user_id, k=100)
+        return {i.item_id for i in answer.items if i.stage == ranking_pb2.STAGE_RECALL}
+
+    holder = stack.ranking.models
+    base_version = holder.current.index_version
+    first, second = f"new-{uuid.uuid4().hex[:8]}", f"new-{uuid.uuid4().hex[:8]}"
+    gone = sorted(recalled() - {first})[0]
+    add(first)
+    assert cat.RemoveItems(catalog_pb2.RemoveItemsRequest(item_ids=[gone]), timeout=30).accepted
+    assert _eventually(lambda: first in recalled() and gone not in recalled())
+    assert first in holder.current.index.overlay_ids and gone in holder.current.index.removed
+
+    report = rebuild_index(stack.config, announce=lambda _m: None)
+    assert report.base_version == base_version and report.version is not None
+    assert report.changes >= 2 and report.items == len(holder.current.index)
+    _wait_for(
+        lambda: _recommend(stack, user.user_id).index_version == report.version,
+        "the rebuilt index serving",
+    )
+    served = holder.current.index
+    # The changes are in the base now: nothing left to search beside FAISS.
+    assert served.catalog_position == report.catalog_position
+    assert (served.overlay_ids, served.removed) == ((), frozenset())
+    assert first in served.item_ids and gone not in served.item_ids
+    assert first in recalled() and gone not in recalled()
+    # Nothing waiting: nothing published.
+    idle = rebuild_index(stack.config, announce=lambda _m: None)
+    assert (idle.version, idle.changes, idle.base_version) == (None, 0, report.version)
+
+    # A change after the rebuild is the only overlay; a replica started now follows the
+    # stream from the rebuild's position, so it neither embeds nor overlays the folded ones.
+    add(second)
+    assert _eventually(lambda: second in recalled())
+    assert holder.current.index.overlay_ids == (second,)
+    caplog.set_level(logging.INFO, logger="services.ranking.server")
+    again = build_ranking(stack.config, port=0)
+    try:
+        following = f"following catalogue changes after {report.catalog_position} (index "
+        assert any(following in r.getMessage() for r in caplog.records)
+        assert _eventually(lambda: again.models.current.index.overlay_ids == (second,))
+        assert again.follower is not None and again.follower.applied == 1  # `second` only
+        assert again.models.current.index_version == report.version
+    finally:
+        again.stop(grace=1)
+
+    # Back to the old base: the replica follows the stream again from its position, and every
+    # change since reaches recall again.
+    ModelRegistry(stack.config.registry_dir).rollback("index", "test: rebuilt index rolled back")
+    _wait_for(
+        lambda: _recommend(stack, user.user_id).index_version == base_version,
+        "the old index serving again",
+    )
+    assert _eventually(lambda: {first, second} <= recalled() and gone not in recalled())
+    old = holder.current.index
+    assert old.catalog_position == "0" and {first, second} <= set(old.overlay_ids)
+    assert gone in old.removed

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pandas as pd
 import pytest
 
-from freshrec.errors import InvalidArgument
+from freshrec.errors import FailedPrecondition, InvalidArgument
 from freshrec.records import ItemFeatures
 from freshrec.v1 import catalog_pb2
 from services.catalog.apply import net_changes
@@ -16,6 +16,8 @@ from services.catalog.changes import (
     ChangeFollower,
     InMemoryChangeStream,
     append_offline,
+    position_key,
+    read_since,
 )
 from services.catalog.validate import validate_removals, validate_upserts
 
@@ -84,16 +86,56 @@ def test_net_changes_follow_order() -> None:
 
 def test_follower_applies_each_change_once_in_order() -> None:
     stream = InMemoryChangeStream()
-    seen: list[str] = []
+    seen: list[tuple[str, str]] = []
     follower = ChangeFollower(
-        stream, lambda batch: seen.extend(c.item_id for c in batch), block_ms=1
+        stream, lambda batch: seen.extend((p, c.item_id) for p, c in batch), block_ms=1
     )
     stream.publish([CatalogChange("remove", "a"), CatalogChange("remove", "b")])
     assert follower.poll_once() == 2
     assert follower.poll_once() == 0
     stream.publish([CatalogChange("remove", "c")])
     follower.poll_once()
-    assert seen == ["a", "b", "c"] and follower.applied == 3
+    assert seen == [("1-0", "a"), ("2-0", "b"), ("3-0", "c")] and follower.applied == 3
+
+
+def test_follower_starts_after_a_position_and_rewinds_to_an_older_one() -> None:
+    stream = InMemoryChangeStream()
+    stream.publish([CatalogChange("remove", x) for x in "abcd"])
+    seen: list[str] = []
+    follower = ChangeFollower(
+        stream, lambda batch: seen.extend(c.item_id for _, c in batch), "2-0", block_ms=1
+    )
+    follower.poll_once()
+    assert seen == ["c", "d"] and follower.last_id == "4-0"
+    follower.rewind("1-0")
+    follower.poll_once()
+    assert seen == ["c", "d", "b", "c", "d"] and follower.last_id == "4-0"
+
+
+def test_stream_positions_sort_as_the_stream_does() -> None:
+    ordered = ["0", "0-1", "5-0", "5-2", "10-0", "1733580000000-0", "1733580000000-11"]
+    assert sorted(ordered, key=position_key) == ordered
+    assert position_key("0") == position_key("0-0")
+    for junk in ("", "x", "1-y", "-1", "1-2-3"):
+        with pytest.raises(ValueError, match="not a change-stream id"):
+            position_key(junk)
+
+
+def test_read_since_drains_the_stream_and_refuses_when_changes_were_dropped() -> None:
+    stream = InMemoryChangeStream()
+    stream.publish([CatalogChange("remove", f"i{n}") for n in range(2500)])
+    got = read_since(stream, "100-0")
+    assert [c.item_id for _, c in got] == [f"i{n}" for n in range(100, 2500)]
+    assert read_since(stream, "2500-0") == []
+
+    class Trimmed(InMemoryChangeStream):
+        def trimmed_through(self) -> str:
+            return "7-0"
+
+    trimmed = Trimmed()
+    assert read_since(trimmed, "7-0") == []
+    with pytest.raises(FailedPrecondition, match="dropped changes up to 7-0, after 3-0"):
+        read_since(trimmed, "3-0")
 
 
 def test_offline_log_appends(tmp_path) -> None:

@@ -143,3 +143,66 @@ def test_ef_search_grows_with_the_catalogue_and_an_operator_value_wins(tmp_path)
     built.save(tmp_path)
     assert RecallIndex.load(tmp_path).index.hnsw.efSearch == 128  # type: ignore[attr-defined]
     assert RecallIndex.load(tmp_path, 300).index.hnsw.efSearch == 300  # type: ignore[attr-defined]
+
+
+def _live_vectors(index: RecallIndex) -> dict[str, np.ndarray]:
+    ids = index.live_ids()
+    return dict(zip(ids, index.vectors_of(ids), strict=True))
+
+
+@pytest.mark.parametrize("exact_limit", [10_000, 50])  # flat, and HNSW above 50 items
+def test_a_compacted_index_searches_like_the_overlay_and_records_its_position(
+    tmp_path, exact_limit: int
+) -> None:
+    rng = np.random.default_rng(5)
+    ids = [f"i{n}" for n in range(300)]
+    base = RecallIndex.build(_unit(rng, 300), ids, popular=ids[:20], exact_limit=exact_limit)
+    live = base.with_changes(
+        {**{f"new{n}": v for n, v in enumerate(_unit(rng, 40))}, "i5": _unit(rng, 1)[0]},
+        removals=["i9", "i10", "i11"],
+    )
+    compact = live.compacted("1733580000000-3", exact_limit=exact_limit)
+
+    assert compact.overlay_ids == () and compact.removed == frozenset()
+    assert compact.catalog_position == "1733580000000-3"
+    assert sorted(compact.live_ids()) == sorted(live.live_ids()) and len(compact) == 337
+    assert compact.popular == [i for i in ids[:20] if i not in {"i9", "i10", "i11"}]
+    truth = _live_vectors(live)
+    for item_id, vector in _live_vectors(compact).items():
+        np.testing.assert_array_equal(vector, truth[item_id])  # read back, not re-embedded
+    for q in _unit(rng, 10):
+        exclude = {"i1", "new2"}
+        want = [i for i, _ in _exact(truth, q, 20, exclude)]
+        got = [i for i, _ in compact.search(q, 20, exclude)]
+        if exact_limit > 300:
+            assert got == want
+        else:  # HNSW at this size finds (almost) all of the exact top 20
+            assert len(set(got) & set(want)) >= 18
+
+    compact.save(tmp_path / "v2")
+    again = RecallIndex.load(tmp_path / "v2")
+    assert again.catalog_position == "1733580000000-3" and again.live_ids() == compact.live_ids()
+    assert live.with_changes({}, ()).catalog_position == base.catalog_position == "0"
+
+
+def test_an_index_saved_before_catalog_positions_loads_as_folding_nothing(tmp_path) -> None:
+    rng = np.random.default_rng(6)
+    ids = [f"i{n}" for n in range(30)]
+    RecallIndex.build(_unit(rng, 30), ids).save(tmp_path / "v1")
+    (tmp_path / "v1" / "catalog_position.json").unlink()
+    assert RecallIndex.load(tmp_path / "v1").catalog_position == "0"
+
+
+def test_the_overlay_search_returns_its_best_rows_outside_the_exclusions() -> None:
+    """The overlay turns only its best k + |exclude| rows into Python objects."""
+    rng = np.random.default_rng(8)
+    ids = [f"i{n}" for n in range(50)]
+    index = RecallIndex.build(_unit(rng, 50), ids)
+    new = {f"new{n}": v for n, v in enumerate(_unit(rng, 500))}
+    live = index.with_changes(new, removals=[f"i{n}" for n in range(0, 50, 2)])
+    truth = _live_vectors(live)
+    for q in _unit(rng, 20):
+        exclude = {i for i, _ in _exact(truth, q, 6, set())[::2]}  # some of the very best
+        got, want = live.search(q, 10, exclude), _exact(truth, q, 10, exclude)
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-5)

@@ -644,6 +644,64 @@ def test_holder_swaps_a_new_index(registry: ModelRegistry) -> None:
     assert (holder.current.model_version, holder.current.index_version) == ("v0001", "v0002")
 
 
+def test_a_rebuilt_index_drops_the_changes_it_folds_in_and_keeps_the_later_ones(
+    registry: ModelRegistry,
+) -> None:
+    holder = ModelHolder(registry, _loader)
+    holder.refresh()
+    rewinds: list[str] = []
+    holder.rewind_catalog = rewinds.append
+    base = holder.current.index
+    vectors = _index(seed=2).vectors_of(["i01", "i03", "i04"])
+    holder.apply_catalog({"new-a": vectors[0]}, {"i02"}, {"new-a": "10-0", "i02": "11-0"})
+    holder.apply_catalog({"new-b": vectors[1]}, set(), {"new-b": "12-0"})
+    before = holder.current.index
+    assert {"new-a", "new-b"} <= set(before.overlay_ids) and "i02" not in before
+
+    # What `freshrec index-rebuild` publishes: the changes up to 11-0 folded into the base.
+    rebuilt = base.with_changes({"new-a": vectors[0]}, {"i02"}).compacted("11-0")
+    registry.promote("index", _publish_index(registry, rebuilt))
+    assert holder.refresh() is True
+    after = holder.current.index
+    assert after.catalog_position == "11-0"
+    assert after.overlay_ids == ("new-b",) and after.removed == frozenset()
+    assert "new-a" in after and "i02" not in after  # from the base now
+
+    # A change the base already holds (a follower behind the rebuild) is not applied again;
+    # a newer one is.
+    holder.apply_catalog({"new-c": vectors[2]}, {"i05"}, {"new-c": "9-0", "i05": "13-0"})
+    assert "new-c" not in holder.current.index and "i05" not in holder.current.index
+    assert holder.current.index.overlay_ids == ("new-b",)
+    assert rewinds == []
+
+
+def test_a_rollback_to_an_older_index_follows_the_stream_again_from_its_position(
+    registry: ModelRegistry,
+) -> None:
+    holder = ModelHolder(registry, _loader)
+    holder.refresh()
+    old_version = holder.current.index_version
+    vector = _index(seed=2).vectors_of(["i01"])[0]
+    holder.apply_catalog({"new-a": vector}, set(), {"new-a": "10-0"})
+    rebuilt = holder.current.index.with_changes({}, ()).compacted("10-0")
+    registry.promote("index", _publish_index(registry, rebuilt))
+    holder.refresh()
+    holder.apply_catalog({}, {"i03"}, {"i03": "12-0"})
+    rewinds: list[str] = []
+    holder.rewind_catalog = rewinds.append
+
+    registry.promote("index", old_version, reason="rollback")
+    assert holder.refresh() is True
+    # Its base folds nothing in: every change since the start of the stream is applied again
+    # (the follower re-reads them), and none kept from the rebuilt base leaks into it.
+    assert rewinds == ["0"]
+    assert holder.current.index.catalog_position == "0"
+    assert "new-a" not in holder.current.index and "i03" in holder.current.index
+    holder.apply_catalog({"new-a": vector}, set(), {"new-a": "10-0"})
+    holder.apply_catalog({}, {"i03"}, {"i03": "12-0"})
+    assert "new-a" in holder.current.index and "i03" not in holder.current.index
+
+
 def test_catalogue_changes_reach_recall_while_a_version_loads(
     registry: ModelRegistry, tiny_reranker: CrossEncoderReranker
 ) -> None:
