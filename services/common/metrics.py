@@ -149,6 +149,13 @@ ITEM_STATES_READ = Gauge(
     "Item-side states the serving version read from disk (its item side's snapshot) instead "
     "of computing them, since it loaded.",
 )
+CATALOG_OVERLAY = Gauge(
+    "freshrec_catalog_overlay_items",
+    "Catalogue changes the serving index searches beside its FAISS base: items added or "
+    "changed (searched exactly on every request) and base items hidden (each widens every "
+    "FAISS search), since the base's catalogue position; `freshrec index-rebuild` folds them in.",
+    ["part"],
+)
 
 # The updater (served on `updater.metrics_port` when it is not 0).
 UPDATES = Counter("freshrec_updates_total", "Update jobs by final state.", ["state"])
@@ -179,6 +186,12 @@ def watch_reranker_caches(current: Callable[[], Any]) -> None:
     ITEM_STATES_CACHED.set_function(lambda: float(current().cached_items()))
     ITEM_STATE_BYTES.set_function(lambda: float(current().item_state_bytes()))
     ITEM_STATES_READ.set_function(lambda: float(current().item_states_read))
+
+
+def watch_index(current: Callable[[], Any]) -> None:
+    """Point the overlay gauge at `current()` (the serving RecallIndex), read at scrape time."""
+    CATALOG_OVERLAY.labels(part="searched").set_function(lambda: float(len(current().overlay_ids)))
+    CATALOG_OVERLAY.labels(part="hidden").set_function(lambda: float(len(current().removed)))
 
 
 def watch_item_feature_cache(reader: Any) -> None:

@@ -361,6 +361,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         credentials=credentials,
     )
     metrics.watch_reranker_caches(lambda: holder.current.reranker)
+    metrics.watch_index(lambda: holder.current.index)
     if isinstance(reader.inner, RedisFeatureReader):
         metrics.watch_item_feature_cache(reader.inner)
     if config.ranking.metrics_port:

@@ -954,6 +954,12 @@ def test_index_rebuild_folds_catalogue_changes_into_a_new_base_and_a_rollback_re
     add(second)
     assert _eventually(lambda: second in recalled())
     assert holder.current.index.overlay_ids == (second,)
+    from prometheus_client import REGISTRY
+
+    def overlay_gauge(part: str) -> float | None:
+        return REGISTRY.get_sample_value("freshrec_catalog_overlay_items", {"part": part})
+
+    assert (overlay_gauge("searched"), overlay_gauge("hidden")) == (1.0, 0.0)
     caplog.set_level(logging.INFO, logger="services.ranking.server")
     again = build_ranking(stack.config, port=0)
     try:

@@ -241,6 +241,7 @@ def test_every_freshrec_workload_mounts_the_one_shared_claim_at_the_workdir(
         ("Deployment", "ranking"),
         ("Deployment", "updater"),
         ("CronJob", "materialize"),
+        ("CronJob", "index-rebuild"),
         ("Job", "init"),
     }
     for workload in workloads:

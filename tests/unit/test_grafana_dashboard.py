@@ -37,3 +37,20 @@ def test_every_panel_queries_an_exported_metric() -> None:
             assert used, target["expr"]
             missing = used - exported
             assert not missing, f"{panel['title']}: {sorted(missing)} not exported"
+
+
+def test_every_freshrec_metric_has_a_panel() -> None:
+    """A metric added without a panel is one an operator never sees."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    used = {
+        re.sub(r"_(bucket|sum|count)$", "", name)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"freshrec_[a-z0-9_]+", target["expr"])
+    }
+    families = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in REGISTRY.collect()
+        if family.name.startswith("freshrec_")
+    }
+    assert families - used == set()
