@@ -4,10 +4,10 @@ A ranking replica applies every catalogue change (UpsertItems, RemoveItems) to a
 its base FAISS index: new and changed items are searched exactly beside FAISS, removed and
 replaced base items are skipped (`model.index.RecallIndex.with_changes`). That is what makes a
 new item recallable in a second, but the overlay is searched on every request and each hidden
-base id widens every FAISS search. At 100k items, 10,000 changes took recall from p50 0.53 /
-p99 0.82 ms to 9.05 / 20.27 ms, and 50,000 to 57.83 / 102.75 ms (docs/performance-log.md,
-stop 37). And a replica that starts replays the change stream since the base was built,
-embedding every changed item again before they are recallable.
+base id widens every FAISS search. At 100k items (HNSW, 2 cores), recall took p50 / p99 0.50 /
+0.68 ms with no changes, 1.73 / 2.28 ms with 10,000 and 7.51 / 11.53 ms with 50,000; 0.54 /
+0.81 ms once they were folded in (docs/performance-log.md, stop 37). And a replica that starts
+applies the changes since its base was built again, embedding every changed item.
 
 This job reads the changes since the champion index's `catalog_position` from the change
 stream, embeds the upserted items' text with the recall encoder (as a replica does), builds a
