@@ -94,8 +94,7 @@ def read_since(stream: ChangeStream, after: str) -> list[tuple[str, CatalogChang
     lost = stream.trimmed_through()
     if position_key(lost) > position_key(after):
         raise FailedPrecondition(
-            f"the catalogue change stream dropped changes up to {lost}, after {after}: "
-            "the changes since the index was built are no longer all in the stream"
+            f"the change stream has dropped changes through {lost}, past position {after}"
         )
     out: list[tuple[str, CatalogChange]] = []
     while batch := stream.read(out[-1][0] if out else after, 1):

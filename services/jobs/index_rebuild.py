@@ -58,8 +58,7 @@ def change_stream(config: FreshRecConfig) -> ChangeStream:
     online = read_online_store_choice(config)
     if online["kind"] != "redis" or not online["redis_url"]:
         raise FailedPrecondition(
-            "index-rebuild reads the catalogue change stream in Redis; this workdir serves from "
-            "the embedded SQLite store, where catalogue changes live only in the ranking process"
+            "index-rebuild reads the change stream in Redis; this workdir's store is SQLite"
         )
     return RedisChangeStream(str(online["redis_url"]), config.project)
 

@@ -43,6 +43,7 @@ def test_help_lists_the_commands() -> None:
         "recommend",
         "materialize",
         "item-states",
+        "index-rebuild",
     ):
         assert f" {command} " in result.stdout, command
 
@@ -160,3 +161,37 @@ def test_item_states_without_a_model_is_a_one_line_error(tmp_path: Path) -> None
     assert "Traceback" not in output
     assert len(output.splitlines()) == 1, output
     assert "no champion re-ranker" in output and "freshrec init" in output
+
+
+def test_index_rebuild_without_an_index_or_a_redis_stream_is_a_one_line_error(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    import numpy as np
+
+    from freshrec.config import load_config
+    from model.artifacts import Manifest
+    from model.index import RecallIndex
+    from services.jobs.bootstrap import ONLINE_STORE_FILE
+    from services.registry import open_registry
+
+    def one_line(workdir: Path) -> str:
+        result = _freshrec("index-rebuild", "--workdir", str(workdir))
+        output = (result.stdout + result.stderr).strip()
+        assert result.returncode == 2, output
+        assert "Traceback" not in output and len(output.splitlines()) == 1, output
+        return output
+
+    assert "no champion index" in one_line(tmp_path / "empty")
+
+    # An index, served from the embedded SQLite store: its catalogue changes never left the
+    # ranking process, so there is nothing this command could read.
+    workdir = tmp_path / "embedded"
+    registry = open_registry(load_config(workdir))
+    vectors = np.eye(4, dtype=np.float32)
+    index = RecallIndex.build(vectors, ["a", "b", "c", "d"])
+    sealed = registry.publish_written("index", index.save, Manifest(kind="index", version=""))
+    registry.promote("index", sealed.version)
+    (workdir / ONLINE_STORE_FILE).write_text(json.dumps({"kind": "sqlite", "redis_url": None}))
+    assert "change stream in Redis" in one_line(workdir)

@@ -134,7 +134,7 @@ def test_read_since_drains_the_stream_and_refuses_when_changes_were_dropped() ->
 
     trimmed = Trimmed()
     assert read_since(trimmed, "7-0") == []
-    with pytest.raises(FailedPrecondition, match="dropped changes up to 7-0, after 3-0"):
+    with pytest.raises(FailedPrecondition, match="dropped changes through 7-0, past position 3-0"):
         read_since(trimmed, "3-0")
 
 
