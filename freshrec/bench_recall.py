@@ -24,6 +24,12 @@ bootstrapped with, and embedding a million items is an offline job of its own. S
    default (`efSearch` the index is built with) is what the top-level keys report.
 5. Memory: the process RSS after the index is built with the encoder loaded (what a ranking
    replica holds besides the re-ranker and its caches), and the index's own size.
+6. With `--changes N`: N catalogue changes as a replica applies them between index builds
+   (`catalogue_changes`: half new listings, a quarter edited items, a quarter removed, each new
+   or edited item with the vector of another item's real text), searched as the overlay beside
+   the base index, then folded in as `freshrec index-rebuild` does (`RecallIndex.compacted`):
+   latency and recall@k against exact search over the live catalogue, both ways
+   (`measure_changes`).
 
 Pure measurement: nothing here writes to Redis or the registry.
 """
@@ -143,6 +149,66 @@ def measure_search(
     }
 
 
+def catalogue_changes(
+    vectors: np.ndarray, ids: Sequence[str], n: int, rng: np.random.Generator
+) -> tuple[dict[str, np.ndarray], set[str]]:
+    """`n` catalogue changes on the catalogue (`vectors` aligned with `ids`): (upserts by id,
+    removed ids). Half are new listings, a quarter edits of existing items, a quarter removals;
+    a new or edited item gets the vector of another item's text (real embeddings: a shop's new
+    listings read like its old ones, and re-listings repeat them)."""
+    new, edited = n // 2, n // 4
+    removed = n - new - edited
+    touched = rng.choice(len(ids), size=min(len(ids), edited + removed), replace=False)
+    sources = rng.integers(0, len(ids), size=new + edited)
+    upserts = {f"listing-{k}": vectors[int(sources[k])] for k in range(new)}
+    upserts.update(
+        {ids[int(p)]: vectors[int(sources[new + k])] for k, p in enumerate(touched[:edited])}
+    )
+    return upserts, {ids[int(p)] for p in touched[edited:]}
+
+
+def measure_changes(
+    index: Any,
+    queries: list[tuple[np.ndarray, list[int]]],
+    k: int,
+    n: int,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """`n` changes (`catalogue_changes`) on `index` (a RecallIndex without changes; `queries`'
+    histories are positions in it): search latency and recall@k against exact search over the
+    live catalogue, with the changes as overlay and after folding them in."""
+    base_vectors = index.vectors_of(index.item_ids)
+    upserts, removals = catalogue_changes(base_vectors, index.item_ids, n, rng)
+    live = index.with_changes(upserts, removals)
+    ids = live.live_ids()
+    vectors = live.vectors_of(ids)
+    position = {item_id: pos for pos, item_id in enumerate(ids)}
+    # The same users: their histories, less what was removed.
+    remapped = [
+        (query, [position[index.item_ids[p]] for p in history if index.item_ids[p] in position])
+        for query, history in queries
+    ]
+    truth = exact_top_k(vectors, remapped, k)
+    hnsw = getattr(index.index, "hnsw", None)
+    t = time.perf_counter()
+    # The base's kind of index (the job picks by size: `EXACT_LIMIT`), at its efSearch.
+    rebuilt = live.compacted("bench", exact_limit=0 if hnsw is not None else len(ids))
+    rebuild_s = time.perf_counter() - t
+    if hnsw is not None:
+        rebuilt.index.hnsw.efSearch = hnsw.efSearch
+    out: dict[str, Any] = {
+        "changes": n,
+        "overlay_items": len(live.overlay_ids),
+        "hidden_items": len(live.removed),
+        "live_items": len(ids),
+    }
+    for name, searched in (("overlay", live), ("rebuilt", rebuilt)):
+        searched.search(remapped[0][0], k)  # warm
+        out[name] = measure_search(searched, ids, vectors, remapped, truth, k)
+    out["rebuild_s"] = round(rebuild_s, 1)
+    return out
+
+
 def tied_share(truth: list[Truth]) -> float:
     """Share of queries whose exact top-k is not unique: more items than k reach the k-th
     score (what separates `recall@k` from `recall@k_ids`)."""
@@ -234,8 +300,10 @@ def bench_recall(
     seed: int = 7,
     say: Say = print,
     progress: bool = True,
+    changes: int = 0,
 ) -> dict[str, Any]:
-    """Run the benchmark (module docstring); returns the JSON-able result."""
+    """Run the benchmark (module docstring); returns the JSON-able result (with a `changes`
+    object when `changes` > 0)."""
     import faiss
     import psutil
     import torch
@@ -275,6 +343,13 @@ def bench_recall(
         hnsw.efSearch = default_ef
     chosen = next(r for r in sweep if r["ef_search"] == default_ef)
     index_bytes = int(faiss.serialize_index(index.index).nbytes)
+    changed = None
+    if changes > 0:
+        changed = measure_changes(index, sample, k, changes, rng)
+        say(
+            f"  {changes:,} catalogue changes: overlay {changed['overlay']}, "
+            f"rebuilt in {changed['rebuild_s']} s: {changed['rebuilt']}"
+        )
     return {
         "items": items,
         "queries": len(sample),
@@ -287,6 +362,7 @@ def bench_recall(
         f"recall@{k}_ids": chosen[f"recall@{k}_ids"],
         "tied_queries": tied_share(truth),
         "sweep": sweep,
+        **({"changes": changed} if changed is not None else {}),
         "build_s": round(build_s, 1),
         "embed_s": round(embed_s, 1) if embed_s is not None else None,
         "embed_items_per_s": round(items / embed_s, 1) if embed_s else None,

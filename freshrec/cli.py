@@ -629,6 +629,14 @@ def bench_recall_cmd(
     ] = 100_000,
     queries: Annotated[int, typer.Option(help="Simulated user queries.", min=1)] = 1000,
     k: Annotated[int, typer.Option(help="Recall depth (recall@k vs exact search).", min=1)] = 100,
+    changes: Annotated[
+        int,
+        typer.Option(
+            help="Also measure N catalogue changes searched as the overlay beside the index, "
+            "and folded in as `freshrec index-rebuild` does (JSON key `changes`).",
+            min=0,
+        ),
+    ] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Last line: one JSON object.")] = False,
 ) -> None:
     """FAISS recall at catalogue scale: p50/p99 per query, recall@k vs exact search, RSS."""
@@ -636,7 +644,7 @@ def bench_recall_cmd(
     logging.getLogger().setLevel(logging.WARNING)
     from freshrec.bench_recall import bench_recall
 
-    result = bench_recall(workdir, items, queries, k, say=console.print)
+    result = bench_recall(workdir, items, queries, k, say=console.print, changes=changes)
     console.print(
         f"{result['index']} over {result['items']:,} items: p50 {result['p50_ms']} ms, "
         f"p99 {result['p99_ms']} ms, recall@{k} {result[f'recall@{k}']} "

@@ -954,12 +954,6 @@ def test_index_rebuild_folds_catalogue_changes_into_a_new_base_and_a_rollback_re
     add(second)
     assert _eventually(lambda: second in recalled())
     assert holder.current.index.overlay_ids == (second,)
-    from prometheus_client import REGISTRY
-
-    def overlay_gauge(part: str) -> float | None:
-        return REGISTRY.get_sample_value("freshrec_catalog_overlay_items", {"part": part})
-
-    assert (overlay_gauge("searched"), overlay_gauge("hidden")) == (1.0, 0.0)
     caplog.set_level(logging.INFO, logger="services.ranking.server")
     again = build_ranking(stack.config, port=0)
     try:
@@ -967,6 +961,13 @@ def test_index_rebuild_folds_catalogue_changes_into_a_new_base_and_a_rollback_re
         assert any(following in r.getMessage() for r in caplog.records)
         assert _eventually(lambda: again.models.current.index.overlay_ids == (second,))
         assert again.follower is not None and again.follower.applied == 1  # `second` only
+        # The gauges read the last app built in this process: `again`.
+        from prometheus_client import REGISTRY
+
+        def overlay_gauge(part: str) -> float | None:
+            return REGISTRY.get_sample_value("freshrec_catalog_overlay_items", {"part": part})
+
+        assert (overlay_gauge("searched"), overlay_gauge("hidden")) == (1.0, 0.0)
         assert again.models.current.index_version == report.version
     finally:
         again.stop(grace=1)

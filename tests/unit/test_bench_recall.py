@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from freshrec.bench_recall import exact_top_k, measure_search, tied_share, topical_queries
+from freshrec.bench_recall import (
+    catalogue_changes,
+    exact_top_k,
+    measure_changes,
+    measure_search,
+    tied_share,
+    topical_queries,
+)
 from freshrec.data.synthetic import generate_catalogue, generate_shop
 from model.index import RecallIndex
 
@@ -78,3 +85,35 @@ def test_hnsw_recall_is_measured_not_assumed() -> None:
     assert 0.0 < starved < generous["recall@50"] <= 1.0
     assert generous["recall@50"] > 0.9
     assert generous["p99_ms"] >= generous["p50_ms"] > 0
+
+
+def test_catalogue_changes_are_new_listings_edits_and_removals_of_real_vectors() -> None:
+    vectors, _ = _clustered(400, 16, 8, seed=5)
+    ids = [f"i{p}" for p in range(400)]
+    upserts, removals = catalogue_changes(vectors, ids, 100, np.random.default_rng(0))
+    new = {i for i in upserts if i not in set(ids)}
+    edited = set(upserts) - new
+    assert (len(new), len(edited), len(removals)) == (50, 25, 25)
+    assert not edited & removals
+    rows = {tuple(np.round(v, 6)) for v in vectors}
+    assert all(tuple(np.round(v, 6)) in rows for v in upserts.values())
+
+
+def test_changes_are_measured_against_exact_search_on_the_live_catalogue() -> None:
+    vectors, categories = _clustered(600, 16, 8, seed=6)
+    ids = [f"i{p}" for p in range(600)]
+    queries = topical_queries(vectors, categories, 30, np.random.default_rng(4))
+    exact = measure_changes(
+        RecallIndex.build(vectors, ids), queries, 20, 200, np.random.default_rng(1)
+    )
+    assert (exact["changes"], exact["overlay_items"], exact["hidden_items"]) == (200, 150, 100)
+    assert exact["live_items"] == 600 + 100 - 50
+    # Exact search stays exact with the overlay and after the rebuild.
+    assert exact["overlay"]["recall@20"] == exact["rebuilt"]["recall@20"] == 1.0
+    hnsw = RecallIndex.build(vectors, ids, exact_limit=100)
+    hnsw.index.hnsw.efSearch = 1  # type: ignore[attr-defined]
+    starved = measure_changes(hnsw, queries, 20, 200, np.random.default_rng(1))
+    # The rebuilt index is an HNSW index at the base's efSearch, as starved as the base was:
+    # both recalls are measured, not assumed.
+    assert 0.0 < starved["rebuilt"]["recall@20"] < 1.0
+    assert 0.0 < starved["overlay"]["recall@20"] < 1.0
