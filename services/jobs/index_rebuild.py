@@ -116,13 +116,13 @@ def rebuild_index(
             kind="index",
             version="",
             parent=base_version,
-            data_window={"catalog_position": position},
             metrics={
                 "items": float(len(rebuilt)),
                 "dim": float(rebuilt.index.d),
                 "changes": float(len(changes)),
             },
-            reason=f"{len(changes):,} catalogue changes folded into {base_version}",
+            reason=f"{len(changes):,} catalogue changes folded into {base_version}, through "
+            f"{position}",
         ),
     )
     registry.promote("index", sealed.version, reason=f"index rebuild through {position}")
