@@ -38,7 +38,7 @@ def bench_freshness(
     import pandas as pd
     from google.protobuf.timestamp_pb2 import Timestamp
 
-    from freshrec.clients import channel, ranking_stub, updater_stub
+    from freshrec.clients import channel, ranking_stub, relisting, updater_stub
     from freshrec.data import load_dataset
     from freshrec.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, updater_pb2
     from model.embeddings import user_vector
@@ -137,15 +137,7 @@ def bench_freshness(
                 if model is None:
                     continue
                 new_id = f"bench-new-{uuid.uuid4().hex[:10]}"
-                new_item = catalog_pb2.CatalogItem(
-                    item_id=new_id,
-                    title=model.title,
-                    description=model.text,
-                    category=model.category,
-                    brand=model.brand,
-                    price=model.price,
-                    in_stock=True,
-                )
+                new_item = relisting(new_id, model)
                 t0 = time.perf_counter()
                 cat.UpsertItems(catalog_pb2.UpsertItemsRequest(items=[new_item]), timeout=30)
                 found = False

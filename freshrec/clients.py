@@ -16,7 +16,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from freshrec.v1 import ranking_pb2_grpc, updater_pb2_grpc
+from freshrec.records import ItemFeatures
+from freshrec.v1 import catalog_pb2, ranking_pb2_grpc, updater_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,21 @@ def channel(address: str, tls: ClientTLS | None = None, token: str | None = None
         else grpc.secure_channel(address, tls.credentials())
     )
     return grpc.intercept_channel(ch, _BearerToken(token)) if token else ch
+
+
+def relisting(item_id: str, like: ItemFeatures) -> catalog_pb2.CatalogItem:
+    """An in-stock `UpsertItems` item `item_id` with the listing of `like` (title, text,
+    category, brand, price): what benchmarks and tests add as a new item whose text embeds
+    as `like`'s, so that recall finds it where it finds `like`."""
+    return catalog_pb2.CatalogItem(
+        item_id=item_id,
+        title=like.title,
+        description=like.text,
+        category=like.category,
+        brand=like.brand,
+        price=like.price,
+        in_stock=True,
+    )
 
 
 def ranking_stub(ch: grpc.Channel) -> ranking_pb2_grpc.RankingServiceStub:

@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from freshrec.clients import channel, ranking_stub, updater_stub
+from freshrec.clients import channel, ranking_stub, relisting, updater_stub
 from freshrec.config import FreshRecConfig, load_config
 from freshrec.data.synthetic import generate_shop
 from freshrec.records import UserProfile
@@ -580,15 +580,7 @@ def test_catalog_upsert_makes_a_new_item_recallable_and_remove_takes_it_away(sta
     latest = stack.features.get_items([user.recent_items[0]])[user.recent_items[0]]
     new_id = f"new-{uuid.uuid4().hex[:8]}"
     # The same text as the user's latest item: its embedding is nearest to the user's vector.
-    item = catalog_pb2.CatalogItem(
-        item_id=new_id,
-        title=latest.title,
-        description=latest.text,
-        category=latest.category,
-        brand=latest.brand,
-        price=latest.price,
-        in_stock=True,
-    )
+    item = relisting(new_id, latest)
     index_version = _recommend(stack, user.user_id).index_version
     reply = cat.UpsertItems(catalog_pb2.UpsertItemsRequest(items=[item]), timeout=30)
     assert (reply.accepted, reply.rejected) == (1, 0) and reply.change_id
@@ -908,15 +900,7 @@ def test_index_rebuild_folds_catalogue_changes_into_a_new_base_and_a_rollback_re
     latest = stack.features.get_items([user.recent_items[0]])[user.recent_items[0]]
 
     def add(item_id: str) -> None:  # the text of the user's latest item: recalled for them
-        item = catalog_pb2.CatalogItem(
-            item_id=item_id,
-            title=latest.title,
-            description=latest.text,
-            category=latest.category,
-            brand=latest.brand,
-            price=latest.price,
-            in_stock=True,
-        )
+        item = relisting(item_id, latest)
         assert cat.UpsertItems(catalog_pb2.UpsertItemsRequest(items=[item]), timeout=30).accepted
 
     def recalled() -> set[str]:
