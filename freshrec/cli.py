@@ -408,9 +408,19 @@ def updater_versions(
     console.print(table)
 
 
+KindOpt = Annotated[
+    str,
+    typer.Option(
+        help="reranker | index: the re-ranker, or the recall index (the versions `freshrec "
+        "init` and `freshrec index-rebuild` publish)."
+    ),
+]
+
+
 @updater_app.command("promote")
 def updater_promote(
     version: str,
+    kind: KindOpt = "reranker",
     address: UpdaterAddr = "127.0.0.1:50052",
     token: TokenOpt = None,
     tls_ca: TlsCaOpt = None,
@@ -422,12 +432,14 @@ def updater_promote(
     from freshrec.v1 import updater_pb2
 
     with channel(address, _tls(tls_ca, tls_cert, tls_key), token) as ch:
-        r = updater_stub(ch).Promote(updater_pb2.PromoteRequest(version=version), timeout=30)
-    console.print(f"champion {r.champion_version} (was {r.previous_version or '-'})")
+        request = updater_pb2.PromoteRequest(version=version, kind=kind)
+        r = updater_stub(ch).Promote(request, timeout=30)
+    console.print(f"{kind} champion {r.champion_version} (was {r.previous_version or '-'})")
 
 
 @updater_app.command("rollback")
 def updater_rollback(
+    kind: KindOpt = "reranker",
     address: UpdaterAddr = "127.0.0.1:50052",
     token: TokenOpt = None,
     tls_ca: TlsCaOpt = None,
@@ -439,8 +451,8 @@ def updater_rollback(
     from freshrec.v1 import updater_pb2
 
     with channel(address, _tls(tls_ca, tls_cert, tls_key), token) as ch:
-        r = updater_stub(ch).Rollback(updater_pb2.RollbackRequest(), timeout=30)
-    console.print(f"champion {r.champion_version} (was {r.previous_version or '-'})")
+        r = updater_stub(ch).Rollback(updater_pb2.RollbackRequest(kind=kind), timeout=30)
+    console.print(f"{kind} champion {r.champion_version} (was {r.previous_version or '-'})")
 
 
 # -- data ------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from services.common.served_scores import SERVED_SCORES_DIR, read_served_scores
 from services.features.profiles import item_from_row
 from services.features.store import ITEM_FEATURES_TABLE
 from services.ingestion.offline_log import OfflineEventLog
-from services.registry import ModelRegistry
+from services.registry import KINDS, ModelRegistry
 from services.updater.drift import champion_score_psi, drift_signals
 from services.updater.examples import Window
 from services.updater.job import JobOutcome, RerankerFactory, run_training
@@ -324,9 +324,10 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
     def Promote(
         self, request: updater_pb2.PromoteRequest, context: Any
     ) -> updater_pb2.PromoteResponse:
+        kind = _kind(request.kind)
         if not request.version:
             raise InvalidArgument("version must be a published version name, e.g. v0002")
-        previous = self.registry.promote("reranker", request.version, reason="operator promote")
+        previous = self.registry.promote(kind, request.version, reason="operator promote")
         return updater_pb2.PromoteResponse(
             champion_version=request.version, previous_version=previous or ""
         )
@@ -334,7 +335,8 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
     def Rollback(
         self, request: updater_pb2.RollbackRequest, context: Any
     ) -> updater_pb2.RollbackResponse:
-        champion, previous = self.registry.rollback("reranker", reason="operator rollback")
+        kind = _kind(request.kind)
+        champion, previous = self.registry.rollback(kind, reason="operator rollback")
         return updater_pb2.RollbackResponse(
             champion_version=champion, previous_version=previous or ""
         )
@@ -345,3 +347,14 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
             if self._running is None:
                 return True
         return self._done.wait(timeout)
+
+
+def _kind(kind: str) -> str:
+    """A Promote/Rollback request's registry kind: "reranker" when empty.
+
+    Raises:
+        InvalidArgument: not a kind the registry keeps.
+    """
+    if kind and kind not in KINDS:
+        raise InvalidArgument(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return kind or "reranker"

@@ -529,6 +529,15 @@ def test_updater_lifecycle(stack: Stack) -> None:
     with pytest.raises(grpc.RpcError) as info:
         upd.Promote(updater_pb2.PromoteRequest(version=""), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for bad_kind in (
+        lambda: upd.Promote(updater_pb2.PromoteRequest(version="v0001", kind="model"), timeout=10),
+        lambda: upd.Rollback(updater_pb2.RollbackRequest(kind="Index"), timeout=10),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            bad_kind()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "kind must be one of reranker, index" in info.value.details()
+    assert ModelRegistry(stack.config.registry_dir).champion("reranker") == "v0003"
     rolled = upd.Rollback(updater_pb2.RollbackRequest(), timeout=10)
     assert (rolled.champion_version, rolled.previous_version) == (after, "v0003")
     _wait_for(lambda: _served_version(stack) == after, f"serving {after} again")
@@ -956,9 +965,10 @@ def test_index_rebuild_folds_catalogue_changes_into_a_new_base_and_a_rollback_re
     finally:
         again.stop(grace=1)
 
-    # Back to the old base: the replica follows the stream again from its position, and every
-    # change since reaches recall again.
-    ModelRegistry(stack.config.registry_dir).rollback("index", "test: rebuilt index rolled back")
+    # An operator rolls the index back: the replica follows the stream again from the old
+    # base's position, and every change since reaches recall again.
+    rolled = stack.upd.Rollback(updater_pb2.RollbackRequest(kind="index"), timeout=30)
+    assert (rolled.champion_version, rolled.previous_version) == (base_version, report.version)
     _wait_for(
         lambda: _recommend(stack, user.user_id).index_version == base_version,
         "the old index serving again",
