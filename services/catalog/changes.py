@@ -102,11 +102,16 @@ def read_since(stream: ChangeStream, after: str) -> list[tuple[str, CatalogChang
     return out
 
 
+def change_stream_key(project: str) -> str:
+    """The Redis key of `project`'s catalogue change stream."""
+    return f"freshrec:{project}:catalog"
+
+
 class RedisChangeStream:
     """A Redis Stream `freshrec:<project>:catalog`."""
 
     def __init__(self, redis_url: str, project: str) -> None:
-        self.key = f"freshrec:{project}:catalog"
+        self.key = change_stream_key(project)
         self._client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=5)
 
     def publish(self, changes: Sequence[CatalogChange]) -> str:

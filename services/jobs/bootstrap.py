@@ -243,14 +243,17 @@ KEPT_ON_START_OVER = frozenset({CONFIG_FILE_NAME, "cache"})
 
 def forget_online_state(workdir: Path) -> str | None:
     """Delete the online-store keys a workdir's project wrote (its Feast project's features,
-    its event-dedup keys and its item generation, nothing else); returns the project, or None
-    when the workdir has no feature repository.
+    its event-dedup keys, its item generation and its catalogue change stream, nothing else);
+    returns the project, or None when the workdir has no feature repository. The stream goes
+    too: a new index folds none of its changes (`catalog_position` "0"), so replicas would
+    apply the old catalogue's changes to the new one.
 
     Raises:
         Whatever Feast or Redis raise (callers decide whether leftovers may block them).
     """
     if not (workdir / "feature_repo" / "feature_store.yaml").exists():
         return None
+    from services.catalog.changes import change_stream_key
     from services.features.item_generation import item_generation_key
     from services.features.store import open_feature_store
 
@@ -262,7 +265,7 @@ def forget_online_state(workdir: Path) -> str | None:
 
         client = redis.Redis.from_url(str(choice["redis_url"]))
         keys = list(client.scan_iter(match=f"freshrec:{previous.project}:event:*", count=1000))
-        keys.append(item_generation_key(previous.project))
+        keys += [item_generation_key(previous.project), change_stream_key(previous.project)]
         for start in range(0, len(keys), 1000):
             client.delete(*keys[start : start + 1000])
     return previous.project

@@ -15,6 +15,7 @@ from freshrec.config import CONFIG_FILE_NAME, load_config
 from freshrec.data.synthetic import generate_shop
 from freshrec.errors import FailedPrecondition
 from model.reranker import CrossEncoderReranker, pretrained_path
+from services.catalog.changes import CatalogChange, RedisChangeStream
 from services.features.feast_store import FeastFeatureStore
 from services.features.item_generation import ItemGeneration
 from services.features.store import open_feature_store
@@ -95,8 +96,12 @@ def test_init_refuses_an_initialised_workdir_and_force_starts_it_over(
         # the settings, and a bootstrap then writes the same history once, not twice.
         client = redis.Redis.from_url(redis_url)
         assert _keys_of(client, config.project)
+        # A catalogue change the old catalogue's replicas followed: a new index must not get it.
+        stream = RedisChangeStream(redis_url, config.project)
+        stream.publish([CatalogChange("remove", str(shop.items["item_id"].iloc[0]))])
         start_over(config.workdir, announce=lambda _m: None)
         assert _keys_of(client, config.project) == []
+        assert stream.read("0", 1) == []
         assert sorted(p.name for p in config.workdir.iterdir()) == [CONFIG_FILE_NAME]
         assert OfflineEventLog(config.offline_dir).count() == 0
         assert load_config(config.workdir).project == config.project
