@@ -192,7 +192,7 @@ def measure_changes(
     hnsw = getattr(index.index, "hnsw", None)
     t = time.perf_counter()
     # The base's kind of index (the job picks by size: `EXACT_LIMIT`), at its efSearch.
-    rebuilt = live.compacted("bench", exact_limit=0 if hnsw is not None else len(ids))
+    rebuilt = live.compacted("1-0", exact_limit=0 if hnsw is not None else len(ids))
     rebuild_s = time.perf_counter() - t
     if hnsw is not None:
         rebuilt.index.hnsw.efSearch = hnsw.efSearch
