@@ -169,26 +169,27 @@ def catalogue_changes(
 
 def measure_changes(
     index: Any,
+    vectors: np.ndarray,
     queries: list[tuple[np.ndarray, list[int]]],
     k: int,
     n: int,
     rng: np.random.Generator,
 ) -> dict[str, Any]:
-    """`n` changes (`catalogue_changes`) on `index` (a RecallIndex without changes; `queries`'
-    histories are positions in it): search latency and recall@k against exact search over the
-    live catalogue, with the changes as overlay and after folding them in."""
-    base_vectors = index.vectors_of(index.item_ids)
-    upserts, removals = catalogue_changes(base_vectors, index.item_ids, n, rng)
+    """`n` changes (`catalogue_changes`) on `index` (a RecallIndex without changes, built from
+    `vectors`; `queries`' histories are positions in it): search latency and recall@k against
+    exact search over the live catalogue, with the changes as overlay and after folding them
+    in."""
+    upserts, removals = catalogue_changes(vectors, index.item_ids, n, rng)
     live = index.with_changes(upserts, removals)
     ids = live.live_ids()
-    vectors = live.vectors_of(ids)
+    live_vectors = live.vectors_of(ids)
     position = {item_id: pos for pos, item_id in enumerate(ids)}
     # The same users: their histories, less what was removed.
     remapped = [
         (query, [position[index.item_ids[p]] for p in history if index.item_ids[p] in position])
         for query, history in queries
     ]
-    truth = exact_top_k(vectors, remapped, k)
+    truth = exact_top_k(live_vectors, remapped, k)
     hnsw = getattr(index.index, "hnsw", None)
     t = time.perf_counter()
     # The base's kind of index (the job picks by size: `EXACT_LIMIT`), at its efSearch.
@@ -204,7 +205,7 @@ def measure_changes(
     }
     for name, searched in (("overlay", live), ("rebuilt", rebuilt)):
         searched.search(remapped[0][0], k)  # warm
-        out[name] = measure_search(searched, ids, vectors, remapped, truth, k)
+        out[name] = measure_search(searched, ids, live_vectors, remapped, truth, k)
     out["rebuild_s"] = round(rebuild_s, 1)
     return out
 
@@ -345,7 +346,7 @@ def bench_recall(
     index_bytes = int(faiss.serialize_index(index.index).nbytes)
     changed = None
     if changes > 0:
-        changed = measure_changes(index, sample, k, changes, rng)
+        changed = measure_changes(index, vectors, sample, k, changes, rng)
         say(
             f"  {changes:,} catalogue changes: overlay {changed['overlay']}, "
             f"rebuilt in {changed['rebuild_s']} s: {changed['rebuilt']}"

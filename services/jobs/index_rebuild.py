@@ -98,7 +98,14 @@ def rebuild_index(
             f"{base.catalog_position} (fewer than {min_changes:,}): nothing published"
         )
         return IndexRebuildReport(
-            base_version, None, len(changes), 0, 0, len(base), base.catalog_position, seconds
+            base_version,
+            None,
+            len(changes),
+            0,
+            0,
+            len(base),
+            base.catalog_position,
+            _rounded(seconds),
         )
     t = clock()
     encoder = encoder or TextEncoder.from_pretrained(config.model.base_model or None)
@@ -140,5 +147,9 @@ def rebuild_index(
         len(removals),
         len(rebuilt),
         position,
-        {k: round(v, 3) for k, v in seconds.items()},
+        _rounded(seconds),
     )
+
+
+def _rounded(seconds: dict[str, float]) -> dict[str, float]:
+    return {step: round(value, 3) for step, value in seconds.items()}

@@ -104,7 +104,7 @@ def test_changes_are_measured_against_exact_search_on_the_live_catalogue() -> No
     ids = [f"i{p}" for p in range(600)]
     queries = topical_queries(vectors, categories, 30, np.random.default_rng(4))
     exact = measure_changes(
-        RecallIndex.build(vectors, ids), queries, 20, 200, np.random.default_rng(1)
+        RecallIndex.build(vectors, ids), vectors, queries, 20, 200, np.random.default_rng(1)
     )
     assert (exact["changes"], exact["overlay_items"], exact["hidden_items"]) == (200, 150, 100)
     assert exact["live_items"] == 600 + 100 - 50
@@ -112,7 +112,7 @@ def test_changes_are_measured_against_exact_search_on_the_live_catalogue() -> No
     assert exact["overlay"]["recall@20"] == exact["rebuilt"]["recall@20"] == 1.0
     hnsw = RecallIndex.build(vectors, ids, exact_limit=100)
     hnsw.index.hnsw.efSearch = 1  # type: ignore[attr-defined]
-    starved = measure_changes(hnsw, queries, 20, 200, np.random.default_rng(1))
+    starved = measure_changes(hnsw, vectors, queries, 20, 200, np.random.default_rng(1))
     # The rebuilt index is an HNSW index at the base's efSearch, as starved as the base was:
     # both recalls are measured, not assumed.
     assert 0.0 < starved["rebuilt"]["recall@20"] < 1.0
