@@ -364,50 +364,6 @@ def updater_trigger(
     console.print(f"job {r.job_id}: {r.state} — {r.message}")
 
 
-@updater_app.command("versions")
-def updater_versions(
-    address: UpdaterAddr = "127.0.0.1:50052",
-    token: TokenOpt = None,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-) -> None:
-    """Every published re-ranker version with its metrics, window and cost."""
-    from freshrec.clients import channel, updater_stub
-    from freshrec.v1 import updater_pb2
-
-    with channel(address, _tls(tls_ca, tls_cert, tls_key), token) as ch:
-        r = updater_stub(ch).ListVersions(updater_pb2.ListVersionsRequest(), timeout=10)
-    table = Table(
-        title=f"re-ranker versions (champion {r.champion_version or '-'})", title_justify="left"
-    )
-    for col in (
-        "version",
-        "status",
-        "parent",
-        "created",
-        "ndcg@10",
-        "champion ndcg@10",
-        "examples",
-        "train s",
-        "window",
-    ):
-        table.add_column(col)
-    for v in r.versions:
-        table.add_row(
-            v.version,
-            v.status,
-            v.parent or "-",
-            v.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
-            f"{v.metrics.get('ndcg@10', 0):.4f}",
-            f"{v.metrics['champion_ndcg@10']:.4f}" if "champion_ndcg@10" in v.metrics else "-",
-            f"{v.train_examples:,}",
-            f"{v.train_seconds:.0f}",
-            v.data_window,
-        )
-    console.print(table)
-
-
 KindOpt = Annotated[
     str,
     typer.Option(
@@ -415,6 +371,60 @@ KindOpt = Annotated[
         "init` and `freshrec index-rebuild` publish)."
     ),
 ]
+
+
+@updater_app.command("versions")
+def updater_versions(
+    kind: KindOpt = "reranker",
+    address: UpdaterAddr = "127.0.0.1:50052",
+    token: TokenOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+) -> None:
+    """Every published version (of the re-ranker, or of the index) with what it was made of."""
+    from freshrec.clients import channel, updater_stub
+    from freshrec.v1 import updater_pb2
+
+    with channel(address, _tls(tls_ca, tls_cert, tls_key), token) as ch:
+        request = updater_pb2.ListVersionsRequest(kind=kind)
+        r = updater_stub(ch).ListVersions(request, timeout=10)
+    name = "index" if kind == "index" else "re-ranker"
+    table = Table(
+        title=f"{name} versions (champion {r.champion_version or '-'})", title_justify="left"
+    )
+    cols: tuple[str, ...] = ("version", "status", "parent", "created")
+    if kind == "index":
+        cols += ("items", "dim", "changes", "reason")
+    else:
+        cols += ("ndcg@10", "champion ndcg@10", "examples", "train s", "window")
+    for col in cols:
+        table.add_column(col)
+    for v in r.versions:
+        row = (
+            v.version,
+            v.status,
+            v.parent or "-",
+            v.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+        )
+        if kind == "index":
+            table.add_row(
+                *row,
+                f"{v.metrics.get('items', 0):,.0f}",
+                f"{v.metrics.get('dim', 0):.0f}",
+                f"{v.metrics['changes']:,.0f}" if "changes" in v.metrics else "-",
+                v.reason or "-",
+            )
+            continue
+        table.add_row(
+            *row,
+            f"{v.metrics.get('ndcg@10', 0):.4f}",
+            f"{v.metrics['champion_ndcg@10']:.4f}" if "champion_ndcg@10" in v.metrics else "-",
+            f"{v.train_examples:,}",
+            f"{v.train_seconds:.0f}",
+            v.data_window,
+        )
+    console.print(table)
 
 
 @updater_app.command("promote")

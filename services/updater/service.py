@@ -298,8 +298,9 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
     def ListVersions(
         self, request: updater_pb2.ListVersionsRequest, context: Any
     ) -> updater_pb2.ListVersionsResponse:
+        kind = _kind(request.kind)
         out = []
-        for entry in self.registry.list_versions("reranker"):
+        for entry in self.registry.list_versions(kind):
             m = entry.manifest
             created = Timestamp()
             created.FromDatetime(pd.Timestamp(m.created_at).tz_convert(UTC).to_pydatetime())
@@ -318,7 +319,7 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
                 )
             )
         return updater_pb2.ListVersionsResponse(
-            versions=out, champion_version=self.registry.champion("reranker") or ""
+            versions=out, champion_version=self.registry.champion(kind) or ""
         )
 
     def Promote(
@@ -350,7 +351,7 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
 
 
 def _kind(kind: str) -> str:
-    """A Promote/Rollback request's registry kind: "reranker" when empty.
+    """A ListVersions/Promote/Rollback request's registry kind: "reranker" when empty.
 
     Raises:
         InvalidArgument: not a kind the registry keeps.

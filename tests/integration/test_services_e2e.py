@@ -532,6 +532,7 @@ def test_updater_lifecycle(stack: Stack) -> None:
     for bad_kind in (
         lambda: upd.Promote(updater_pb2.PromoteRequest(version="v0001", kind="model"), timeout=10),
         lambda: upd.Rollback(updater_pb2.RollbackRequest(kind="Index"), timeout=10),
+        lambda: upd.ListVersions(updater_pb2.ListVersionsRequest(kind="indexes"), timeout=10),
     ):
         with pytest.raises(grpc.RpcError) as info:
             bad_kind()
@@ -941,6 +942,32 @@ def test_index_rebuild_folds_catalogue_changes_into_a_new_base_and_a_rollback_re
     # Nothing waiting: nothing published.
     idle = rebuild_index(stack.config, announce=lambda _m: None)
     assert (idle.version, idle.changes, idle.base_version) == (None, 0, report.version)
+    # Operators see the index's versions, not the re-ranker's, when they ask for them.
+    listed = stack.upd.ListVersions(updater_pb2.ListVersionsRequest(kind="index"), timeout=10)
+    assert listed.champion_version == report.version
+    by_version = {v.version: v for v in listed.versions}
+    assert set(by_version) == {base_version, report.version}
+    rebuilt = by_version[report.version]
+    assert (rebuilt.status, rebuilt.parent) == ("champion", base_version)
+    assert rebuilt.metrics["changes"] == report.changes
+    assert rebuilt.metrics["items"] == len(served.item_ids)
+    assert by_version[base_version].status != "champion"
+    from typer.testing import CliRunner
+
+    from freshrec.cli import app
+
+    address = f"127.0.0.1:{stack.updater.port}"
+    shown = CliRunner().invoke(
+        app, ["updater", "versions", "--kind", "index", "--address", address]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert f"index versions (champion {report.version})" in shown.output
+    row = next(line for line in shown.output.splitlines() if f" {report.version} " in line)
+    # version, status, parent, created, items, dim, changes, reason
+    cells = [cell.strip() for cell in row.strip(" │|").split("│")]
+    assert cells[:3] == [report.version, "champion", base_version], row
+    items, dim = f"{len(served.item_ids):,}", f"{rebuilt.metrics['dim']:.0f}"
+    assert cells[4:7] == [items, dim, f"{report.changes:,}"], row
 
     # A change after the rebuild is the only overlay; a replica started now follows the
     # stream from the rebuild's position, so it neither embeds nor overlays the folded ones.
