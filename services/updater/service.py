@@ -312,7 +312,11 @@ class UpdaterServicer(updater_pb2_grpc.UpdaterServiceServicer):
                     created_at=created,
                     status=entry.status,
                     metrics={k: float(v) for k, v in m.metrics.items()},
-                    data_window=f"{window.get('start', '') or '-'} .. {window.get('end', '') or '-'}",
+                    data_window=(
+                        f"{window.get('start', '') or '-'} .. {window.get('end', '') or '-'}"
+                        if window
+                        else ""
+                    ),
                     reason=m.reason,
                     train_examples=int(m.training.get("examples", 0)),
                     train_seconds=float(m.training.get("seconds", 0.0)),

@@ -950,6 +950,8 @@ def test_index_rebuild_folds_catalogue_changes_into_a_new_base_and_a_rollback_re
     rebuilt = by_version[report.version]
     assert (rebuilt.status, rebuilt.parent) == ("champion", base_version)
     assert rebuilt.metrics["changes"] == report.changes
+    assert (rebuilt.data_window, rebuilt.train_examples) == ("", 0)
+    assert report.catalog_position in rebuilt.reason
     assert rebuilt.metrics["items"] == len(served.item_ids)
     assert by_version[base_version].status != "champion"
     from typer.testing import CliRunner
