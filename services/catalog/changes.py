@@ -83,6 +83,10 @@ class ChangeStream(Protocol):
         needs the changes after an older id can no longer have them all."""
         ...
 
+    def last_position(self) -> str:
+        """The id of the newest change ever published ("0" for none), held or dropped."""
+        ...
+
 
 def read_since(stream: ChangeStream, after: str) -> list[tuple[str, CatalogChange]]:
     """Every change after `after` the stream holds now, in order (without waiting for more).
@@ -100,6 +104,29 @@ def read_since(stream: ChangeStream, after: str) -> list[tuple[str, CatalogChang
     while batch := stream.read(out[-1][0] if out else after, 1):
         out += batch
     return out
+
+
+def trimmed_position(info: dict[str, Any]) -> str:
+    """The newest id a Redis stream may have dropped, from its XINFO STREAM reply ("0" for
+    none; Redis 7).
+
+    `max-deleted-entry-id` counts only XDEL: a trim (MAXLEN, XTRIM) leaves it at 0-0. A trim
+    drops the oldest entries, so when the stream has held more entries than it holds now
+    (`entries-added` > `length`), everything before its first entry may be gone: the id just
+    before it (or, for an emptied stream, the last id it gave). A reader positioned exactly at
+    the last dropped entry is told it lost changes it did not; it replays more than it needs.
+    """
+    lost = position_key(str(info.get("max-deleted-entry-id") or "0"))
+    added, length = info.get("entries-added"), int(info.get("length") or 0)
+    if added is not None and int(added) > length:
+        first = info.get("first-entry")
+        if first:
+            ms, seq = position_key(str(first[0]))
+            before = (ms, seq - 1) if seq else (ms - 1, 2**64 - 1)
+        else:
+            before = position_key(str(info.get("last-generated-id") or "0"))
+        lost = max(lost, before)
+    return f"{lost[0]}-{lost[1]}" if lost != (0, 0) else "0"
 
 
 def change_stream_key(project: str) -> str:
@@ -142,7 +169,18 @@ class RedisChangeStream:
             return "0"
         except redis.RedisError as exc:
             raise FeatureStoreUnavailable(f"catalogue change stream unavailable: {exc}") from exc
-        return str(info.get("max-deleted-entry-id") or "0")
+        return trimmed_position(info)
+
+    def last_position(self) -> str:
+        # The last id the stream gave, kept when a trim has emptied it.
+        try:
+            info = cast(dict[str, Any], self._client.xinfo_stream(self.key))
+        except redis.ResponseError:  # no such key: no change yet
+            return "0"
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"catalogue change stream unavailable: {exc}") from exc
+        last = str(info.get("last-generated-id") or "0")
+        return "0" if last == "0-0" else last
 
 
 class InMemoryChangeStream:
@@ -168,6 +206,10 @@ class InMemoryChangeStream:
 
     def trimmed_through(self) -> str:
         return "0"  # keeps every change
+
+    def last_position(self) -> str:
+        with self._cond:
+            return f"{len(self._entries)}-0" if self._entries else "0"
 
 
 class ChangeFollower:
@@ -266,3 +308,56 @@ def append_offline(root: Path, changes: Sequence[CatalogChange]) -> Path:
         os.fsync(fh.fileno())
     tmp.replace(path)
     return path
+
+
+def read_offline(root: Path, since: datetime | None = None) -> list[CatalogChange]:
+    """The offline change log (`append_offline`) in the order it was written: every change
+    whose `changed_at` is at or after `since` (all of them when None).
+
+    Each file is named by the time it was written, after its rows' `changed_at`, so files
+    named before `since` are not read.
+    """
+    directory = root / "catalog"
+    if not directory.is_dir():
+        return []
+    floor = 0 if since is None else int(since.timestamp() * 1e9)
+    files = []
+    for path in directory.glob("*.parquet"):
+        head = path.name.partition("-")[0]
+        if head.isdigit() and int(head) >= floor:
+            files.append((int(head), path.name, path))
+    out: list[CatalogChange] = []
+    for _ns, _name, path in sorted(files):
+        frame = pd.read_parquet(path)
+        if since is not None:
+            frame = frame[pd.to_datetime(frame["changed_at"], utc=True) >= pd.Timestamp(since)]
+        for row in frame.itertuples(index=False):
+            out.append(_offline_change(row))
+    return out
+
+
+def _offline_change(row: Any) -> CatalogChange:
+    if row.op != "upsert":
+        return CatalogChange("remove", str(row.item_id))
+    created = row.created_at
+    item = ItemFeatures(
+        item_id=str(row.item_id),
+        title=_text(row.title),
+        text=_text(row.description),
+        category=_text(row.category),
+        brand=_text(row.brand),
+        price=0.0 if pd.isna(row.price) else float(row.price),
+        created_at=None if pd.isna(created) else pd.Timestamp(created).to_pydatetime(),
+        in_stock=True if pd.isna(row.in_stock) else bool(row.in_stock),
+    )
+    return CatalogChange("upsert", item.item_id, item)
+
+
+def _text(value: object) -> str:
+    return "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
+
+
+def position_time(position: str) -> datetime | None:
+    """When the change at a Redis stream id was added (its milliseconds part); None for "0"."""
+    ms, _seq = position_key(position)
+    return datetime.fromtimestamp(ms / 1000, UTC) if ms else None

@@ -17,6 +17,14 @@ folds in, and promotes it. Replicas hot-swap to it, keep as overlay only the cha
 that id, and a replica that starts follows the stream from there. Run it on a schedule
 (deploy/k8s/index-rebuild-cronjob.yaml); with fewer than `min_changes` changes it publishes
 nothing.
+
+The stream keeps the newest `STREAM_MAXLEN` changes (a full catalogue feed of 1M items
+re-upserted at once is enough to trim it). When it has dropped changes after the base's
+position, the job replays the offline change log instead (every change is written there
+before it is published): from `OFFLINE_REPLAY_MARGIN` before the base's position, in the
+order written, up to at least the stream's newest change, which becomes the new position.
+Replaying a change the base already holds leaves the same result, so the margin only costs
+embedding time; it covers the clock of the writer against Redis's.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from freshrec.config import FreshRecConfig
 from freshrec.errors import FailedPrecondition
@@ -31,9 +40,19 @@ from model.artifacts import Manifest
 from model.embeddings import Embedder, TextEncoder
 from model.index import RecallIndex
 from services.catalog.apply import embedded_changes
-from services.catalog.changes import ChangeStream, RedisChangeStream, read_since
+from services.catalog.changes import (
+    CatalogChange,
+    ChangeStream,
+    RedisChangeStream,
+    position_key,
+    position_time,
+    read_offline,
+    read_since,
+)
 from services.jobs.bootstrap import read_online_store_choice
 from services.registry import open_registry, required_champion
+
+OFFLINE_REPLAY_MARGIN = timedelta(minutes=10)
 
 
 @dataclass
@@ -46,6 +65,7 @@ class IndexRebuildReport:
     items: int  # items in the new index (or the base's, when nothing was published)
     catalog_position: str  # the new index's position (the base's, when nothing was published)
     seconds: dict[str, float]
+    source: str = "stream"  # where the changes came from: "stream" or "offline log"
 
 
 def change_stream(config: FreshRecConfig) -> ChangeStream:
@@ -90,7 +110,9 @@ def rebuild_index(
     base = RecallIndex.load(registry.path("index", base_version))
     seconds["load"] = clock() - t
     t = clock()
-    changes = read_since(stream or change_stream(config), base.catalog_position)
+    changes, position, source = _changes_since(
+        config, stream or change_stream(config), base_version, base.catalog_position, announce
+    )
     seconds["read changes"] = clock() - t
     if len(changes) < min_changes:
         announce(
@@ -106,13 +128,13 @@ def rebuild_index(
             len(base),
             base.catalog_position,
             _rounded(seconds),
+            source,
         )
     t = clock()
     encoder = encoder or TextEncoder.from_pretrained(config.model.base_model or None)
-    upserts, removals = embedded_changes([change for _, change in changes], encoder)
+    upserts, removals = embedded_changes(changes, encoder)
     seconds["embed"] = clock() - t
     t = clock()
-    position = changes[-1][0]
     rebuilt = base.with_changes(upserts, removals).compacted(position)
     seconds["build"] = clock() - t
     t = clock()
@@ -129,7 +151,7 @@ def rebuild_index(
                 "changes": float(len(changes)),
             },
             reason=f"{len(changes):,} catalogue changes folded into {base_version}, through "
-            f"{position}",
+            f"{position}" + (" (from the offline change log)" if source != "stream" else ""),
         ),
     )
     registry.promote("index", sealed.version, reason=f"index rebuild through {position}")
@@ -148,7 +170,46 @@ def rebuild_index(
         len(rebuilt),
         position,
         _rounded(seconds),
+        source,
     )
+
+
+def _changes_since(
+    config: FreshRecConfig,
+    stream: ChangeStream,
+    base_version: str,
+    after: str,
+    announce: Callable[[str], None],
+) -> tuple[list[CatalogChange], str, str]:
+    """The catalogue changes since position `after`, in order, the position they run
+    through, and where they came from: the stream, or the offline change log when the stream
+    has dropped some of them.
+
+    Raises:
+        FailedPrecondition: the stream has dropped changes and the offline log has none to
+            replay (it is not where this workdir's replicas write it).
+    """
+    lost = stream.trimmed_through()
+    if position_key(lost) <= position_key(after):
+        entries = read_since(stream, after)
+        return [change for _, change in entries], entries[-1][0] if entries else after, "stream"
+    # Read the stream's newest id before the log: a change is logged before it is published,
+    # so every change up to that id is in the log (and any later one replicas replay again).
+    position = stream.last_position()
+    start = position_time(after)
+    since = start - OFFLINE_REPLAY_MARGIN if start is not None else None
+    changes = read_offline(config.offline_dir, since)
+    if not changes:
+        raise FailedPrecondition(
+            f"the change stream has dropped changes through {lost}, past position {after}, "
+            f"and {config.offline_dir / 'catalog'} has no change to replay"
+        )
+    announce(
+        f"index {base_version}: the change stream has dropped changes through {lost}, past "
+        f"its position {after}; replaying {len(changes):,} changes from the offline change log "
+        f"since {since.isoformat() if since else 'the start'}, through {position}"
+    )
+    return changes, position, "offline log"
 
 
 def _rounded(seconds: dict[str, float]) -> dict[str, float]:

@@ -1006,3 +1006,46 @@ def test_index_rebuild_folds_catalogue_changes_into_a_new_base_and_a_rollback_re
     old = holder.current.index
     assert old.catalog_position == "0" and {first, second} <= set(old.overlay_ids)
     assert gone in old.removed
+
+
+def test_a_trimmed_change_stream_is_folded_in_from_the_offline_change_log(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    from freshrec.v1 import catalog_pb2, catalog_pb2_grpc
+    from services.catalog.changes import RedisChangeStream, change_stream_key
+    from services.jobs.index_rebuild import rebuild_index
+
+    cat = catalog_pb2_grpc.CatalogServiceStub(stack.rank_channel)
+    latest = stack.features.get_items([stack.user.recent_items[0]])[stack.user.recent_items[0]]
+    fresh = f"new-{uuid.uuid4().hex[:8]}"
+    item = relisting(fresh, latest)
+    assert cat.UpsertItems(catalog_pb2.UpsertItemsRequest(items=[item]), timeout=30).accepted
+    holder = stack.ranking.models
+    assert _eventually(lambda: fresh in holder.current.index.overlay_ids)
+    base = holder.current
+    # Redis drops every change the stream holds (as MAXLEN does after a large feed): the
+    # serving index's position is behind what the stream can still give.
+    client = redis.Redis.from_url(stack.config.redis_url, decode_responses=True)
+    key = change_stream_key(stack.config.project)
+    newest = client.xrevrange(key, count=1)[0][0]
+    client.xtrim(key, maxlen=0)
+    # Redis counts only XDEL in max-deleted-entry-id; the trim shows in entries-added.
+    assert client.xinfo_stream(key)["max-deleted-entry-id"] == "0-0"
+    stream = RedisChangeStream(stack.config.redis_url, stack.config.project)
+    assert stream.trimmed_through() == newest
+
+    # A replica that starts now cannot have those changes, and says so.
+    caplog.set_level(logging.WARNING, logger="services.ranking.server")
+    again = build_ranking(stack.config, port=0)
+    again.stop(grace=1)
+    warning = f"has dropped changes through {newest}, past index {base.index_version}'s position"
+    assert any(warning in r.getMessage() for r in caplog.records)
+
+    report = rebuild_index(stack.config, announce=lambda _m: None)
+    assert report.source == "offline log" and report.catalog_position == newest
+    _wait_for(lambda: holder.current.index_version == report.version, "the rebuilt index serving")
+    served = holder.current.index
+    assert fresh in served.item_ids and (served.overlay_ids, served.removed) == ((), frozenset())
+    assert set(served.item_ids) == (set(base.index.item_ids) | set(base.index.overlay_ids)) - set(
+        base.index.removed
+    )

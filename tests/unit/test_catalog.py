@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import pandas as pd
@@ -17,7 +18,10 @@ from services.catalog.changes import (
     InMemoryChangeStream,
     append_offline,
     position_key,
+    position_time,
+    read_offline,
     read_since,
+    trimmed_position,
 )
 from services.catalog.validate import validate_removals, validate_upserts
 
@@ -144,3 +148,57 @@ def test_offline_log_appends(tmp_path) -> None:
     frame = pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / "catalog").glob("*.parquet")))
     assert frame["op"].tolist() == ["upsert", "remove"]
     assert frame["title"].tolist()[0] == "T"
+
+
+def test_offline_log_reads_back_every_change_in_order_and_from_a_time(tmp_path) -> None:
+    created = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    shoe = ItemFeatures("a", "Red shoe", "Soft leather", "shoes", "Acme", 10.5, created_at=created)
+    append_offline(tmp_path, [CatalogChange("upsert", "a", shoe), CatalogChange("remove", "b")])
+    time.sleep(0.01)
+    between = datetime.now(UTC)
+    time.sleep(0.01)
+    append_offline(tmp_path, [CatalogChange("remove", "a"), CatalogChange("upsert", "c", shoe)])
+
+    every = read_offline(tmp_path)
+    assert [(c.op, c.item_id) for c in every] == [
+        ("upsert", "a"),
+        ("remove", "b"),
+        ("remove", "a"),
+        ("upsert", "c"),
+    ]
+    # What the recall text is made of comes back as it was written.
+    assert every[0].item == shoe
+    assert every[3].item is not None and every[3].item.title == "Red shoe"
+    assert [(c.op, c.item_id) for c in read_offline(tmp_path, between)] == [
+        ("remove", "a"),
+        ("upsert", "c"),
+    ]
+    assert read_offline(tmp_path / "nowhere") == []
+
+
+def test_a_stream_position_tells_when_its_change_was_added() -> None:
+    assert position_time("0") is None
+    assert position_time("1796663938293-196") == datetime.fromtimestamp(1796663938.293, UTC)
+    stream = InMemoryChangeStream()
+    assert stream.last_position() == "0"
+    stream.publish([CatalogChange("remove", "a"), CatalogChange("remove", "b")])
+    assert stream.last_position() == "2-0"
+
+
+def test_a_redis_stream_trimmed_by_maxlen_reports_what_it_may_have_dropped() -> None:
+    """XINFO STREAM replies (Redis 7.0) before and after trims: MAXLEN leaves
+    max-deleted-entry-id at 0-0, so the trim is read from entries-added and the first entry."""
+    whole = {"length": 10, "entries-added": 10, "max-deleted-entry-id": "0-0"}
+    assert trimmed_position({**whole, "first-entry": ("1700-0", {})}) == "0"
+    # 250 added, the oldest 150 trimmed: everything before 1700-150 may be gone.
+    cut = {"length": 100, "entries-added": 250, "max-deleted-entry-id": "0-0"}
+    assert trimmed_position({**cut, "first-entry": ("1700-150", {})}) == "1700-149"
+    head = trimmed_position({**cut, "first-entry": ("1701-0", {})})
+    assert position_key("1700-999") < position_key(head) < position_key("1701-0")
+    emptied = {"length": 0, "entries-added": 250, "first-entry": None}
+    assert trimmed_position({**emptied, "last-generated-id": "1702-3"}) == "1702-3"
+    # XDEL of a newer entry than the trim reached: the newer of the two.
+    both = {**cut, "first-entry": ("1700-150", {}), "max-deleted-entry-id": "1700-200"}
+    assert trimmed_position(both) == "1700-200"
+    # Before Redis 7 (no entries-added): only what the reply says.
+    assert trimmed_position({"length": 3, "first-entry": ("9-0", {})}) == "0"
