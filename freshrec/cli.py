@@ -579,7 +579,9 @@ def bench_serving_cmd(
     machine = result["machine"]
     console.print(
         f"machine: {machine['cores']} cores, {machine['torch_threads']} torch threads, "
-        f"{machine['cpu_model'] or machine['cpu']} ({', '.join(machine['cpu_features']) or '-'})"
+        f"{machine['cpu_model'] or machine['cpu']} ({', '.join(machine['cpu_features']) or '-'}); "
+        f"work after {machine['after_idle']['idle_ms']:g} ms idle "
+        f"{machine['after_idle']['ratio']}x its time back to back"
     )
     steps = result["service_stages_ms"]
     console.print(

@@ -800,6 +800,9 @@ def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) 
     assert machine["cores"] >= 1 and machine["torch_threads"] >= 1
     assert isinstance(machine["cpu_model"], str)
     assert set(machine["cpu_features"]) <= set(COMPUTE_FLAGS)
+    idle = machine["after_idle"]
+    assert idle["hot_us"] > 0 and idle["after_idle_us"] > 0 and idle["idle_ms"] == 3.0
+    assert idle["ratio"] == round(idle["after_idle_us"] / idle["hot_us"], 2)
 
 
 def test_bench_quality_trains_both_models_on_the_updaters_serving_like_pairs(
