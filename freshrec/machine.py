@@ -61,11 +61,11 @@ def after_idle(
             samples.append(clock() - start)
         return statistics.median(samples) * 1e6
 
-    hot = timed(0.0)
-    cold = timed(idle_s)
+    hot = round(timed(0.0), 1)
+    cold = round(timed(idle_s), 1)
     return {
-        "hot_us": round(hot, 1),
-        "after_idle_us": round(cold, 1),
+        "hot_us": hot,
+        "after_idle_us": cold,
         "ratio": round(cold / hot, 2) if hot > 0 else float("nan"),
         "idle_ms": round(idle_s * 1e3, 3),
     }
