@@ -8,8 +8,10 @@ idle vCPU is handed back to the host (the guest halts, and here the guest's halt
 cold caches. Measured in stop 38 on such a VM (2 vCPUs, Xeon with AMX): a 2 MiB sum and a
 64×384×1536 product took 668–670 µs back to back and 896–929 µs after 3 ms of sleep (1.34–1.39×);
 with two `nice 19` busy loops keeping the vCPUs from halting, 671 and 712 µs (1.06×). The same
-machine served `Recommend` at p50 20.23 ms alone and 10.66 ms beside the busy loops. Figures
-from machines whose `after_idle.ratio` differ are not comparable, whatever their CPU model.
+machine served `Recommend` at p50 20.23 ms alone and 10.66 ms beside the busy loops. Half an
+hour later it read 0.95–1.03 and served at p50 5.62 ms alone: what the host does while the guest
+idles comes and goes. Figures from runs whose `after_idle.ratio` differ are not comparable,
+whatever their CPU model.
 """
 
 from __future__ import annotations
