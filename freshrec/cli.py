@@ -204,6 +204,14 @@ def index_rebuild(
             show_default=True,
         ),
     ] = 1,
+    from_offline_log: Annotated[
+        bool,
+        typer.Option(
+            "--from-offline-log",
+            help="Replay the offline change log instead of the Redis stream (after Redis lost "
+            "the stream; a trimmed stream is replayed from it without this).",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Fold the catalogue changes since the champion index into a new index version and
@@ -214,7 +222,9 @@ def index_rebuild(
     from services.jobs.index_rebuild import rebuild_index
 
     _logging()
-    report = rebuild_index(_config(workdir), min_changes, announce=console.print)
+    report = rebuild_index(
+        _config(workdir), min_changes, announce=console.print, from_offline_log=from_offline_log
+    )
     if as_json:
         print(json.dumps(asdict(report)))
 

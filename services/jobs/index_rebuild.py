@@ -25,6 +25,11 @@ before it is published): from `OFFLINE_REPLAY_MARGIN` before the base's position
 order written, up to at least the stream's newest change, which becomes the new position.
 Replaying a change the base already holds leaves the same result, so the margin only costs
 embedding time; it covers the clock of the writer against Redis's.
+
+A stream that Redis lost (a restart without persistence) and that began again shows no trim,
+so the job cannot tell the changes since the base that went with it. `from_offline_log`
+(`freshrec index-rebuild --from-offline-log`) replays the offline log anyway: the operator's
+step after such a loss, with `freshrec materialize` for the online features that went too.
 """
 
 from __future__ import annotations
@@ -89,9 +94,14 @@ def rebuild_index(
     stream: ChangeStream | None = None,
     encoder: Embedder | None = None,
     announce: Callable[[str], None] = print,
+    from_offline_log: bool = False,
 ) -> IndexRebuildReport:
     """Fold the catalogue changes since the champion index into a new index version and
     promote it, when there are at least `min_changes` of them.
+
+    `from_offline_log`: replay the offline change log even where the stream looks whole (an
+    operator's recovery after Redis lost the stream: a new one shows no trim, module
+    docstring).
 
     Raises:
         ValueError: `min_changes` < 1.
@@ -111,7 +121,12 @@ def rebuild_index(
     seconds["load"] = clock() - t
     t = clock()
     changes, position, source = _changes_since(
-        config, stream or change_stream(config), base_version, base.catalog_position, announce
+        config,
+        stream or change_stream(config),
+        base_version,
+        base.catalog_position,
+        announce,
+        from_offline_log,
     )
     seconds["read changes"] = clock() - t
     if len(changes) < min_changes:
@@ -180,6 +195,7 @@ def _changes_since(
     base_version: str,
     after: str,
     announce: Callable[[str], None],
+    from_offline_log: bool = False,
 ) -> tuple[list[CatalogChange], str, str]:
     """The catalogue changes since position `after`, in order, the position they run
     through, and where they came from: the stream, or the offline change log when the stream
@@ -190,24 +206,27 @@ def _changes_since(
             replay (it is not where this workdir's replicas write it).
     """
     lost = stream.trimmed_through()
-    if position_key(lost) <= position_key(after):
+    if from_offline_log:
+        why = "asked to replay the offline change log"
+    elif position_key(lost) > position_key(after):
+        why = f"the change stream has dropped changes through {lost}, past its position {after}"
+    else:
         entries = read_since(stream, after)
         return [change for _, change in entries], entries[-1][0] if entries else after, "stream"
     # Read the stream's newest id before the log: a change is logged before it is published,
     # so every change up to that id is in the log (and any later one replicas replay again).
-    position = stream.last_position()
+    # Never behind the base (a stream Redis lost and began again).
+    position = max(stream.last_position(), after, key=position_key)
     start = position_time(after)
     since = start - OFFLINE_REPLAY_MARGIN if start is not None else None
     changes = read_offline(config.offline_dir, since)
     if not changes:
         raise FailedPrecondition(
-            f"the change stream has dropped changes through {lost}, past position {after}, "
-            f"and {config.offline_dir / 'catalog'} has no change to replay"
+            f"{why}, and {config.offline_dir / 'catalog'} has no change to replay"
         )
     announce(
-        f"index {base_version}: the change stream has dropped changes through {lost}, past "
-        f"its position {after}; replaying {len(changes):,} changes from the offline change log "
-        f"since {since.isoformat() if since else 'the start'}, through {position}"
+        f"index {base_version}: {why}; replaying {len(changes):,} changes from the offline "
+        f"change log since {since.isoformat() if since else 'the start'}, through {position}"
     )
     return changes, position, "offline log"
 

@@ -195,3 +195,5 @@ def test_index_rebuild_without_an_index_or_a_redis_stream_is_a_one_line_error(
     registry.promote("index", sealed.version)
     (workdir / ONLINE_STORE_FILE).write_text(json.dumps({"kind": "sqlite", "redis_url": None}))
     assert "change stream in Redis" in one_line(workdir)
+    help_text = _freshrec("index-rebuild", "--help").stdout
+    assert "--from-offline-log" in help_text and "--min-changes" in help_text

@@ -52,12 +52,13 @@ def _item(item_id: str, title: str) -> ItemFeatures:
     return ItemFeatures(item_id, title, f"{title}, described", "home", "Acme", 9.5)
 
 
-def _workdir(tmp_path: Path) -> FreshRecConfig:
-    """A workdir whose champion index holds items a..e (position "0": nothing folded in)."""
+def _workdir(tmp_path: Path, position: str = "0") -> FreshRecConfig:
+    """A workdir whose champion index holds items a..e, with changes folded in through
+    `position` ("0": none)."""
     config = load_config(tmp_path / "work")
     items = [_item(i, f"item {i}") for i in "abcde"]
     vectors = HashEncoder().encode([item_text(item) for item in items])
-    base = RecallIndex.build(vectors, [item.item_id for item in items])
+    base = RecallIndex.build(vectors, [item.item_id for item in items], catalog_position=position)
     registry = open_registry(config)
     manifest = Manifest(kind="index", version="", metrics={"items": 5.0, "dim": float(DIM)})
     sealed = registry.publish_written("index", base.save, manifest)
@@ -136,3 +137,31 @@ def test_a_trimmed_stream_without_an_offline_log_is_refused(tmp_path: Path) -> N
     with pytest.raises(FailedPrecondition, match="has no change to replay"):
         rebuild_index(config, stream=stream, encoder=HashEncoder(), announce=lambda _m: None)
     assert _served(config).catalog_position == "0"  # nothing published
+
+
+def test_a_stream_redis_lost_is_replayed_from_the_offline_log_when_asked(tmp_path: Path) -> None:
+    # The index holds changes through 7-0 of a stream Redis has since lost: the new, empty
+    # stream shows no trim, so only the operator's flag replays what went with it.
+    config = _workdir(tmp_path, position="7-0")
+    append_offline(config.offline_dir, [CatalogChange("upsert", "f", _item("f", "lamp"))])
+    append_offline(config.offline_dir, [CatalogChange("remove", "a")])
+    encoder = HashEncoder()
+
+    unaware = rebuild_index(config, stream=TrimmedStream(), encoder=encoder, announce=print)
+    assert (unaware.source, unaware.version, unaware.changes) == ("stream", None, 0)
+
+    said: list[str] = []
+    report = rebuild_index(
+        config, stream=TrimmedStream(), encoder=encoder, announce=said.append, from_offline_log=True
+    )
+    assert (report.source, report.changes, report.upserted, report.removed) == (
+        "offline log",
+        2,
+        1,
+        1,
+    )
+    assert "asked to replay the offline change log" in said[0]
+    served = _served(config)
+    # Not behind the base: the new stream's ids ("0" here) would be.
+    assert served.catalog_position == report.catalog_position == "7-0"
+    assert sorted(served.item_ids) == ["b", "c", "d", "e", "f"]
