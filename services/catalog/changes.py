@@ -232,8 +232,12 @@ class ChangeFollower:
         self.last_id = start_after
         self.block_ms = block_ms
         self.applied = 0
+        # Positions followed from that the stream had already dropped changes after (each
+        # one logged): changes this replica cannot apply until an index rebuild folds them in.
+        self.gaps: list[str] = []
         self._lock = threading.Lock()
         self._rewind_to: str | None = None
+        self._check_gap = True  # at the first poll and after each rewind
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -248,7 +252,11 @@ class ChangeFollower:
         with self._lock:
             if self._rewind_to is not None:
                 self.last_id, self._rewind_to = self._rewind_to, None
+                self._check_gap = True
             after = self.last_id
+            check, self._check_gap = self._check_gap, False
+        if check:
+            self._check_trim(after)
         batch = self.stream.read(after, self.block_ms)
         if batch:
             self.apply(batch)
@@ -257,6 +265,25 @@ class ChangeFollower:
                     self.last_id = batch[-1][0]
             self.applied += len(batch)
         return len(batch)
+
+    def _check_trim(self, after: str) -> None:
+        """Warn when the stream has dropped changes after the position followed from (a
+        replica starting, or rewound to an older index, behind a trim)."""
+        try:
+            lost = self.stream.trimmed_through()
+        except FeatureStoreUnavailable:
+            with self._lock:
+                self._check_gap = True  # again at the next poll
+            raise
+        if position_key(lost) > position_key(after):
+            self.gaps.append(after)
+            log.warning(
+                "the catalogue change stream has dropped changes through %s, past position %s "
+                "this replica follows from: they are not in its recall until `freshrec "
+                "index-rebuild` folds them in",
+                lost,
+                after,
+            )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="catalog-follower", daemon=True)

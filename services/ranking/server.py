@@ -26,7 +26,7 @@ import torch
 from grpc_health.v1 import health_pb2
 
 from freshrec.config import FreshRecConfig
-from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable
+from freshrec.errors import FailedPrecondition
 from freshrec.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from model.embeddings import TextEncoder
 from model.index import RecallIndex
@@ -39,7 +39,6 @@ from services.catalog.changes import (
     ChangeStream,
     InMemoryChangeStream,
     RedisChangeStream,
-    position_key,
 )
 from services.catalog.servicer import CatalogServicer
 from services.common import metrics
@@ -351,7 +350,6 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     log.info(
         "following catalogue changes after %s (index %s)", position, holder.current.index_version
     )
-    _warn_if_trimmed(stream, position, holder.current.index_version)
     handle = create_server(
         config.ranking.host,
         config.ranking.port if port is None else port,
@@ -535,22 +533,3 @@ def _hot_path_reader(
         log.info("feature reads through the Feast SDK: %s", exc)
         return features
     return raw
-
-
-def _warn_if_trimmed(stream: ChangeStream, position: str, index_version: str) -> None:
-    """Log a warning when the change stream has dropped changes this replica's index lacks:
-    the replica cannot apply them, and `freshrec index-rebuild` folds them in from the
-    offline change log."""
-    try:
-        lost = stream.trimmed_through()
-    except FeatureStoreUnavailable:
-        return  # the follower reports the stream's state as it retries
-    if position_key(lost) > position_key(position):
-        log.warning(
-            "the catalogue change stream has dropped changes through %s, past index %s's "
-            "position %s: they are not in this replica's recall until `freshrec index-rebuild` "
-            "folds them in",
-            lost,
-            index_version,
-            position,
-        )

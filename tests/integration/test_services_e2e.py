@@ -1038,10 +1038,13 @@ def test_a_trimmed_change_stream_is_folded_in_from_the_offline_change_log(
     assert stream.trimmed_through() == newest
 
     # A replica that starts now cannot have those changes, and says so.
-    caplog.set_level(logging.WARNING, logger="services.ranking.server")
+    caplog.set_level(logging.WARNING, logger="services.catalog.changes")
     again = build_ranking(stack.config, port=0)
-    again.stop(grace=1)
-    warning = f"has dropped changes through {newest}, past index {base.index_version}'s position"
+    try:
+        assert _eventually(lambda: again.follower is not None and again.follower.gaps == ["0"])
+    finally:
+        again.stop(grace=1)
+    warning = f"has dropped changes through {newest}, past position 0 this replica follows from"
     assert any(warning in r.getMessage() for r in caplog.records)
 
     report = rebuild_index(stack.config, announce=lambda _m: None)

@@ -202,3 +202,32 @@ def test_a_redis_stream_trimmed_by_maxlen_reports_what_it_may_have_dropped() -> 
     assert trimmed_position(both) == "1700-200"
     # Before Redis 7 (no entries-added): only what the reply says.
     assert trimmed_position({"length": 3, "first-entry": ("9-0", {})}) == "0"
+
+
+def test_follower_warns_when_it_starts_or_rewinds_behind_a_trim(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Trimmed(InMemoryChangeStream):
+        def trimmed_through(self) -> str:
+            return "3-0"
+
+    stream = Trimmed()
+    stream.publish([CatalogChange("remove", x) for x in "abcde"])
+    seen: list[str] = []
+    follower = ChangeFollower(
+        stream, lambda batch: seen.extend(c.item_id for _, c in batch), "3-0", block_ms=1
+    )
+    with caplog.at_level("WARNING", logger="services.catalog.changes"):
+        follower.poll_once()  # from 3-0: nothing it follows was dropped
+        follower.poll_once()
+        assert follower.gaps == [] and not caplog.records
+        follower.rewind("1-0")  # an older index: 2-0 and 3-0 are gone
+        follower.poll_once()
+        follower.poll_once()  # said once per position, not per poll
+    assert follower.gaps == ["1-0"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "the catalogue change stream has dropped changes through 3-0, past position 1-0 this "
+        "replica follows from: they are not in its recall until `freshrec index-rebuild` "
+        "folds them in"
+    ]
+    assert seen == ["d", "e", "b", "c", "d", "e"]
