@@ -309,6 +309,7 @@ def bench_recall(
     import psutil
     import torch
 
+    from freshrec.machine import after_idle
     from model.device import cpu_description
     from model.index import RecallIndex
 
@@ -376,5 +377,6 @@ def bench_recall(
             "faiss_threads": int(faiss.omp_get_max_threads()),
             "cpu": platform.processor() or platform.machine(),
             **cpu_description(),
+            "after_idle": after_idle(),  # freshrec/machine.py
         },
     }

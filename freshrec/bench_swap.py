@@ -242,6 +242,7 @@ def bench_swap(
 
     from freshrec.bench import profile_user_ids
     from freshrec.clients import channel, ranking_stub
+    from freshrec.machine import after_idle
     from freshrec.v1 import ranking_pb2
     from model.device import cpu_description
     from services.common.heap import watch_pauses
@@ -371,5 +372,6 @@ def bench_swap(
             "cores": os.cpu_count(),
             "cpu": platform.processor() or platform.machine(),
             **cpu_description(),
+            "after_idle": after_idle(),  # freshrec/machine.py
         },
     }

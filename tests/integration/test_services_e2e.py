@@ -663,6 +663,7 @@ def test_bench_recall_measures_the_workdirs_serving_index(stack: Stack) -> None:
     assert result["index"] == "IndexFlatIP" and result["recall@10"] == 1.0
     assert result["queries"] == 40 and result["p99_ms"] >= result["p50_ms"] > 0
     assert result["rss_mb"] > 0 and result["index_mb"] > 0
+    assert result["machine"]["after_idle"]["hot_us"] > 0  # the run's machine state, as served
 
 
 def test_bench_serving_raises_what_broke_a_client_thread(
@@ -856,6 +857,7 @@ def test_bench_swap_times_the_calls_around_a_real_hot_swap(
     assert result["swapped"] is True and result["errors"] == 0
     assert result["champion"] == champion and result["challenger"] != champion
     assert result["load_s"] > 0 and result["first_new_answer_s"] is not None
+    assert result["machine"]["after_idle"]["after_idle_us"] > 0
     assert result["steady"]["calls"] > 0 and result["after"]["calls"] > 0
     for name in ("steady", "after"):
         w = result[name]
