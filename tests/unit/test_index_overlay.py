@@ -151,9 +151,11 @@ def _live_vectors(index: RecallIndex) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("exact_limit", [10_000, 50])  # flat, and HNSW above 50 items
+@pytest.mark.parametrize("chunk", [65_536, 7])  # the base read back at once, or in chunks
 def test_a_compacted_index_searches_like_the_overlay_and_records_its_position(
-    tmp_path, exact_limit: int
+    tmp_path, exact_limit: int, chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("model.index.COMPACT_CHUNK", chunk)
     rng = np.random.default_rng(5)
     ids = [f"i{n}" for n in range(300)]
     base = RecallIndex.build(_unit(rng, 300), ids, popular=ids[:20], exact_limit=exact_limit)
