@@ -88,14 +88,20 @@ class ChangeStream(Protocol):
         ...
 
 
-def read_since(stream: ChangeStream, after: str) -> list[tuple[str, CatalogChange]]:
+def read_since(
+    stream: ChangeStream, after: str, lost: str | None = None
+) -> list[tuple[str, CatalogChange]]:
     """Every change after `after` the stream holds now, in order (without waiting for more).
+
+    Args:
+        lost: the stream's `trimmed_through()` when the caller has just read it (else read
+            here).
 
     Raises:
         FailedPrecondition: the stream has dropped changes after `after` (it keeps the newest
             `STREAM_MAXLEN`).
     """
-    lost = stream.trimmed_through()
+    lost = stream.trimmed_through() if lost is None else lost
     if position_key(lost) > position_key(after):
         raise FailedPrecondition(
             f"the change stream has dropped changes through {lost}, past position {after}"
@@ -381,7 +387,7 @@ def _offline_change(row: Any) -> CatalogChange:
 
 
 def _text(value: object) -> str:
-    return "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
+    return "" if pd.isna(value) else str(value)  # type: ignore[call-overload]
 
 
 def position_time(position: str) -> datetime | None:

@@ -205,13 +205,12 @@ def _changes_since(
         FailedPrecondition: the stream has dropped changes and the offline log has none to
             replay (it is not where this workdir's replicas write it).
     """
-    lost = stream.trimmed_through()
     if from_offline_log:
         why = "asked to replay the offline change log"
-    elif position_key(lost) > position_key(after):
+    elif position_key(lost := stream.trimmed_through()) > position_key(after):
         why = f"the change stream has dropped changes through {lost}, past its position {after}"
     else:
-        entries = read_since(stream, after)
+        entries = read_since(stream, after, lost)
         return [change for _, change in entries], entries[-1][0] if entries else after, "stream"
     # Read the stream's newest id before the log: a change is logged before it is published,
     # so every change up to that id is in the log (and any later one replicas replay again).
