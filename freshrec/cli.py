@@ -208,8 +208,9 @@ def index_rebuild(
         bool,
         typer.Option(
             "--from-offline-log",
-            help="Replay the offline change log instead of the Redis stream (after Redis lost "
-            "the stream; a trimmed stream is replayed from it without this).",
+            help="Replay the offline change log instead of the Redis stream. A trimmed or "
+            "lost stream is found and replayed from the log without this; use it for a loss "
+            "within seconds of the index's position, which that comparison cannot see.",
         ),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,

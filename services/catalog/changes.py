@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
@@ -30,6 +30,9 @@ from freshrec.records import ItemFeatures
 log = logging.getLogger(__name__)
 
 STREAM_MAXLEN = 1_000_000  # approximate trim; an index rebuild folds older changes in
+# How far the clocks of the replicas that write the offline change log may be from Redis's
+# (stream ids are Redis's milliseconds) when the log is compared with the stream (`LogGap`).
+CLOCK_SKEW = timedelta(seconds=5)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,10 @@ class ChangeStream(Protocol):
 
     def last_position(self) -> str:
         """The id of the newest change ever published ("0" for none), held or dropped."""
+        ...
+
+    def first_held(self) -> str | None:
+        """The id of the oldest change the stream holds; None when it holds none."""
         ...
 
 
@@ -188,6 +195,13 @@ class RedisChangeStream:
         last = str(info.get("last-generated-id") or "0")
         return "0" if last == "0-0" else last
 
+    def first_held(self) -> str | None:
+        try:
+            first = self._client.xrange(self.key, count=1)
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"catalogue change stream unavailable: {exc}") from exc
+        return str(first[0][0]) if first else None  # type: ignore[index]
+
 
 class InMemoryChangeStream:
     """The same contract in one process (embedded mode and unit tests)."""
@@ -217,6 +231,10 @@ class InMemoryChangeStream:
         with self._cond:
             return f"{len(self._entries)}-0" if self._entries else "0"
 
+    def first_held(self) -> str | None:
+        with self._cond:
+            return self._entries[0][0] if self._entries else None
+
 
 class ChangeFollower:
     """Tails a ChangeStream in a thread and hands each batch of changes, with their stream
@@ -228,12 +246,17 @@ class ChangeFollower:
         apply: Callable[[list[tuple[str, CatalogChange]]], None],
         start_after: str = "0",
         block_ms: int = 200,
+        offline_root: Path | None = None,
     ) -> None:
         """Args:
         start_after: the stream id to follow from: the serving index's `catalog_position`
             (the changes up to it are in its base).
+        offline_root: the offline store the change log is written under; given, a start
+            behind changes the stream lost without a trim (`log_gap`) is warned of too. Only
+            for a stream whose ids are Redis's times.
         """
         self.stream = stream
+        self.offline_root = offline_root
         self.apply = apply
         self.last_id = start_after
         self.block_ms = block_ms
@@ -274,22 +297,29 @@ class ChangeFollower:
 
     def _check_trim(self, after: str) -> None:
         """Warn when the stream has dropped changes after the position followed from (a
-        replica starting, or rewound to an older index, behind a trim)."""
+        replica starting, or rewound to an older index, behind a trim or a lost stream)."""
         try:
             lost = self.stream.trimmed_through()
+            gap = None
+            if position_key(lost) <= position_key(after) and self.offline_root is not None:
+                gap = log_gap(self.offline_root, after, self.stream.first_held())
         except FeatureStoreUnavailable:
             with self._lock:
                 self._check_gap = True  # again at the next poll
             raise
         if position_key(lost) > position_key(after):
-            self.gaps.append(after)
-            log.warning(
-                "the catalogue change stream has dropped changes through %s, past position %s "
-                "this replica follows from: they are not in its recall until `freshrec "
-                "index-rebuild` folds them in",
-                lost,
-                after,
-            )
+            what = f"the catalogue change stream has dropped changes through {lost}, past"
+        elif gap is not None:
+            what = f"{gap.describe()}, after"
+        else:
+            return
+        self.gaps.append(after)
+        log.warning(
+            "%s position %s this replica follows from: they are not in its recall until "
+            "`freshrec index-rebuild` folds them in",
+            what,
+            after,
+        )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="catalog-follower", daemon=True)
@@ -394,3 +424,61 @@ def position_time(position: str) -> datetime | None:
     """When the change at a Redis stream id was added (its milliseconds part); None for "0"."""
     ms, _seq = position_key(position)
     return datetime.fromtimestamp(ms / 1000, UTC) if ms else None
+
+
+@dataclass(frozen=True)
+class LogGap:
+    """Writes to the offline change log that the change stream should hold and does not."""
+
+    writes: int  # log files: one per accepted UpsertItems or RemoveItems call
+    first: datetime
+    last: datetime
+
+    def describe(self) -> str:
+        return (
+            f"the offline change log holds {self.writes:,} write(s) from "
+            f"{self.first:%Y-%m-%d %H:%M:%S} to {self.last:%Y-%m-%d %H:%M:%S} UTC that the "
+            "change stream lacks (Redis lost the stream, or trimmed it without reporting it)"
+        )
+
+
+def log_gap(
+    root: Path, after: str, first_held: str | None, now: datetime | None = None
+) -> LogGap | None:
+    """The offline change log's writes (`append_offline`) after stream position `after` that
+    the stream no longer holds; None when there are none.
+
+    Every change is logged before it is published, so a change logged after `after` was
+    published after it, and the stream holds it unless it came before the stream's oldest
+    change (`first_held`; with none held, `now`). Such writes mean the stream lost changes a
+    reader at `after` needs: Redis lost the stream (a restart without persistence) and began
+    a new one, which shows no trim, or trimmed it before Redis 7, which does not report a trim
+    (`trimmed_position`). Only the log files' names are read (the time each was written).
+
+    Both ends are narrowed by CLOCK_SKEW, so a change lost within it of either end is not seen
+    here (`freshrec index-rebuild --from-offline-log` replays the log regardless). A write
+    whose publish failed (the caller was told UNAVAILABLE) also shows as a gap: replaying it
+    is harmless.
+    """
+    directory = root / "catalog"
+    if not directory.is_dir():
+        return None
+    start = position_time(after)
+    lower = -1 if start is None else int((start + CLOCK_SKEW).timestamp() * 1e9)
+    held = position_time(first_held) if first_held is not None else None
+    end = held if held is not None else (now or datetime.now(UTC))
+    upper = int((end - CLOCK_SKEW).timestamp() * 1e9)
+    if upper <= lower:
+        return None
+    times = []
+    for path in directory.glob("*.parquet"):
+        head = path.name.partition("-")[0]
+        if head.isdigit() and lower < int(head) < upper:
+            times.append(int(head))
+    if not times:
+        return None
+    return LogGap(
+        len(times),
+        datetime.fromtimestamp(min(times) / 1e9, UTC),
+        datetime.fromtimestamp(max(times) / 1e9, UTC),
+    )

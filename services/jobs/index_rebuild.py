@@ -27,9 +27,13 @@ Replaying a change the base already holds leaves the same result, so the margin 
 embedding time; it covers the clock of the writer against Redis's.
 
 A stream that Redis lost (a restart without persistence) and that began again shows no trim,
-so the job cannot tell the changes since the base that went with it. `from_offline_log`
-(`freshrec index-rebuild --from-offline-log`) replays the offline log anyway: the operator's
-step after such a loss, with `freshrec materialize` for the online features that went too.
+nor does a trim before Redis 7. The job then compares the offline log with the stream: writes
+logged after the base's position but before the stream's oldest change (or, with none, a few
+seconds ago) are changes the stream lost (`log_gap`), and the log is replayed as after a trim.
+A change lost within `CLOCK_SKEW` of either end is not seen that way; `from_offline_log`
+(`freshrec index-rebuild --from-offline-log`) replays the offline log regardless: the
+operator's step after a loss, with `freshrec materialize` for the online features that went
+too.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from services.catalog.changes import (
     CatalogChange,
     ChangeStream,
     RedisChangeStream,
+    log_gap,
     position_key,
     position_time,
     read_offline,
@@ -100,8 +105,8 @@ def rebuild_index(
     promote it, when there are at least `min_changes` of them.
 
     `from_offline_log`: replay the offline change log even where the stream looks whole (an
-    operator's recovery after Redis lost the stream: a new one shows no trim, module
-    docstring).
+    operator's recovery after Redis lost the stream, for a loss the log comparison cannot see:
+    module docstring).
 
     Raises:
         ValueError: `min_changes` < 1.
@@ -199,7 +204,7 @@ def _changes_since(
 ) -> tuple[list[CatalogChange], str, str]:
     """The catalogue changes since position `after`, in order, the position they run
     through, and where they came from: the stream, or the offline change log when the stream
-    has dropped some of them.
+    has dropped or lost some of them.
 
     Raises:
         FailedPrecondition: the stream has dropped changes and the offline log has none to
@@ -209,6 +214,8 @@ def _changes_since(
         why = "asked to replay the offline change log"
     elif position_key(lost := stream.trimmed_through()) > position_key(after):
         why = f"the change stream has dropped changes through {lost}, past its position {after}"
+    elif gap := log_gap(config.offline_dir, after, stream.first_held()):
+        why = f"{gap.describe()}, after its position {after}"
     else:
         entries = read_since(stream, after, lost)
         return [change for _, change in entries], entries[-1][0] if entries else after, "stream"

@@ -343,7 +343,10 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     # them in).
     position = holder.current.index.catalog_position
     follower = ChangeFollower(
-        stream, lambda changes: apply_changes(changes, encoder, holder), start_after=position
+        stream,
+        lambda changes: apply_changes(changes, encoder, holder),
+        start_after=position,
+        offline_root=config.offline_dir if isinstance(stream, RedisChangeStream) else None,
     )
     holder.rewind_catalog = follower.rewind
     follower.start()

@@ -1057,3 +1057,58 @@ def test_a_trimmed_change_stream_is_folded_in_from_the_offline_change_log(
     assert set(served.item_ids) == (set(base.index.item_ids) | set(base.index.overlay_ids)) - set(
         base.index.removed
     )
+
+
+def test_a_change_stream_redis_lost_is_found_from_the_offline_log_and_folded_in(
+    stack: Stack, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import services.catalog.changes as changes
+    from freshrec.v1 import catalog_pb2, catalog_pb2_grpc
+    from services.catalog.changes import change_stream_key
+    from services.jobs.index_rebuild import rebuild_index
+
+    # The clocks are one machine's here: a change's log write and its stream id are
+    # milliseconds apart, so 0.3 s stands for the allowance, with 0.5 s pauses around it.
+    monkeypatch.setattr(changes, "CLOCK_SKEW", timedelta(milliseconds=300))
+    cat = catalog_pb2_grpc.CatalogServiceStub(stack.rank_channel)
+    latest = stack.features.get_items([stack.user.recent_items[0]])[stack.user.recent_items[0]]
+    holder = stack.ranking.models
+    position = holder.current.index.catalog_position
+    lost, kept = (f"new-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    time.sleep(0.5)
+    assert cat.UpsertItems(
+        catalog_pb2.UpsertItemsRequest(items=[relisting(lost, latest)]), timeout=30
+    ).accepted
+    assert _eventually(lambda: lost in holder.current.index.overlay_ids)
+    # Redis loses the stream (a restart without persistence): no trim to read, XINFO has no
+    # stream; the next change begins a new one.
+    client = redis.Redis.from_url(stack.config.redis_url, decode_responses=True)
+    assert client.delete(change_stream_key(stack.config.project)) == 1
+    time.sleep(0.5)
+    assert cat.UpsertItems(
+        catalog_pb2.UpsertItemsRequest(items=[relisting(kept, latest)]), timeout=30
+    ).accepted
+    assert _eventually(lambda: kept in holder.current.index.overlay_ids)
+
+    # A replica that starts now would follow the new stream without the lost item; it says so.
+    caplog.set_level(logging.WARNING, logger="services.catalog.changes")
+    again = build_ranking(stack.config, port=0)
+    try:
+        assert _eventually(lambda: again.follower is not None and again.follower.gaps == [position])
+        assert _eventually(lambda: kept in again.models.current.index.overlay_ids)
+        assert lost not in again.models.current.index.overlay_ids
+    finally:
+        again.stop(grace=1)
+    assert any(
+        "the offline change log holds 1 write(s)" in r.getMessage()
+        and f"after position {position} this replica follows from" in r.getMessage()
+        for r in caplog.records
+    )
+
+    said: list[str] = []
+    report = rebuild_index(stack.config, announce=said.append)
+    assert report.source == "offline log", said
+    _wait_for(lambda: holder.current.index_version == report.version, "the rebuilt index serving")
+    served = holder.current.index
+    assert {lost, kept} <= set(served.item_ids)
+    assert (served.overlay_ids, served.removed) == ((), frozenset())

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,6 +18,7 @@ from services.catalog.changes import (
     ChangeFollower,
     InMemoryChangeStream,
     append_offline,
+    log_gap,
     position_key,
     position_time,
     read_offline,
@@ -231,3 +233,58 @@ def test_follower_warns_when_it_starts_or_rewinds_behind_a_trim(
         "folds them in"
     ]
     assert seen == ["d", "e", "b", "c", "d", "e"]
+
+
+def _stream_id(when: datetime) -> str:
+    """The Redis stream id of a change added at `when`."""
+    return f"{int(when.timestamp() * 1000)}-0"
+
+
+def test_the_offline_log_shows_changes_a_stream_lost_without_a_trim(tmp_path: Path) -> None:
+    start = datetime.now(UTC)
+    base = _stream_id(start - timedelta(minutes=1))  # the index folds in changes to here
+    append_offline(tmp_path, [CatalogChange("remove", "a")])
+    append_offline(tmp_path, [CatalogChange("remove", "b"), CatalogChange("remove", "c")])
+    written = datetime.now(UTC)
+    later = written + timedelta(minutes=1)
+
+    # Redis lost the stream and nothing was published since: both writes are missing.
+    gap = log_gap(tmp_path, base, None, now=later)
+    assert gap is not None and gap.writes == 2
+    assert start <= gap.first <= gap.last <= written
+    assert "holds 2 write(s) from" in gap.describe()
+    # A new stream that began after them lacks them too.
+    assert log_gap(tmp_path, base, _stream_id(later)) == gap
+    # Writes within CLOCK_SKEW of now may still be on their way to the stream.
+    assert log_gap(tmp_path, base, None, now=written) is None
+    # A stream that holds changes from before the writes holds the writes as well.
+    assert log_gap(tmp_path, base, _stream_id(start - timedelta(seconds=30)), now=later) is None
+    # An index whose position is after the writes needs none of them.
+    assert log_gap(tmp_path, _stream_id(later), None, now=later + timedelta(minutes=1)) is None
+    assert log_gap(tmp_path / "nowhere", base, None, now=later) is None
+
+
+def test_follower_warns_when_it_starts_behind_changes_only_the_offline_log_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import services.catalog.changes as changes
+
+    monkeypatch.setattr(changes, "CLOCK_SKEW", timedelta(0))
+    position = _stream_id(datetime.now(UTC) - timedelta(minutes=1))
+    append_offline(tmp_path, [CatalogChange("remove", "a")])
+    empty = InMemoryChangeStream()  # as a Redis stream that lost its changes shows: no trim
+    unaware = ChangeFollower(empty, lambda _b: None, position, block_ms=1)
+    told = ChangeFollower(empty, lambda _b: None, position, block_ms=1, offline_root=tmp_path)
+    with caplog.at_level("WARNING", logger="services.catalog.changes"):
+        unaware.poll_once()
+        assert unaware.gaps == [] and not caplog.records
+        told.poll_once()
+        told.poll_once()
+    assert told.gaps == [position]
+    [record] = caplog.records
+    assert record.getMessage().startswith("the offline change log holds 1 write(s) from ")
+    assert record.getMessage().endswith(
+        f"that the change stream lacks (Redis lost the stream, or trimmed it without reporting "
+        f"it), after position {position} this replica follows from: they are not in its recall "
+        "until `freshrec index-rebuild` folds them in"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -139,29 +140,39 @@ def test_a_trimmed_stream_without_an_offline_log_is_refused(tmp_path: Path) -> N
     assert _served(config).catalog_position == "0"  # nothing published
 
 
-def test_a_stream_redis_lost_is_replayed_from_the_offline_log_when_asked(tmp_path: Path) -> None:
+def test_a_stream_redis_lost_is_found_and_replayed_from_the_offline_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The index holds changes through 7-0 of a stream Redis has since lost: the new, empty
-    # stream shows no trim, so only the operator's flag replays what went with it.
+    # stream shows no trim, but the offline log holds changes written after that position.
+    import services.catalog.changes as changes
+
     config = _workdir(tmp_path, position="7-0")
     append_offline(config.offline_dir, [CatalogChange("upsert", "f", _item("f", "lamp"))])
     append_offline(config.offline_dir, [CatalogChange("remove", "a")])
     encoder = HashEncoder()
 
+    # Written within CLOCK_SKEW of now, the writes may still be on their way to the stream:
+    # the comparison leaves them, and only the operator's flag replays them.
     unaware = rebuild_index(config, stream=TrimmedStream(), encoder=encoder, announce=print)
     assert (unaware.source, unaware.version, unaware.changes) == ("stream", None, 0)
-
     said: list[str] = []
-    report = rebuild_index(
+    asked = rebuild_index(
         config, stream=TrimmedStream(), encoder=encoder, announce=said.append, from_offline_log=True
     )
-    assert (report.source, report.changes, report.upserted, report.removed) == (
-        "offline log",
-        2,
-        1,
-        1,
-    )
+    assert (asked.source, asked.changes, asked.upserted, asked.removed) == ("offline log", 2, 1, 1)
     assert "asked to replay the offline change log" in said[0]
     served = _served(config)
     # Not behind the base: the new stream's ids ("0" here) would be.
-    assert served.catalog_position == report.catalog_position == "7-0"
+    assert served.catalog_position == asked.catalog_position == "7-0"
     assert sorted(served.item_ids) == ["b", "c", "d", "e", "f"]
+
+    # The same loss once the writes are older than the clocks' allowance: found without the
+    # flag. (The rebuilt index is still at 7-0, so the same two writes are missing.)
+    monkeypatch.setattr(changes, "CLOCK_SKEW", timedelta(0))
+    said.clear()
+    found = rebuild_index(config, stream=TrimmedStream(), encoder=encoder, announce=said.append)
+    assert (found.source, found.changes, found.upserted, found.removed) == ("offline log", 2, 1, 1)
+    assert "the offline change log holds 2 write(s) from" in said[0]
+    assert said[0].endswith("through 7-0") and "after its position 7-0" in said[0]
+    assert sorted(_served(config).item_ids) == ["b", "c", "d", "e", "f"]
