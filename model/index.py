@@ -104,8 +104,15 @@ class RecallIndex:
         (flat and HNSW-flat indexes store them exactly), so nothing is embedded again.
 
         Costs what `build` costs for the live catalogue (HNSW on 2 cores: 17-19 s at 100k
-        items, 116 s at 1M, measured), and holds this index, the live vectors (one array,
-        filled in chunks) and the new index at once: an offline job's work, not a replica's."""
+        items, 116 s at 1M, measured), and holds this index, the live vectors and the new
+        index at once. A job that can let go of this index first calls `live_vectors`, drops
+        it, then `build`s (services/jobs/index_rebuild.py): one copy less at the peak."""
+        ids, vectors = self.live_vectors()
+        return RecallIndex.build(vectors, ids, self.popular, exact_limit, catalog_position)
+
+    def live_vectors(self) -> tuple[list[str], np.ndarray]:
+        """The live items' ids (the base's not hidden, in order, then the overlay's) and their
+        vectors as this index searches them, as one (n, dim) float32 array (`compacted`)."""
         keep = [p for p, item in enumerate(self.item_ids) if item not in self.removed]
         ids = [self.item_ids[p] for p in keep] + list(self.overlay_ids)
         vectors = np.empty((len(ids), int(self.index.d)), dtype=np.float32)
@@ -117,7 +124,7 @@ class RecallIndex:
         if self.overlay_ids:
             assert self.overlay_vectors is not None
             vectors[len(keep) :] = self.overlay_vectors
-        return RecallIndex.build(vectors, ids, self.popular, exact_limit, catalog_position)
+        return ids, vectors
 
     def __len__(self) -> int:
         return len(self.item_ids) - len(self.removed) + len(self.overlay_ids)

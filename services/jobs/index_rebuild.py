@@ -155,7 +155,14 @@ def rebuild_index(
     upserts, removals = embedded_changes(changes, encoder)
     seconds["embed"] = clock() - t
     t = clock()
-    rebuilt = base.with_changes(upserts, removals).compacted(position)
+    changed = base.with_changes(upserts, removals)
+    ids, vectors = changed.live_vectors()
+    popular = changed.popular
+    # Let the base go before the new index is built: its FAISS index (vectors and graph) is
+    # freed, so the peak holds two copies of the vectors, not three (compacted's docstring).
+    del base, changed
+    rebuilt = RecallIndex.build(vectors, ids, popular, catalog_position=position)
+    del vectors
     seconds["build"] = clock() - t
     t = clock()
     sealed = registry.publish_written(
