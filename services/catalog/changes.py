@@ -343,9 +343,10 @@ class ChangeFollower:
 
 
 def append_offline(root: Path, changes: Sequence[CatalogChange]) -> Path:
-    """Append changes to `<root>/catalog/` as one parquet file (atomic rename; never rewritten)."""
-    directory = root / "catalog"
-    directory.mkdir(parents=True, exist_ok=True)
+    """Append changes to the offline change log as one parquet file (atomic rename; never
+    rewritten): `<root>/catalog/<YYYY-MM-DD>/<ns>-<id>.parquet`, named by when it was written
+    (after its rows' `changed_at`), in a folder per UTC day so that readers list only the
+    days they need (`_log_files`)."""
     now = datetime.now(UTC)
     rows = []
     for change in changes:
@@ -364,13 +365,54 @@ def append_offline(root: Path, changes: Sequence[CatalogChange]) -> Path:
                 "in_stock": item.in_stock if item else None,
             }
         )
-    path = directory / f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+    written = time.time_ns()
+    directory = root / "catalog" / _day(written)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{written}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = directory / f".{path.name}.tmp"
     pd.DataFrame(rows).to_parquet(tmp, index=False)
     with tmp.open("rb") as fh:
         os.fsync(fh.fileno())
     tmp.replace(path)
     return path
+
+
+_DAY_NS = 86_400 * 10**9
+
+
+def _day(ns: int) -> str:
+    """The UTC day folder of a log file written at `ns` (ns since the epoch)."""
+    return datetime.fromtimestamp(ns // 10**9, UTC).strftime("%Y-%m-%d")
+
+
+def _log_files(root: Path, start_ns: int = 0, end_ns: int | None = None) -> list[tuple[int, Path]]:
+    """The offline change log's files written in [start_ns, end_ns), by the time each was
+    written (then by name): from the day folders that overlap the range, and files an earlier
+    version wrote straight into `catalog/`."""
+    directory = root / "catalog"
+    if not directory.is_dir():
+        return []
+    found: list[tuple[int, str, Path]] = []
+
+    def take(path: Path) -> None:
+        head = path.name.partition("-")[0]
+        if head.isdigit() and start_ns <= int(head) and (end_ns is None or int(head) < end_ns):
+            found.append((int(head), path.name, path))
+
+    for entry in directory.iterdir():
+        if entry.is_dir():
+            try:
+                day = datetime.strptime(entry.name, "%Y-%m-%d").replace(tzinfo=UTC)
+            except ValueError:
+                continue
+            first = int(day.timestamp()) * 10**9
+            if first + _DAY_NS <= start_ns or (end_ns is not None and first >= end_ns):
+                continue
+            for path in entry.glob("*.parquet"):
+                take(path)
+        elif entry.suffix == ".parquet":
+            take(entry)
+    return [(ns, path) for ns, _name, path in sorted(found)]
 
 
 def read_offline(root: Path, since: datetime | None = None) -> list[CatalogChange]:
@@ -380,17 +422,9 @@ def read_offline(root: Path, since: datetime | None = None) -> list[CatalogChang
     Each file is named by the time it was written, after its rows' `changed_at`, so files
     named before `since` are not read.
     """
-    directory = root / "catalog"
-    if not directory.is_dir():
-        return []
     floor = 0 if since is None else int(since.timestamp() * 1e9)
-    files = []
-    for path in directory.glob("*.parquet"):
-        head = path.name.partition("-")[0]
-        if head.isdigit() and int(head) >= floor:
-            files.append((int(head), path.name, path))
     out: list[CatalogChange] = []
-    for _ns, _name, path in sorted(files):
+    for _ns, path in _log_files(root, floor):
         frame = pd.read_parquet(path)
         if since is not None:
             frame = frame[pd.to_datetime(frame["changed_at"], utc=True) >= pd.Timestamp(since)]
@@ -460,21 +494,14 @@ def log_gap(
     whose publish failed (the caller was told UNAVAILABLE) also shows as a gap: replaying it
     is harmless.
     """
-    directory = root / "catalog"
-    if not directory.is_dir():
-        return None
     start = position_time(after)
-    lower = -1 if start is None else int((start + CLOCK_SKEW).timestamp() * 1e9)
+    lower = 0 if start is None else int((start + CLOCK_SKEW).timestamp() * 1e9) + 1
     held = position_time(first_held) if first_held is not None else None
     end = held if held is not None else (now or datetime.now(UTC))
     upper = int((end - CLOCK_SKEW).timestamp() * 1e9)
     if upper <= lower:
         return None
-    times = []
-    for path in directory.glob("*.parquet"):
-        head = path.name.partition("-")[0]
-        if head.isdigit() and lower < int(head) < upper:
-            times.append(int(head))
+    times = [ns for ns, _path in _log_files(root, lower, upper)]
     if not times:
         return None
     return LogGap(

@@ -620,8 +620,8 @@ def test_catalog_upsert_makes_a_new_item_recallable_and_remove_takes_it_away(sta
     for _ in range(5):
         assert new_id not in {i.item_id for i in _recommend(stack, user.user_id, k=100).items}
     assert stack.features.get_items([new_id])[new_id].in_stock is False
-    # The offline change log has every change, in order.
-    frames = sorted((stack.config.offline_dir / "catalog").glob("*.parquet"))
+    # The offline change log has every change, in order (a folder per UTC day).
+    frames = sorted((stack.config.offline_dir / "catalog").glob("*/*.parquet"))
     import pandas as pd
 
     ops = pd.concat(pd.read_parquet(f) for f in frames)

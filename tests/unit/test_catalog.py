@@ -17,6 +17,7 @@ from services.catalog.changes import (
     CatalogChange,
     ChangeFollower,
     InMemoryChangeStream,
+    LogGap,
     append_offline,
     log_gap,
     position_key,
@@ -147,9 +148,44 @@ def test_read_since_drains_the_stream_and_refuses_when_changes_were_dropped() ->
 def test_offline_log_appends(tmp_path) -> None:
     append_offline(tmp_path, [CatalogChange("upsert", "a", ItemFeatures("a", "T", price=2.0))])
     append_offline(tmp_path, [CatalogChange("remove", "a")])
-    frame = pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / "catalog").glob("*.parquet")))
+    paths = sorted((tmp_path / "catalog").glob("*/*.parquet"))
+    # One folder per UTC day, named by the day of the time each file is named by.
+    for path in paths:
+        written = int(path.name.partition("-")[0])
+        day = datetime.fromtimestamp(written / 1e9, UTC).strftime("%Y-%m-%d")
+        assert path.parent.name == day
+    frame = pd.concat(pd.read_parquet(p) for p in paths)
     assert frame["op"].tolist() == ["upsert", "remove"]
     assert frame["title"].tolist()[0] == "T"
+
+
+def test_offline_log_lists_only_the_days_it_needs_and_reads_a_flat_log(tmp_path: Path) -> None:
+    append_offline(tmp_path, [CatalogChange("remove", "today")])
+    # A file of an earlier version, straight in catalog/, and one in a day folder long ago.
+    written = append_offline(tmp_path, [CatalogChange("remove", "flat")])
+    flat_at = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    flat_name = f"{int(flat_at.timestamp() * 1e9)}-00000000.parquet"
+    written.replace(tmp_path / "catalog" / flat_name)
+    old = append_offline(tmp_path, [CatalogChange("remove", "old")])
+    old_at = datetime(2025, 6, 1, 12, tzinfo=UTC)
+    (tmp_path / "catalog" / "2025-06-01").mkdir()
+    old.replace(tmp_path / "catalog" / "2025-06-01" / f"{int(old_at.timestamp() * 1e9)}-1.parquet")
+    (tmp_path / "catalog" / "not-a-day").mkdir()  # ignored
+
+    assert [c.item_id for c in read_offline(tmp_path)] == ["flat", "old", "today"]
+    # Rows are kept by their changed_at (these were written today): the files' names decide
+    # only which files are opened.
+    assert [c.item_id for c in read_offline(tmp_path, datetime(2025, 6, 1, tzinfo=UTC))] == [
+        "old",
+        "today",
+    ]
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    gap = log_gap(tmp_path, _stream_id(datetime(2025, 3, 1, tzinfo=UTC)), None, now=later)
+    assert gap is not None and gap.writes == 2 and gap.first == old_at
+    july = _stream_id(datetime(2025, 7, 1, tzinfo=UTC))
+    assert log_gap(tmp_path, _stream_id(flat_at - timedelta(days=1)), july) == LogGap(
+        2, flat_at, old_at
+    )
 
 
 def test_offline_log_reads_back_every_change_in_order_and_from_a_time(tmp_path) -> None:
