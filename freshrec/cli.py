@@ -200,7 +200,8 @@ def index_rebuild(
         int,
         typer.Option(
             min=1,
-            help="Publish nothing unless at least this many catalogue changes are waiting.",
+            help="Publish nothing unless at least this many catalogue changes are waiting "
+            "(changes replayed from the offline change log are folded in however few).",
             show_default=True,
         ),
     ] = 1,

@@ -16,7 +16,7 @@ back from FAISS, not embedded again), publishes it with the stream id of the las
 folds in, and promotes it. Replicas hot-swap to it, keep as overlay only the changes after
 that id, and a replica that starts follows the stream from there. Run it on a schedule
 (deploy/k8s/index-rebuild-cronjob.yaml); with fewer than `min_changes` changes it publishes
-nothing.
+nothing, unless they come from the offline change log (below).
 
 The stream keeps the newest `STREAM_MAXLEN` changes (a full catalogue feed of 1M items
 re-upserted at once is enough to trim it). When it has dropped changes after the base's
@@ -102,7 +102,8 @@ def rebuild_index(
     from_offline_log: bool = False,
 ) -> IndexRebuildReport:
     """Fold the catalogue changes since the champion index into a new index version and
-    promote it, when there are at least `min_changes` of them.
+    promote it, when there are at least `min_changes` of them or they come from the offline
+    change log (the stream lost some: replicas cannot apply them until they are folded in).
 
     `from_offline_log`: replay the offline change log even where the stream looks whole (an
     operator's recovery after Redis lost the stream, for a loss the log comparison cannot see:
@@ -134,7 +135,9 @@ def rebuild_index(
         from_offline_log,
     )
     seconds["read changes"] = clock() - t
-    if len(changes) < min_changes:
+    # From the offline log, replicas lack changes the stream no longer gives them: folded in
+    # now, however few (min_changes spares replicas a rebuild for a small overlay only).
+    if len(changes) < min_changes and source == "stream":
         announce(
             f"index {base_version}: {len(changes):,} catalogue changes since "
             f"{base.catalog_position} (fewer than {min_changes:,}): nothing published"

@@ -171,7 +171,10 @@ def test_a_stream_redis_lost_is_found_and_replayed_from_the_offline_log(
     # flag. (The rebuilt index is still at 7-0, so the same two writes are missing.)
     monkeypatch.setattr(changes, "CLOCK_SKEW", timedelta(0))
     said.clear()
-    found = rebuild_index(config, stream=TrimmedStream(), encoder=encoder, announce=said.append)
+    # However few: replicas cannot have them from the stream (the CronJob asks for 1,000).
+    found = rebuild_index(
+        config, 1000, stream=TrimmedStream(), encoder=encoder, announce=said.append
+    )
     assert (found.source, found.changes, found.upserted, found.removed) == ("offline log", 2, 1, 1)
     assert "the offline change log holds 2 write(s) from" in said[0]
     assert said[0].endswith("through 7-0") and "after its position 7-0" in said[0]
