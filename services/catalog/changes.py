@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 STREAM_MAXLEN = 1_000_000  # approximate trim; an index rebuild folds older changes in
 # How far the clocks of the replicas that write the offline change log may be from Redis's
-# (stream ids are Redis's milliseconds) when the log is compared with the stream (`LogGap`).
+# (stream ids are Redis's milliseconds) when the log is compared with the stream (`log_gap`).
 CLOCK_SKEW = timedelta(seconds=5)
 
 
