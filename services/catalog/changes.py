@@ -264,9 +264,13 @@ class ChangeFollower:
         # Positions followed from that the stream had already dropped changes after (each
         # one logged): changes this replica cannot apply until an index rebuild folds them in.
         self.gaps: list[str] = []
+        # Whether, at the last check, the serving index lacked changes the stream no longer
+        # gives (the freshrec_catalog_stream_gap gauge): checked at the first poll, after each
+        # rewind, and at each newer index (`recheck`).
+        self.missing = False
         self._lock = threading.Lock()
         self._rewind_to: str | None = None
-        self._check_gap = True  # at the first poll and after each rewind
+        self._check_at: str | None = start_after  # the position the next poll checks from
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -276,16 +280,23 @@ class ChangeFollower:
         with self._lock:
             self._rewind_to = after
 
+    def recheck(self, position: str) -> None:
+        """At the next poll, check again whether the stream lacks changes after `position`
+        (a newer index came into service: whatever it folds in is no longer missing), without
+        moving where the follower reads from."""
+        with self._lock:
+            self._check_at = position
+
     def poll_once(self) -> int:
         """Read and apply one batch; returns how many changes were applied."""
         with self._lock:
             if self._rewind_to is not None:
                 self.last_id, self._rewind_to = self._rewind_to, None
-                self._check_gap = True
+                self._check_at = self.last_id
             after = self.last_id
-            check, self._check_gap = self._check_gap, False
-        if check:
-            self._check_trim(after)
+            check, self._check_at = self._check_at, None
+        if check is not None:
+            self._check_trim(check)
         batch = self.stream.read(after, self.block_ms)
         if batch:
             self.apply(batch)
@@ -296,8 +307,9 @@ class ChangeFollower:
         return len(batch)
 
     def _check_trim(self, after: str) -> None:
-        """Warn when the stream has dropped changes after the position followed from (a
-        replica starting, or rewound to an older index, behind a trim or a lost stream)."""
+        """Warn, and set `missing`, when the stream lacks changes after `after` (the serving
+        index's position: a replica starting, rewound to an older index, or swapping to a
+        newer one, behind a trim or a lost stream); clear `missing` when it does not."""
         try:
             lost = self.stream.trimmed_through()
             gap = None
@@ -305,18 +317,21 @@ class ChangeFollower:
                 gap = log_gap(self.offline_root, after, self.stream.first_held())
         except FeatureStoreUnavailable:
             with self._lock:
-                self._check_gap = True  # again at the next poll
+                if self._check_at is None:
+                    self._check_at = after  # again at the next poll
             raise
         if position_key(lost) > position_key(after):
             what = f"the catalogue change stream has dropped changes through {lost}, past"
         elif gap is not None:
             what = f"{gap.describe()}, after"
         else:
+            self.missing = False
             return
+        self.missing = True
         self.gaps.append(after)
         log.warning(
-            "%s position %s this replica follows from: they are not in its recall until "
-            "`freshrec index-rebuild` folds them in",
+            "%s position %s of the index this replica serves: they are not in its recall "
+            "until `freshrec index-rebuild` folds them in",
             what,
             after,
         )

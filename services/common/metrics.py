@@ -156,6 +156,12 @@ CATALOG_OVERLAY = Gauge(
     "FAISS search), since the base's catalogue position; `freshrec index-rebuild` folds them in.",
     ["part"],
 )
+CATALOG_STREAM_GAP = Gauge(
+    "freshrec_catalog_stream_gap",
+    "1 while the serving index lacks catalogue changes the change stream no longer gives this "
+    "replica (trimmed, or lost by Redis): they are missing from its recall until an index "
+    "from `freshrec index-rebuild` folds them in; else 0.",
+)
 
 # The updater (served on `updater.metrics_port` when it is not 0).
 UPDATES = Counter("freshrec_updates_total", "Update jobs by final state.", ["state"])
@@ -192,6 +198,12 @@ def watch_index(current: Callable[[], Any]) -> None:
     """Point the overlay gauge at `current()` (the serving RecallIndex), read at scrape time."""
     CATALOG_OVERLAY.labels(part="searched").set_function(lambda: float(len(current().overlay_ids)))
     CATALOG_OVERLAY.labels(part="hidden").set_function(lambda: float(len(current().removed)))
+
+
+def watch_catalog_follower(follower: Any) -> None:
+    """Point the stream-gap gauge at `follower` (the replica's ChangeFollower), read at scrape
+    time."""
+    CATALOG_STREAM_GAP.set_function(lambda: float(follower.missing))
 
 
 def watch_item_feature_cache(reader: Any) -> None:

@@ -269,9 +269,16 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         return reranker
 
     serving = threading.Event()
+    follower: ChangeFollower | None = None  # set below, once the holder it applies to exists
+    index_served: list[str] = []
 
     def on_swap(models: ServingModels) -> None:
         metrics.observe_swap(models.model_version, models.index_version)
+        if follower is not None and index_served[-1:] != [models.index_version]:
+            # A newer index may fold in what the stream lost (an older one rewinds the
+            # follower, which checks as well).
+            follower.recheck(models.index.catalog_position)
+        index_served[:] = [models.index_version]
         if serving.is_set() and config.ranking.freeze_heap:
             # The new version's objects out of the collector too (services/common/heap.py);
             # at start-up the freeze before SERVING does it.
@@ -349,6 +356,7 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
         offline_root=config.offline_dir if isinstance(stream, RedisChangeStream) else None,
     )
     holder.rewind_catalog = follower.rewind
+    metrics.watch_catalog_follower(follower)
     follower.start()
     log.info(
         "following catalogue changes after %s (index %s)", position, holder.current.index_version

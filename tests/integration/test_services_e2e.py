@@ -1046,7 +1046,9 @@ def test_a_trimmed_change_stream_is_folded_in_from_the_offline_change_log(
         assert _eventually(lambda: again.follower is not None and again.follower.gaps == ["0"])
     finally:
         again.stop(grace=1)
-    warning = f"has dropped changes through {newest}, past position 0 this replica follows from"
+    warning = (
+        f"has dropped changes through {newest}, past position 0 of the index this replica serves"
+    )
     assert any(warning in r.getMessage() for r in caplog.records)
 
     report = rebuild_index(stack.config, announce=lambda _m: None)
@@ -1090,25 +1092,40 @@ def test_a_change_stream_redis_lost_is_found_from_the_offline_log_and_folded_in(
     ).accepted
     assert _eventually(lambda: kept in holder.current.index.overlay_ids)
 
-    # A replica that starts now would follow the new stream without the lost item; it says so.
+    # A replica that starts now would follow the new stream without the lost item; it says so,
+    # and its gap gauge reads 1 until it serves an index that folds the lost item in.
+    from prometheus_client import REGISTRY
+
     caplog.set_level(logging.WARNING, logger="services.catalog.changes")
     again = build_ranking(stack.config, port=0)
     try:
-        assert _eventually(lambda: again.follower is not None and again.follower.gaps == [position])
+        follower = again.follower
+        assert follower is not None
+        assert _eventually(lambda: follower.gaps == [position])
         assert _eventually(lambda: kept in again.models.current.index.overlay_ids)
         assert lost not in again.models.current.index.overlay_ids
+        assert follower.missing
+        assert REGISTRY.get_sample_value("freshrec_catalog_stream_gap") == 1.0
+        assert any(
+            "the offline change log holds 1 write(s)" in r.getMessage()
+            and f"after position {position} of the index this replica serves" in r.getMessage()
+            for r in caplog.records
+        )
+
+        said: list[str] = []
+        report = rebuild_index(stack.config, announce=said.append)
+        assert report.source == "offline log", said
+        for replica in (holder, again.models):
+            _wait_for(
+                lambda r=replica: r.current.index_version == report.version,
+                "the rebuilt index serving",
+            )
+            served = replica.current.index
+            assert {lost, kept} <= set(served.item_ids)
+            assert (served.overlay_ids, served.removed) == ((), frozenset())
+        # Checked again at the swap: nothing the index lacks is missing from the stream now.
+        assert _eventually(lambda: not follower.missing)
+        assert REGISTRY.get_sample_value("freshrec_catalog_stream_gap") == 0.0
+        assert follower.gaps == [position]
     finally:
         again.stop(grace=1)
-    assert any(
-        "the offline change log holds 1 write(s)" in r.getMessage()
-        and f"after position {position} this replica follows from" in r.getMessage()
-        for r in caplog.records
-    )
-
-    said: list[str] = []
-    report = rebuild_index(stack.config, announce=said.append)
-    assert report.source == "offline log", said
-    _wait_for(lambda: holder.current.index_version == report.version, "the rebuilt index serving")
-    served = holder.current.index
-    assert {lost, kept} <= set(served.item_ids)
-    assert (served.overlay_ids, served.removed) == ((), frozenset())

@@ -264,8 +264,8 @@ def test_follower_warns_when_it_starts_or_rewinds_behind_a_trim(
         follower.poll_once()  # said once per position, not per poll
     assert follower.gaps == ["1-0"]
     assert [r.getMessage() for r in caplog.records] == [
-        "the catalogue change stream has dropped changes through 3-0, past position 1-0 this "
-        "replica follows from: they are not in its recall until `freshrec index-rebuild` "
+        "the catalogue change stream has dropped changes through 3-0, past position 1-0 of the "
+        "index this replica serves: they are not in its recall until `freshrec index-rebuild` "
         "folds them in"
     ]
     assert seen == ["d", "e", "b", "c", "d", "e"]
@@ -320,7 +320,40 @@ def test_follower_warns_when_it_starts_behind_changes_only_the_offline_log_holds
     [record] = caplog.records
     assert record.getMessage().startswith("the offline change log holds 1 write(s) from ")
     assert record.getMessage().endswith(
-        f"that the change stream lacks (Redis lost the stream, or trimmed it without reporting "
-        f"it), after position {position} this replica follows from: they are not in its recall "
-        "until `freshrec index-rebuild` folds them in"
+        "that the change stream lacks (Redis lost the stream, or trimmed it without reporting "
+        f"it), after position {position} of the index this replica serves: they are not in "
+        "its recall until `freshrec index-rebuild` folds them in"
     )
+
+
+def test_follower_reports_missing_changes_until_a_newer_index_folds_them_in() -> None:
+    from prometheus_client import REGISTRY
+
+    from services.common import metrics
+
+    class Trimmed(InMemoryChangeStream):
+        def trimmed_through(self) -> str:
+            return "3-0"
+
+    stream = Trimmed()
+    stream.publish([CatalogChange("remove", x) for x in "abcde"])
+    seen: list[str] = []
+    follower = ChangeFollower(
+        stream, lambda batch: seen.extend(c.item_id for _, c in batch), "1-0", block_ms=1
+    )
+    metrics.watch_catalog_follower(follower)
+
+    def gauge() -> float | None:
+        return REGISTRY.get_sample_value("freshrec_catalog_stream_gap")
+
+    assert gauge() == 0.0
+    follower.poll_once()  # starts at 1-0: 2-0 and 3-0 are gone
+    assert (follower.missing, follower.gaps, gauge()) == (True, ["1-0"], 1.0)
+    follower.recheck("2-0")  # a newer index, still behind the trim
+    follower.poll_once()
+    assert (follower.missing, follower.gaps) == (True, ["1-0", "2-0"])
+    follower.recheck("3-0")  # an index that folds in everything the stream dropped
+    follower.poll_once()
+    assert (follower.missing, follower.gaps, gauge()) == (False, ["1-0", "2-0"], 0.0)
+    # A recheck does not move where it reads from: nothing was applied twice.
+    assert seen == ["b", "c", "d", "e"]
