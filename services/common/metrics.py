@@ -81,6 +81,12 @@ STAGE_SECONDS = Histogram(
 )
 REQUESTS = Counter("freshrec_requests_total", "RPCs by method and outcome.", ["method", "outcome"])
 DEGRADED = Counter("freshrec_degraded_total", "Answers served by a fallback.", ["reason"])
+COLD_START = Counter(
+    "freshrec_cold_start_answers_total",
+    "Recommend answers for users the online store holds no profile for (popular items). Its "
+    "share of all answers near 1 means the store lost its profiles (a Redis restart without "
+    "persistence): run `freshrec materialize`.",
+)
 SERVING_VERSION = Gauge(
     "freshrec_serving_version_info",
     "1 for the (model, index) versions being served.",

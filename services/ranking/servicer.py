@@ -76,6 +76,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             self.score_log.observe(result.model_version, result.relevance)
         if result.degraded:
             metrics.DEGRADED.labels(reason=result.degraded_reason.split(":")[0]).inc()
+        if result.cold_start:
+            metrics.COLD_START.inc()
         total_ms = result.timings_ms.get("total", 0.0)
         log.info(
             "recommend request_id=%s user=%s k=%d model=%s degraded=%s total_ms=%.1f",

@@ -248,9 +248,18 @@ def test_recommend_with_a_query_and_exclusions(stack: Stack) -> None:
 
 
 def test_recommend_for_an_unknown_user_is_a_cold_start(stack: Stack) -> None:
+    from prometheus_client import REGISTRY
+
+    def cold() -> float:
+        return REGISTRY.get_sample_value("freshrec_cold_start_answers_total") or 0.0
+
+    before = cold()
     reply = _recommend(stack, f"never-seen-{uuid.uuid4().hex}", 5)
 
     assert reply.cold_start and not reply.degraded
+    assert cold() == before + 1  # counted: a share near 1 means the store lost its profiles
+    _recommend(stack, stack.user.user_id, 5)
+    assert cold() == before + 1
     assert len(reply.items) == 5
     assert all(i.stage == ranking_pb2.STAGE_FALLBACK for i in reply.items)
 
