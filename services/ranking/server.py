@@ -270,15 +270,16 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
 
     serving = threading.Event()
     follower: ChangeFollower | None = None  # set below, once the holder it applies to exists
-    index_served: list[str] = []
+    index_served = ""
 
     def on_swap(models: ServingModels) -> None:
+        nonlocal index_served
         metrics.observe_swap(models.model_version, models.index_version)
-        if follower is not None and index_served[-1:] != [models.index_version]:
+        if follower is not None and models.index_version != index_served:
             # A newer index may fold in what the stream lost (an older one rewinds the
             # follower, which checks as well).
             follower.recheck(models.index.catalog_position)
-        index_served[:] = [models.index_version]
+        index_served = models.index_version
         if serving.is_set() and config.ranking.freeze_heap:
             # The new version's objects out of the collector too (services/common/heap.py);
             # at start-up the freeze before SERVING does it.
