@@ -261,8 +261,8 @@ class ChangeFollower:
         self.last_id = start_after
         self.block_ms = block_ms
         self.applied = 0
-        # Positions followed from that the stream had already dropped changes after (each
-        # one logged): changes this replica cannot apply until an index rebuild folds them in.
+        # Serving-index positions the stream was found to lack changes after, at a check
+        # (each one logged): changes this replica cannot apply until an index folds them in.
         self.gaps: list[str] = []
         # Whether, at the last check, the serving index lacked changes the stream no longer
         # gives (the freshrec_catalog_stream_gap gauge): checked at the first poll, after each
