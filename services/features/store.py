@@ -456,8 +456,11 @@ def materialize(
 
     Raises:
         FeatureStoreUnavailable: the online store could not be written.
+        FailedPrecondition: Feast's registry lacks the feature views (never applied, or torn
+            down): nothing to materialise into.
     """
     store = store or open_feature_store(config.feature_repo_dir)
+    _require_feature_views(store, config)
     if fast:
         fast_report = _materialize_fast(config, end, store)
         if fast_report is not None:
@@ -497,6 +500,23 @@ def materialize(
         generation.close()
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
+
+
+def _require_feature_views(store: FeatureStore, config: FreshRecConfig) -> None:
+    """Raises FailedPrecondition naming the first of the two feature views Feast's registry
+    lacks (a repository never applied, or torn down), rather than Feast's error deep inside a
+    materialisation."""
+    from feast.errors import FeatureViewNotFoundException
+
+    for name in ("user_profile", "item_features"):
+        try:
+            store.get_feature_view(name)
+        except FeatureViewNotFoundException as exc:
+            raise FailedPrecondition(
+                f"feature view {name!r} is not in the Feast registry of project "
+                f"{config.project} ({config.feature_repo_dir}): initialise the workdir "
+                "(`freshrec init`) or apply its feature repository (`feast apply`) first"
+            ) from exc
 
 
 def _materialize_fast(

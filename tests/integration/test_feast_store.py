@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from freshrec.config import FreshRecConfig
-from freshrec.errors import FeatureStoreUnavailable
+from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable
 from freshrec.records import ItemFeatures, UserProfile
 from services.features.feast_store import FeastFeatureStore
 from services.features.item_generation import ItemGeneration
@@ -305,6 +305,47 @@ def test_reads_fail_with_feature_store_unavailable_on_a_closed_port(
         reader.get_user_profile("u1")
     with pytest.raises(FeatureStoreUnavailable):
         materialize(config, AS_OF)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_materialize_before_the_repository_is_applied_names_what_is_missing(
+    on_sqlite: Prepared, tmp_path: Path, fast: bool
+) -> None:
+    config = _config(tmp_path, redis_url=CLOSED_PORT_URL, online_store="sqlite")
+    render_feature_store_yaml(config, OnlineStoreChoice("sqlite", None, "local"))
+    write_offline_tables(config, on_sqlite.profiles, on_sqlite.items)
+    # No `apply_feature_repo`: Feast's registry holds no feature view (as after a teardown).
+    with pytest.raises(FailedPrecondition, match="feature view 'user_profile' is not in the Feast"):
+        materialize(config, AS_OF, fast=fast)
+
+
+def test_materialize_command_on_an_unapplied_repository_is_a_one_line_error(
+    on_sqlite: Prepared, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from freshrec.config import load_config
+
+    workdir = tmp_path / "work"
+    config = load_config(workdir)
+    render_feature_store_yaml(config, OnlineStoreChoice("sqlite", None, "local"))
+    write_offline_tables(config, on_sqlite.profiles, on_sqlite.items)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "freshrec.cli", "materialize", "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        timeout=120,
+    )
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    flat = " ".join(output.split())  # the console wraps long lines
+    assert "error: feature view 'user_profile' is not in the Feast registry of project" in flat
+    assert flat.endswith("or apply its feature repository (`feast apply`) first"), output
 
 
 # -- RedisFeatureReader: the one-round-trip reader must return exactly what the SDK returns ----
