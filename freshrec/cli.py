@@ -140,6 +140,15 @@ def materialize(
             "the re-ranker reads it."
         ),
     ] = True,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="Load every row within each view's TTL, as the first run did, not only what "
+            "changed since the last run: after the online store lost its data (a Redis "
+            "restart without persistence).",
+        ),
+    ] = False,
 ) -> None:
     """Load the offline feature tables into the online store (for a scheduled job)."""
     from datetime import UTC, datetime
@@ -155,7 +164,7 @@ def materialize(
             f"item popularity: {done['items']:,} items from {done['events']:,} events "
             f"in {done['seconds']:.1f} s"
         )
-    report = run(config, now, fast=fast)
+    report = run(config, now, fast=fast, full=full)
     for view, info in report["views"].items():
         console.print(f"{view}: {info['rows']:,} rows in {info['seconds']:.1f} s")
 

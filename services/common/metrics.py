@@ -85,7 +85,7 @@ COLD_START = Counter(
     "freshrec_cold_start_answers_total",
     "Recommend answers for users the online store holds no profile for (popular items). Its "
     "share of all answers near 1 means the store lost its profiles (a Redis restart without "
-    "persistence): run `freshrec materialize`.",
+    "persistence): run `freshrec materialize --full`.",
 )
 SERVING_VERSION = Gauge(
     "freshrec_serving_version_info",

@@ -353,6 +353,7 @@ def fast_materialize(
     batch_size: int = DEFAULT_BATCH_SIZE,
     views: Sequence[str] = tuple(VIEW_TABLES),
     start: datetime | None = None,
+    full: bool = False,
 ) -> dict[str, Any]:
     """Load the offline tables into the Redis online store in Feast's layout, up to `end`.
 
@@ -369,6 +370,8 @@ def fast_materialize(
         views: which views to load.
         start: load from this instant instead of the view's last materialised end (a backfill;
             the staleness rule still protects newer stored rows unless `overwrite`).
+        full: load each view's whole window (`end - ttl`, or everything without a TTL) as the
+            first run did, whatever ran before: after the online store lost its data.
 
     Returns:
         {"engine": "fast", "views": {name: {"rows": written, "skipped": n, "seconds": s,
@@ -398,7 +401,7 @@ def fast_materialize(
             view = store.get_feature_view(view_name)
             if len(view.entity_columns) != 1:
                 raise FastMaterializeUnsupported(f"{view_name}: only single-key entities")
-            since = start or view.most_recent_end_time
+            since = start or (None if full else view.most_recent_end_time)
             if since is None:
                 since = end - view.ttl if view.ttl else datetime(1970, 1, 1, tzinfo=UTC)
             since = since.replace(tzinfo=UTC) if since.tzinfo is None else since

@@ -436,7 +436,11 @@ def refresh_popularity(config: FreshRecConfig, as_of: datetime) -> dict[str, Any
 
 
 def materialize(
-    config: FreshRecConfig, end: datetime, store: FeatureStore | None = None, fast: bool = False
+    config: FreshRecConfig,
+    end: datetime,
+    store: FeatureStore | None = None,
+    fast: bool = False,
+    full: bool = False,
 ) -> dict[str, Any]:
     """Load the offline tables into the online store, up to `end` (inclusive).
 
@@ -448,6 +452,9 @@ def materialize(
         fast: write Feast's Redis layout directly (`fast_materialize.py`, same values, several
             times the rows/s); falls back to the SDK where that path does not apply (SQLite,
             Redis Cluster), with a log line saying why.
+        full: load each view's whole window (`end - ttl`) as the first run did, not only what
+            changed since the previous run: after the online store lost its data (a Redis
+            restart without persistence), which an incremental run would not bring back.
 
     Returns:
         {"views": {name: {"rows": n, "seconds": s, "start": iso, "end": iso}}, "seconds": total};
@@ -462,7 +469,7 @@ def materialize(
     store = store or open_feature_store(config.feature_repo_dir)
     _require_feature_views(store, config)
     if fast:
-        fast_report = _materialize_fast(config, end, store)
+        fast_report = _materialize_fast(config, end, store, full)
         if fast_report is not None:
             return fast_report
     if config.materialize.engine == "spark" and config.materialize.spark_master.startswith("local"):
@@ -476,7 +483,7 @@ def materialize(
     tables = {"user_profile": USER_PROFILE_TABLE, "item_features": ITEM_FEATURES_TABLE}
     for view_name, table in tables.items():
         view = store.get_feature_view(view_name)
-        start = view.most_recent_end_time
+        start = None if full else view.most_recent_end_time
         if start is None:
             start = end - view.ttl if view.ttl else datetime(1970, 1, 1, tzinfo=UTC)
         start = start.replace(tzinfo=UTC) if start.tzinfo is None else start
@@ -520,13 +527,13 @@ def _require_feature_views(store: FeatureStore, config: FreshRecConfig) -> None:
 
 
 def _materialize_fast(
-    config: FreshRecConfig, end: datetime, store: FeatureStore
+    config: FreshRecConfig, end: datetime, store: FeatureStore, full: bool = False
 ) -> dict[str, Any] | None:
     """The fast path's report, or None when it does not apply to this repo (use the SDK)."""
     from services.features.fast_materialize import FastMaterializeUnsupported, fast_materialize
 
     try:
-        return fast_materialize(config, end, store)
+        return fast_materialize(config, end, store, full=full)
     except FastMaterializeUnsupported as exc:
         logger.warning("fast materialisation does not apply (%s); using the Feast SDK", exc)
         return None

@@ -32,7 +32,7 @@ logged after the base's position but before the stream's oldest change (or, with
 seconds ago) are changes the stream lost (`log_gap`), and the log is replayed as after a trim.
 A change lost within `CLOCK_SKEW` of either end is not seen that way; `from_offline_log`
 (`freshrec index-rebuild --from-offline-log`) replays the offline log regardless: the
-operator's step after a loss, with `freshrec materialize` for the online features that went
+operator's step after a loss, with `freshrec materialize --full` for the online features that went
 too.
 """
 

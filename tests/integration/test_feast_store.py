@@ -602,3 +602,33 @@ def test_materialize_bumps_the_item_generation(on_redis: Prepared) -> None:
     )
     assert report["views"]["item_features"]["rows"] == len(ITEMS)
     assert _generation(on_redis) not in (before, after_sdk)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_materialize_full_brings_back_what_the_online_store_lost(
+    redis_url: str, tmp_path: Path, fast: bool
+) -> None:
+    prepared = _prepare(_config(tmp_path, redis_url=redis_url, online_store="redis"), tmp_path)
+    config, reader = prepared.config, prepared.reader
+    try:
+        profile = reader.get_user_profile("u1")
+        item = reader.get_items(["i1"])["i1"]
+        assert profile is not None
+        # The online store loses this project's keys (Feast's keys end with the project).
+        client = redis.Redis.from_url(redis_url)
+        lost = list(client.scan_iter(match=f"*{config.project}", count=1000))
+        assert lost and client.delete(*lost) == len(lost)
+        assert reader.get_user_profile("u1") is None and "i1" not in reader.get_items(["i1"])
+
+        # A scheduled run loads what changed since the last one: nothing comes back.
+        later = AS_OF + timedelta(hours=1)
+        materialize(config, later, fast=fast)
+        assert reader.get_user_profile("u1") is None
+
+        report = materialize(config, later, fast=fast, full=True)
+        assert report["views"]["user_profile"]["rows"] > 0
+        assert reader.get_user_profile("u1") == profile
+        assert reader.get_items(["i1"])["i1"] == item
+    finally:
+        open_feature_store(config.feature_repo_dir).teardown()
+        ItemGeneration(config.feature_repo_dir).forget()
