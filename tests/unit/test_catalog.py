@@ -242,19 +242,30 @@ def test_a_redis_stream_trimmed_by_maxlen_reports_what_it_may_have_dropped() -> 
     assert trimmed_position({"length": 3, "first-entry": ("9-0", {})}) == "0"
 
 
+class _TrimmedThrough3(InMemoryChangeStream):
+    """Five removals, a..e at 1-0..5-0, of which the stream has dropped through 3-0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.publish([CatalogChange("remove", x) for x in "abcde"])
+
+    def trimmed_through(self) -> str:
+        return "3-0"
+
+
+def _follower(stream: InMemoryChangeStream, start: str) -> tuple[ChangeFollower, list[str]]:
+    """A follower of `stream` from `start`, and the item ids it applies, in order."""
+    seen: list[str] = []
+    follower = ChangeFollower(
+        stream, lambda batch: seen.extend(c.item_id for _, c in batch), start, block_ms=1
+    )
+    return follower, seen
+
+
 def test_follower_warns_when_it_starts_or_rewinds_behind_a_trim(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    class Trimmed(InMemoryChangeStream):
-        def trimmed_through(self) -> str:
-            return "3-0"
-
-    stream = Trimmed()
-    stream.publish([CatalogChange("remove", x) for x in "abcde"])
-    seen: list[str] = []
-    follower = ChangeFollower(
-        stream, lambda batch: seen.extend(c.item_id for _, c in batch), "3-0", block_ms=1
-    )
+    follower, seen = _follower(_TrimmedThrough3(), "3-0")
     with caplog.at_level("WARNING", logger="services.catalog.changes"):
         follower.poll_once()  # from 3-0: nothing it follows was dropped
         follower.poll_once()
@@ -331,16 +342,7 @@ def test_follower_reports_missing_changes_until_a_newer_index_folds_them_in() ->
 
     from services.common import metrics
 
-    class Trimmed(InMemoryChangeStream):
-        def trimmed_through(self) -> str:
-            return "3-0"
-
-    stream = Trimmed()
-    stream.publish([CatalogChange("remove", x) for x in "abcde"])
-    seen: list[str] = []
-    follower = ChangeFollower(
-        stream, lambda batch: seen.extend(c.item_id for _, c in batch), "1-0", block_ms=1
-    )
+    follower, seen = _follower(_TrimmedThrough3(), "1-0")
     metrics.watch_catalog_follower(follower)
 
     def gauge() -> float | None:
