@@ -144,9 +144,10 @@ def materialize(
         bool,
         typer.Option(
             "--full",
-            help="Load every row within each view's TTL, as the first run did, not only what "
-            "changed since the last run: after the online store lost its data (a Redis "
-            "restart without persistence).",
+            help="After the online store lost its data (a Redis restart without "
+            "persistence): first fold the offline event log into the profile table (what "
+            "LogEvents pushed online since `init`), then load every row within each view's "
+            "TTL, as the first run did, not only what changed since the last run.",
         ),
     ] = False,
 ) -> None:
@@ -155,6 +156,7 @@ def materialize(
 
     from services.features.store import materialize as run
     from services.features.store import refresh_popularity as refresh
+    from services.features.store import refresh_profiles
 
     config = _config(workdir)
     now = datetime.now(UTC)
@@ -163,6 +165,12 @@ def materialize(
         console.print(
             f"item popularity: {done['items']:,} items from {done['events']:,} events "
             f"in {done['seconds']:.1f} s"
+        )
+    if full:
+        folded = refresh_profiles(config, now)
+        console.print(
+            f"user profiles: {folded['events']:,} logged events folded into "
+            f"{folded['updated']:,} of {folded['users']:,} users in {folded['seconds']:.1f} s"
         )
     report = run(config, now, fast=fast, full=full)
     for view, info in report["views"].items():

@@ -608,12 +608,28 @@ def test_materialize_bumps_the_item_generation(on_redis: Prepared) -> None:
 def test_materialize_full_brings_back_what_the_online_store_lost(
     redis_url: str, tmp_path: Path, fast: bool
 ) -> None:
+    from services.features.store import refresh_profiles
+    from services.ingestion.offline_log import OfflineEventLog
+    from services.ingestion.validate import EventRow
+
     prepared = _prepare(_config(tmp_path, redis_url=redis_url, online_store="redis"), tmp_path)
     config, reader = prepared.config, prepared.reader
     try:
-        profile = reader.get_user_profile("u1")
+        # The event log as a bootstrap leaves it (the history the profiles were built from),
+        # then two events LogEvents accepted and pushed online: u1 buys i4, u9 is new.
+        log = OfflineEventLog(config.offline_dir)
+        log.append_frame(INTERACTIONS)
+        bought, clicked = AS_OF + timedelta(minutes=30), AS_OF + timedelta(minutes=40)
+        log.append(
+            [
+                EventRow("n1", "u1", "i4", "purchase", bought),
+                EventRow("n2", "u9", "i2", "click", clicked),
+            ]
+        )
+        before = reader.get_user_profile("u1")
+        u2 = reader.get_user_profile("u2")
         item = reader.get_items(["i1"])["i1"]
-        assert profile is not None
+        assert before is not None and before.purchases == 1
         # The online store loses this project's keys (Feast's keys end with the project).
         client = redis.Redis.from_url(redis_url)
         lost = list(client.scan_iter(match=f"*{config.project}", count=1000))
@@ -625,9 +641,20 @@ def test_materialize_full_brings_back_what_the_online_store_lost(
         materialize(config, later, fast=fast)
         assert reader.get_user_profile("u1") is None
 
+        folded = refresh_profiles(config, later)
+        assert (folded["updated"], folded["events"]) == (2, 2)  # the history not again
+        again = refresh_profiles(config, later)  # each row's last_seen moved past them
+        assert (again["updated"], again["events"], again["users"]) == (0, 0, folded["users"])
         report = materialize(config, later, fast=fast, full=True)
         assert report["views"]["user_profile"]["rows"] > 0
-        assert reader.get_user_profile("u1") == profile
+        u1 = reader.get_user_profile("u1")
+        assert u1 is not None
+        assert (u1.purchases, u1.clicks, u1.events_total) == (2, before.clicks, 4)
+        assert u1.recent_items[0] == "i4" and u1.purchased_items[0] == "i4"
+        assert u1.last_seen == bought
+        assert reader.get_user_profile("u2") == u2
+        u9 = reader.get_user_profile("u9")
+        assert u9 is not None and (u9.clicks, u9.recent_items) == (1, ("i2",))
         assert reader.get_items(["i1"])["i1"] == item
     finally:
         open_feature_store(config.feature_repo_dir).teardown()
