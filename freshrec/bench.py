@@ -317,7 +317,8 @@ def profile_user_ids(config: FreshRecConfig) -> list[str]:
     import pandas as pd
 
     table = pd.read_parquet(config.offline_dir / "user_profile.parquet", columns=["user_id"])
-    return table["user_id"].astype(str).tolist()
+    # Once per user: `materialize --full` appends a row per user it updates.
+    return table["user_id"].astype(str).drop_duplicates().tolist()
 
 
 def bench_project(workdir: Path) -> str:

@@ -68,7 +68,7 @@ def bench_freshness(
     feast = FeastFeatureStore(config.feature_repo_dir)
     feast.start()
     profiles = pd.read_parquet(config.offline_dir / "user_profile.parquet")
-    users = profiles["user_id"].astype(str).tolist()
+    users = profiles["user_id"].astype(str).drop_duplicates().tolist()
     catalog = rank_app.models.current.index.item_ids
     rng = np.random.default_rng(1)
     result: dict[str, Any] = {"items": len(catalog), "users": len(users)}

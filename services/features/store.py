@@ -436,16 +436,17 @@ def refresh_popularity(config: FreshRecConfig, as_of: datetime) -> dict[str, Any
 
 
 def refresh_profiles(config: FreshRecConfig, as_of: datetime) -> dict[str, Any]:
-    """Fold the offline event log into the offline profile table and rewrite it (atomic
-    replace): each user's logged events after their row's `last_seen`, up to `as_of`, with
-    `update_profile` (what LogEvents does to the online profile). The table holds the profiles
-    as `freshrec init` built them; LogEvents pushes its updates to the online store only, so
-    after the store lost its data (a Redis restart without persistence) this, then a `--full`
-    materialisation, brings the profiles back as they were served.
+    """Fold the offline event log into the offline profile table (a new row per user it
+    changes, appended; atomic replace): each user's logged events after their newest row's
+    `last_seen`, up to `as_of`, with `update_profile` (what LogEvents does to the online
+    profile). The table holds the profiles as `freshrec init` built them; LogEvents pushes its
+    updates to the online store only, so after the store lost its data (a Redis restart
+    without persistence) this, then a `--full` materialisation, brings the profiles back as
+    they were served.
 
     Returns:
-        {"users": rows written, "updated": users whose row changed (new ones included),
-        "events": events folded in, "seconds": s}.
+        {"users": distinct users in the table, "updated": users given a new row (new users
+        included), "events": events folded in, "seconds": s}.
 
     Raises:
         FailedPrecondition: no offline profile or item table (run `freshrec init` first).
@@ -466,9 +467,12 @@ def refresh_profiles(config: FreshRecConfig, as_of: datetime) -> dict[str, Any]:
             raise FailedPrecondition(f"no offline table at {table}: run `freshrec init` first")
     as_of = as_of.replace(tzinfo=UTC) if as_of.tzinfo is None else as_of.astimezone(UTC)
     rows = pd.read_parquet(path)
+    # The table is a history of profile states (a Feast source): each user's newest row counts.
+    latest = rows.assign(_at=pd.to_datetime(rows["last_seen"], utc=True))
+    latest = latest.sort_values("_at", kind="stable").drop_duplicates("user_id", keep="last")
     last_seen = {
         str(u): (pd.Timestamp(t) if not pd.isna(t) else None)
-        for u, t in zip(rows["user_id"], pd.to_datetime(rows["last_seen"], utc=True), strict=True)
+        for u, t in zip(latest["user_id"], latest["_at"], strict=True)
     }
     events = OfflineEventLog(config.offline_dir).read()
     events = events[events["timestamp"] <= pd.Timestamp(as_of)]
@@ -481,7 +485,7 @@ def refresh_profiles(config: FreshRecConfig, as_of: datetime) -> dict[str, Any]:
         fresh["user_id"], fresh["item_id"], fresh["event_type"], fresh["timestamp"], strict=True
     ):
         by_user.setdefault(str(user), []).append((str(item), str(kind), ts.to_pydatetime()))
-    known = rows[rows["user_id"].astype(str).isin(by_user)]
+    known = latest.drop(columns="_at")[latest["user_id"].astype(str).isin(by_user)]
     records: list[dict[str, Any]] = known.to_dict("records")  # type: ignore[assignment]
     current = {str(r["user_id"]): profile_from_row(r) for r in records}
     needed = set(fresh["item_id"].astype(str))
@@ -489,13 +493,14 @@ def refresh_profiles(config: FreshRecConfig, as_of: datetime) -> dict[str, Any]:
         needed.update(profile.recent_items)
     items = {i.item_id: i for i in iter_item_records(pd.read_parquet(item_path), sorted(needed))}
     updated = [update_profile(current.get(u), u, evs, items) for u, evs in by_user.items()]
-    kept = rows[~rows["user_id"].astype(str).isin(by_user)]
-    frame = pd.concat([kept, profiles_frame(updated)], ignore_index=True) if updated else rows
+    # Appended: the rows before stay, as the states the users had then (materialisation takes
+    # each user's newest row).
+    frame = pd.concat([rows, profiles_frame(updated)], ignore_index=True) if updated else rows
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     frame.to_parquet(tmp, index=False)
     tmp.replace(path)
     return {
-        "users": len(frame),
+        "users": int(frame["user_id"].nunique()),
         "updated": len(updated),
         "events": len(fresh),
         "seconds": round(time.perf_counter() - started, 3),

@@ -645,6 +645,9 @@ def test_materialize_full_brings_back_what_the_online_store_lost(
         assert (folded["updated"], folded["events"]) == (2, 2)  # the history not again
         again = refresh_profiles(config, later)  # each row's last_seen moved past them
         assert (again["updated"], again["events"], again["users"]) == (0, 0, folded["users"])
+        # Appended: u1's state before the purchase stays in the table, as it was then.
+        table = pd.read_parquet(config.offline_dir / "user_profile.parquet")
+        assert table["user_id"].tolist().count("u1") == 2 and folded["users"] == 4
         report = materialize(config, later, fast=fast, full=True)
         assert report["views"]["user_profile"]["rows"] > 0
         u1 = reader.get_user_profile("u1")
