@@ -470,16 +470,13 @@ def refresh_profiles(config: FreshRecConfig, as_of: datetime) -> dict[str, Any]:
     # The table is a history of profile states (a Feast source): each user's newest row counts.
     latest = rows.assign(_at=pd.to_datetime(rows["last_seen"], utc=True))
     latest = latest.sort_values("_at", kind="stable").drop_duplicates("user_id", keep="last")
-    last_seen = {
-        str(u): (pd.Timestamp(t) if not pd.isna(t) else None)
-        for u, t in zip(latest["user_id"], latest["_at"], strict=True)
-    }
+    last_seen = pd.Series(latest["_at"].to_numpy(), index=latest["user_id"].astype(str))
     events = OfflineEventLog(config.offline_dir).read()
     events = events[events["timestamp"] <= pd.Timestamp(as_of)]
     # Each user's events after the row's state (the history it was built from is in the log
-    # too), in the log's order: by time, ties as they arrived.
-    seen = events["user_id"].map(last_seen)
-    fresh = events[seen.isna() | (events["timestamp"] > seen)]
+    # too), in the log's order: by time, ties as they arrived. NaT: a user without a row.
+    seen = pd.to_datetime(events["user_id"].astype(str).map(last_seen), utc=True)
+    fresh = events[seen.isna().to_numpy() | (events["timestamp"] > seen).to_numpy()]
     by_user: dict[str, list[tuple[str, str, datetime]]] = {}
     for user, item, kind, ts in zip(
         fresh["user_id"], fresh["item_id"], fresh["event_type"], fresh["timestamp"], strict=True
