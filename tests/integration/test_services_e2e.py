@@ -785,7 +785,9 @@ def test_bench_serving_drives_the_real_service_and_reports_floors(stack: Stack) 
     beyond = result["beyond_model_by_class"]
     assert beyond.keys() == classes.keys()
     for name, ms in beyond.items():
-        assert 0 < ms <= classes[name]["p50_ms"] + 0.005, name
+        # 1e-9: 3.555 (3 decimals) against 3.55 + 0.005 (2 decimals) is 3.5549999999999997 in
+        # floats, where a class without forward passes has the same median both ways.
+        assert 0 < ms <= classes[name]["p50_ms"] + 0.005 + 1e-9, name
     # The service's own step timings under the load: ordered percentiles, and a server-side
     # total below the client's end-to-end time.
     steps = result["service_stages_ms"]
