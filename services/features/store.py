@@ -397,10 +397,15 @@ def write_offline_tables(
     }
     for name, frame in (("user_profile", profiles), ("item_features", items)):
         path = paths[name]
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        frame.to_parquet(tmp, index=False)
-        tmp.replace(path)
+        _replace_parquet(frame, path)
     return paths
+
+
+def _replace_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Write `frame` to `path` whole, atomically: a reader sees the old table or the new one."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
 
 
 def refresh_popularity(config: FreshRecConfig, as_of: datetime) -> dict[str, Any]:
@@ -425,9 +430,7 @@ def refresh_popularity(config: FreshRecConfig, as_of: datetime) -> dict[str, Any
     as_of = as_of.replace(tzinfo=UTC) if as_of.tzinfo is None else as_of.astimezone(UTC)
     events = OfflineEventLog(config.offline_dir).read(since=as_of - timedelta(days=31))
     rows = refresh_item_popularity(pd.read_parquet(path), events, as_of)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    rows.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    _replace_parquet(rows, path)
     return {
         "items": len(rows),
         "events": len(events),
@@ -493,9 +496,7 @@ def refresh_profiles(config: FreshRecConfig, as_of: datetime) -> dict[str, Any]:
     # Appended: the rows before stay, as the states the users had then (materialisation takes
     # each user's newest row).
     frame = pd.concat([rows, profiles_frame(updated)], ignore_index=True) if updated else rows
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    _replace_parquet(frame, path)
     return {
         "users": int(frame["user_id"].nunique()),
         "updated": len(updated),
