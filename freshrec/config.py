@@ -222,6 +222,15 @@ class RankingConfig(_Section):
         "profile, item texts and model version runs no forward pass (same scores). A profile "
         "change, a changed item text or a new version misses. false: every request runs it.",
     )
+    prepare_user_states: bool = Field(
+        True,
+        description="When LogEvents changes users' profiles, compute a split re-ranker's user "
+        "side for their new context on the torch thread right away "
+        "(services/ranking/user_prepare.py): the user's next Recommend, on this replica, then "
+        "skips the user pass (on the AMD EPYC of stop 40, 100k items, p50 17.8 against 8.6 "
+        "ms for the two kinds of request). One model call per LogEvents batch of at most 64 "
+        "users; false: the next request computes it.",
+    )
     item_cache_seconds: float = Field(
         30,
         ge=0,

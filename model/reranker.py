@@ -199,6 +199,8 @@ class CrossEncoderReranker:
         self._joint_users: OrderedDict[tuple[tuple[int, ...], str], JointUser] = OrderedDict()
         self.user_cache_hits = 0
         self.user_cache_misses = 0
+        # User sides computed ahead of their requests (`prepare_users`), not counted above.
+        self.user_states_prepared = 0
         self.item_states_read = 0  # item states read from disk (`load_item_states`)
         # Where `warm_items` reads a missing text's states before computing them: the snapshot
         # of this re-ranker's item side (model/item_state_snapshot.py), set by the ranking
@@ -814,6 +816,34 @@ class CrossEncoderReranker:
             while len(self._joint_users) > USER_STATE_CACHE_SIZE:
                 self._joint_users.popitem(last=False)
         return joint
+
+    @torch.inference_mode()
+    def prepare_users(self, user_texts: Sequence[str]) -> int:
+        """Compute and keep the user side of each user-context text not kept yet (its states
+        below the split and the last layer's user part, in one batch): what the first request
+        with that context would otherwise run before its candidates. Not a request: neither
+        the cache counters nor `forward_seconds` count it. Returns how many contexts were
+        computed; 0 for a full cross-encoder, which keeps no user side."""
+        if self.split is None or not user_texts:
+            return 0
+        if self.model.training:
+            self.model.eval()
+        rows = list(dict.fromkeys(self._user_row(text) for text in user_texts))
+        with self._state_lock:
+            missing = [r for r in rows if r not in self._user_states_cache]
+        if not missing:
+            return 0
+        ids, mask = self._segments(missing)
+        with self._autocast():
+            states = self.split.user_states(ids, mask)
+            # Each row trimmed to its own tokens, as `score_many` keeps them.
+            fresh = {row: states[b : b + 1, : len(row)] for b, row in enumerate(missing)}
+            self._remember_user_states(fresh)
+            for row, state in fresh.items():
+                self._joint_user(row, state, self._segments([row])[1])
+        with self._state_lock:
+            self.user_states_prepared += len(missing)
+        return len(missing)
 
     def _remember_user_states(self, states: dict[tuple[int, ...], torch.Tensor]) -> None:
         with self._state_lock:

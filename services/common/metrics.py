@@ -92,6 +92,12 @@ SERVING_VERSION = Gauge(
     "1 for the (model, index) versions being served.",
     ["model", "index"],
 )
+USER_STATES_PREPARED = Counter(
+    "freshrec_user_states_prepared_total",
+    "User sides of the re-ranker computed after LogEvents changed a profile, ahead of that "
+    "user's next Recommend (`ranking.prepare_user_states`): with it, that request finds its "
+    "user side cached (freshrec_user_state_cache_hit_rate).",
+)
 MODEL_LOADS = Counter(
     "freshrec_model_loads_total",
     "New versions the ranking service verified and loaded, by kind and outcome: ok (then "

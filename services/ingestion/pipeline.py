@@ -76,11 +76,15 @@ class EventIngestor:
         hygiene: EventHygiene | None = None,
         quarantine: OfflineEventLog | None = None,
         ledger: RejectionLedger | None = None,
+        on_profiles: Callable[[Sequence[UserProfile]], None] | None = None,
     ) -> None:
         """Args:
         hygiene: drops window duplicates and flags robot bursts right after validation.
         quarantine: where flagged bursts are stored (never trained on); dropped if None.
         ledger: where every batch's rejection counts are appended (`freshrec data report`).
+        on_profiles: told the profiles each batch stored online, after the push (the ranking
+            service computes their next request's user side ahead of it); what it raises is
+            logged, never the batch's error.
         spool: where batches go while Redis is unreachable; None propagates the error instead.
         breaker: the online store's breaker (shared with the ranking reads): while it is open,
             batches go straight to the spool without trying Redis.
@@ -98,6 +102,7 @@ class EventIngestor:
         self._hygiene = hygiene
         self._quarantine = quarantine
         self._ledger = ledger
+        self._on_profiles = on_profiles
         self._profile_lock = threading.Lock()
         self._drain_lock = threading.Lock()
         self._drain_limit = 0  # 0: as many batches per round as asked; 1: isolating a bad batch
@@ -319,6 +324,11 @@ class EventIngestor:
         self._writer.push_profiles(profiles)
         if self._cache is not None:
             self._cache.remember_profiles(profiles)
+        if self._on_profiles is not None:
+            try:
+                self._on_profiles(profiles)
+            except Exception:  # stored already: a hint's failure is not the batch's
+                _log.exception("on_profiles failed for %d profiles", len(profiles))
 
 
 def _by_user(rows: Sequence[EventRow]) -> dict[str, list[tuple[str, str, datetime]]]:

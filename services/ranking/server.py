@@ -72,6 +72,7 @@ from services.ranking.pipeline import (
     ServingModels,
 )
 from services.ranking.servicer import RankingServicer
+from services.ranking.user_prepare import UserSidePreparer
 from services.registry import open_registry
 
 log = logging.getLogger(__name__)
@@ -175,21 +176,6 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     dedup.start()
     spool = EventSpool(config.workdir / "spool")
     spool.start()
-    ingestor = EventIngestor(
-        reader,
-        features,
-        dedup,
-        OfflineEventLog(config.offline_dir),
-        spool=spool,
-        breaker=breaker,
-        cache=reader,
-        hygiene=EventHygiene(
-            window=timedelta(seconds=config.ingestion.duplicate_window_seconds),
-            max_events_per_minute=config.ingestion.max_events_per_user_per_minute,
-        ),
-        quarantine=OfflineEventLog(config.offline_dir / "quarantine"),
-        ledger=RejectionLedger(config.offline_dir / REJECTIONS_FILE),
-    )
     registry = open_registry(config)
     holder: ModelHolder | None = None
 
@@ -333,6 +319,26 @@ def build_ranking(config: FreshRecConfig, port: int | None = None) -> RankingApp
     )
     batcher = RerankBatcher(max(config.ranking.rerank_batch, 1), worker)
     pipeline = RankingPipeline(reader, settings, encoder, cache=reader, batcher=batcher)
+    ingestor = EventIngestor(
+        reader,
+        features,
+        dedup,
+        OfflineEventLog(config.offline_dir),
+        spool=spool,
+        breaker=breaker,
+        cache=reader,
+        hygiene=EventHygiene(
+            window=timedelta(seconds=config.ingestion.duplicate_window_seconds),
+            max_events_per_minute=config.ingestion.max_events_per_user_per_minute,
+        ),
+        quarantine=OfflineEventLog(config.offline_dir / "quarantine"),
+        ledger=RejectionLedger(config.offline_dir / REJECTIONS_FILE),
+        on_profiles=(
+            UserSidePreparer(worker, lambda: holder.current.reranker)
+            if config.ranking.prepare_user_states
+            else None
+        ),
+    )
     # Warm every model and client with one real request before reporting SERVING.
     pipeline.recommend(RecommendInput(user_id="__warmup__", k=1, query="warm up"), holder.current)
     score_log = ServedScoreLog(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pandas as pd
 import pytest
 import redis
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -358,6 +359,36 @@ def test_a_repeat_request_reuses_its_scores_until_the_profile_changes(stack: Sta
     assert stack.rank.LogEvents(ranking_pb2.LogEventsRequest(events=[event])).accepted == 1
     _recommend(stack, user, 10)
     assert (reranker.score_cache_hits, reranker.score_cache_misses) == (hits + 1, misses + 1)
+
+
+def test_log_events_prepares_the_users_next_request_on_the_torch_thread(stack: Stack) -> None:
+    # Another user than the tests above use, so their profile's context is new here.
+    profiled = pd.read_parquet(stack.config.offline_dir / "user_profile.parquet")["user_id"]
+    user = next(
+        u
+        for u in reversed(profiled.astype(str).tolist())
+        if u != stack.user.user_id and stack.features.get_user_profile(u) is not None
+    )
+    reranker = stack.ranking.models.current.reranker
+    _recommend(stack, user, 5)
+    profile = stack.features.get_user_profile(user)
+    assert profile is not None
+    # From the end of the catalogue: the tests above click its first items, and a context
+    # whose tokens another user's request already has is kept already, nothing to prepare
+    # (the user segment keeps its first MAX_LENGTH // 2 tokens: mostly the newest title).
+    clicked = next(i for i in reversed(stack.catalog) if i not in profile.recent_items)
+    prepared = reranker.user_states_prepared
+    hits, misses = reranker.user_cache_hits, reranker.user_cache_misses
+    event = _event(uuid.uuid4().hex, user, clicked, ranking_pb2.EVENT_TYPE_CLICK, datetime.now(UTC))
+    assert stack.rank.LogEvents(ranking_pb2.LogEventsRequest(events=[event])).accepted == 1
+    reply = _recommend(stack, user, 5)
+    # The new context's user side was computed after LogEvents, before this request's model
+    # call (both queued on the one torch thread): the request found it kept.
+    assert reranker.user_states_prepared == prepared + 1
+    assert (reranker.user_cache_hits, reranker.user_cache_misses) == (hits + 1, misses)
+    assert clicked not in {i.item_id for i in reply.items}  # the new profile was read
+    changed = stack.features.get_user_profile(user)
+    assert changed is not None and changed.recent_items[0] == clicked
 
 
 def test_a_restarted_service_reads_its_item_states_from_disk_and_answers_alike(

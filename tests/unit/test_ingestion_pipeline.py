@@ -232,6 +232,30 @@ def test_profile_equals_update_profile_applied_to_the_stored_profile(
     assert store.item_reads == [["i1", "i3"]]
 
 
+def test_on_profiles_is_told_what_was_pushed_and_its_failure_is_not_the_batchs(
+    store: CountingStore, log: OfflineEventLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    told: list[list[str]] = []
+
+    def on_profiles(profiles: Sequence[UserProfile]) -> None:
+        told.append([p.user_id for p in profiles])
+        if len(told) == 2:
+            raise RuntimeError("model gone")
+
+    ingestor = EventIngestor(
+        store, store, InMemoryDeduplicator(), log, clock=lambda: NOW, on_profiles=on_profiles
+    )
+    ingestor.ingest([event("e1"), event("e2", user_id="u2", item_id="i2")])
+    assert told == [["u1", "u2"]]
+    assert store.profiles["u2"].recent_items == ("i2",)  # pushed before it was told
+    second = ingestor.ingest([event("e3", item_id="i3")])
+    assert told[-1] == ["u1"] and second.accepted == 1  # its error only logged
+    assert store.profiles["u1"].recent_items[0] == "i3"
+    assert "on_profiles failed for 1 profiles" in caplog.text
+    ingestor.ingest([event("e3", item_id="i3")])  # a duplicate: nothing pushed, nobody told
+    assert len(told) == 2
+
+
 def test_online_push_failure_keeps_events_offline_and_propagates(
     store: CountingStore, log: OfflineEventLog
 ) -> None:

@@ -374,6 +374,32 @@ def test_user_states_are_cached_per_context_and_give_the_same_scores() -> None:
     assert reranker.user_cache_misses == 3  # cleared with the weights' other states
 
 
+@pytest.mark.parametrize("joint", [1, 2])
+def test_a_prepared_user_side_is_what_the_request_would_compute(joint: int) -> None:
+    reference = _split(joint=joint).score(USERS[0], ITEMS, cache=False)
+    reranker = _split(joint=joint)
+    assert reranker.prepare_users([USERS[0], USERS[1], USERS[0]]) == 2
+    assert reranker.user_states_prepared == 2
+    assert reranker.prepare_users([USERS[1]]) == 0  # kept already
+    forward = reranker.forward_seconds
+    # Not a request: no hit or miss counted, no forward time a benchmark would bill to one.
+    assert (reranker.user_cache_hits, reranker.user_cache_misses) == (0, 0)
+    prepared = reranker.score(USERS[0], ITEMS, cache=False)
+    assert (reranker.user_cache_hits, reranker.user_cache_misses) == (1, 0)
+    assert reranker.forward_seconds > forward
+    np.testing.assert_allclose(prepared, reference, atol=1e-6)
+    batched = reranker.score_many([(USERS[1], ITEMS), (USERS[2], ITEMS)], cache=False)
+    assert (reranker.user_cache_hits, reranker.user_cache_misses) == (2, 1)  # USERS[2] only
+    np.testing.assert_allclose(
+        batched[0], _split(joint=joint).score(USERS[1], ITEMS, cache=False), atol=1e-6
+    )
+
+
+def test_a_full_cross_encoder_prepares_nothing() -> None:
+    cross = _split(joint=1).as_cross_encoder()
+    assert cross.prepare_users(USERS) == 0
+
+
 def _count_forwards(reranker: CrossEncoderReranker) -> list[list[str]]:
     """The item texts of every forward pass `reranker` runs from now on."""
     passes: list[list[str]] = []
