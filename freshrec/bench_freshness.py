@@ -3,6 +3,9 @@
 Against real servers (ranking + updater in this process, real gRPC, Redis through Feast):
 1. event → profile: a click sent through LogEvents, until the online profile read through the
    Feast SDK shows it first in recent_items; and the next Recommend no longer offers that item.
+   That Recommend's latency, `recommend_after_event_ms`, with the new profile's user side
+   prepared after LogEvents (`ranking.prepare_user_states`) for every other click and not for
+   the rest, and the share of each whose re-rank found it kept.
 2. new item → recallable: UpsertItems of an item whose text matches a user's latest item,
    until Recommend (k = 100, so every recall candidate shows) returns it from recall; then
    RemoveItems, until it is gone; it must not come back.
@@ -86,9 +89,19 @@ def bench_freshness(
             rank, upd = ranking_stub(rch), updater_stub(uch)
             cat = catalog_pb2_grpc.CatalogServiceStub(rch)
 
-            # 1. event -> profile
+            # 1. event -> profile; and the Recommend that follows, with the user side of the
+            # new profile prepared after LogEvents (`ranking.prepare_user_states`) for every
+            # other click and not for the rest: both arms in the same minutes.
             lat, still_offered = [], 0
-            for _ in range(events):
+            ingestor = rank_app.ingestor
+            prepare = ingestor.on_profiles if ingestor is not None else None
+            arms = ("prepared", "not_prepared") if prepare is not None else ("not_prepared",)
+            after: dict[str, list[float]] = {arm: [] for arm in arms}
+            kept = dict.fromkeys(arms, 0)
+            for n in range(events):
+                arm = arms[n % len(arms)]
+                if ingestor is not None:
+                    ingestor.on_profiles = prepare if arm == "prepared" else None
                 user = users[int(rng.integers(len(users)))]
                 item = catalog[int(rng.integers(len(catalog)))]
                 event = ranking_pb2.Event(
@@ -107,15 +120,40 @@ def bench_freshness(
                     if time.perf_counter() - t0 > 10:
                         break
                 lat.append((time.perf_counter() - t0) * 1e3)
+                reranker = rank_app.models.current.reranker
+                hits = reranker.user_cache_hits
+                t1 = time.perf_counter()
                 reply = rank.Recommend(ranking_pb2.RecommendRequest(user_id=user, k=10), timeout=30)
+                after[arm].append((time.perf_counter() - t1) * 1e3)
+                kept[arm] += reranker.user_cache_hits > hits
                 still_offered += item in {i.item_id for i in reply.items}
+            if ingestor is not None:
+                ingestor.on_profiles = prepare
             result.update(
                 event_to_profile_p50_ms=_p(lat, 50),
                 event_to_profile_p99_ms=_p(lat, 99),
                 event_to_profile_events=len(lat),
                 clicked_item_offered_again=still_offered,
+                # The Recommend right after the profile showed the click; user_side_kept: the
+                # share of them whose re-rank found the new context's user side kept.
+                recommend_after_event_ms={
+                    arm: {
+                        "p50": _p(after[arm], 50),
+                        "p99": _p(after[arm], 99),
+                        "calls": len(after[arm]),
+                        "user_side_kept": round(kept[arm] / len(after[arm]), 3)
+                        if after[arm]
+                        else None,
+                    }
+                    for arm in arms
+                },
             )
             say(f"event → profile: p50 {_p(lat, 50)} ms, p99 {_p(lat, 99)} ms over {len(lat)}")
+            for arm in arms:
+                say(
+                    f"Recommend after the event, {arm.replace('_', ' ')}: p50 {_p(after[arm], 50)}"
+                    f" ms, p99 {_p(after[arm], 99)} ms over {len(after[arm])}"
+                )
 
             # 2. new item -> recallable, removed -> gone
             add_lat, gone_lat, came_back = [], [], 0

@@ -102,7 +102,7 @@ class EventIngestor:
         self._hygiene = hygiene
         self._quarantine = quarantine
         self._ledger = ledger
-        self._on_profiles = on_profiles
+        self.on_profiles = on_profiles
         self._profile_lock = threading.Lock()
         self._drain_lock = threading.Lock()
         self._drain_limit = 0  # 0: as many batches per round as asked; 1: isolating a bad batch
@@ -324,9 +324,10 @@ class EventIngestor:
         self._writer.push_profiles(profiles)
         if self._cache is not None:
             self._cache.remember_profiles(profiles)
-        if self._on_profiles is not None:
+        told = self.on_profiles
+        if told is not None:
             try:
-                self._on_profiles(profiles)
+                told(profiles)
             except Exception:  # stored already: a hint's failure is not the batch's
                 _log.exception("on_profiles failed for %d profiles", len(profiles))
 
