@@ -212,7 +212,18 @@ def test_cluster_repo_is_refused(pair: Pair) -> None:
 
 def test_compare_materialize_reports_both_rates(redis_url: str, tmp_path: Path) -> None:
     config = FreshRecConfig(workdir=tmp_path, redis_url=redis_url, online_store="redis")
+    client = redis.Redis.from_url(redis_url)
+
+    def its_keys() -> set[bytes]:  # Feast's keys end with the project; ours name it
+        return {
+            k for k in client.scan_iter(count=1000) if b"bench_sdk_" in k or b"bench_fast_" in k
+        }
+
+    before = its_keys()
     result = compare_materialize(config, n_users=200, n_items=200)
     assert result["identical_sample"] is True
     assert result["rows"] == result["feast_rows"] > 200
     assert result["materialize_rows_per_s"] > 0 and result["feast_materialize_rows_per_s"] > 0
+    # Its two projects leave no key behind (the Redis may be shared).
+    assert its_keys() - before == set()
+    client.close()
