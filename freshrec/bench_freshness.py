@@ -56,7 +56,7 @@ def bench_freshness(
     from services.ranking.server import build_ranking
     from services.updater.server import build_updater
 
-    remove_workdir(workdir)
+    remove_workdir(workdir, say)
     config = load_config(
         workdir,
         project=f"freshrec_bench_{datetime.now(UTC):%Y%m%d%H%M%S}",

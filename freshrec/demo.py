@@ -150,20 +150,6 @@ def measure_latency(stub: Any, users: list[str], calls: int) -> dict[str, float]
     }
 
 
-def _forget_previous_run(workdir: Path, say: Callable[[str], None]) -> None:
-    """Delete the online-store keys the previous demo run in `workdir` wrote (its own Feast
-    project and its own dedup prefix, nothing else), so demo runs do not pile up in Redis."""
-    from services.jobs.bootstrap import forget_online_state
-
-    try:
-        project = forget_online_state(workdir)
-    except Exception as exc:  # best effort: a previous run's leftovers never block a new one
-        say(f"   [yellow]could not remove the previous run's keys: {exc}[/yellow]")
-        return
-    if project is not None:
-        say(f"   removed the previous demo run's online keys (project {project})")
-
-
 def run_demo(dataset: str, workdir: Path, n_replay: int, console: Console) -> dict[str, Any]:
     """Run the loop; print each step with its time; return a summary (for --json)."""
     from freshrec.clients import channel, ranking_stub, updater_stub, wait_serving
@@ -174,8 +160,7 @@ def run_demo(dataset: str, workdir: Path, n_replay: int, console: Console) -> di
     steps: dict[str, float] = {}
     say = console.print
     started = time.perf_counter()
-    _forget_previous_run(workdir, say)
-    remove_workdir(workdir)
+    remove_workdir(workdir, say)
     # A project name per run: nothing a previous run left in a shared Redis can leak in.
     config = load_config(workdir, project=f"freshrec_demo_{datetime.now(UTC):%Y%m%d%H%M%S}")
 

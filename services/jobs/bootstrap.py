@@ -232,8 +232,18 @@ def ensure_uninitialised(config: FreshRecConfig) -> None:
         )
 
 
-def remove_workdir(workdir: Path) -> None:
-    """Delete a workdir (the demo starts from a clean one)."""
+def remove_workdir(workdir: Path, say: Callable[[str], None] | None = None) -> None:
+    """Delete a workdir and the online-store keys its project wrote (`forget_online_state`;
+    best effort: a previous run's leftovers never block a new one), so runs that start from a
+    clean workdir (the demo, `freshrec bench freshness`) do not pile up in a shared Redis."""
+    try:
+        project = forget_online_state(workdir)
+    except Exception as exc:
+        if say is not None:
+            say(f"   [yellow]could not remove the previous run's keys: {exc}[/yellow]")
+    else:
+        if project is not None and say is not None:
+            say(f"   removed the previous run's online keys (project {project})")
     shutil.rmtree(workdir, ignore_errors=True)
 
 

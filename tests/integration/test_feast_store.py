@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import redis
 
-from freshrec.config import FreshRecConfig
+from freshrec.config import FreshRecConfig, save_config
 from freshrec.errors import FailedPrecondition, FeatureStoreUnavailable
 from freshrec.records import ItemFeatures, UserProfile
 from services.features.feast_store import FeastFeatureStore
@@ -39,6 +39,7 @@ from services.features.store import (
     start_redis_server,
     write_offline_tables,
 )
+from services.jobs.bootstrap import remove_workdir
 
 pytestmark = pytest.mark.integration
 
@@ -662,3 +663,23 @@ def test_materialize_full_brings_back_what_the_online_store_lost(
     finally:
         open_feature_store(config.feature_repo_dir).teardown()
         ItemGeneration(config.feature_repo_dir).forget()
+
+
+def test_remove_workdir_takes_its_projects_online_keys_and_nothing_else(
+    on_redis: Prepared, tmp_path: Path
+) -> None:
+    config = _config(tmp_path, redis_url=on_redis.config.redis_url, online_store="redis")
+    _prepare(config, tmp_path)
+    save_config(config)  # what `freshrec init` leaves: forget_online_state reads it
+    ItemGeneration(config.feature_repo_dir).bump()
+    client = redis.Redis.from_url(on_redis.config.redis_url)
+    mine = [k for k in client.scan_iter(count=1000) if config.project.encode() in k]
+    assert len(mine) > 2
+    said: list[str] = []
+    remove_workdir(config.workdir, said.append)
+    assert not config.workdir.exists()
+    assert [k for k in client.scan_iter(count=1000) if config.project.encode() in k] == []
+    assert said == [f"   removed the previous run's online keys (project {config.project})"]
+    # Another project's keys stay.
+    assert on_redis.reader.get_user_profile("u1") is not None
+    client.close()
