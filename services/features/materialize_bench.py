@@ -21,7 +21,7 @@ from freshrec.config import FreshRecConfig, load_config
 from freshrec.data import generate_shop
 from freshrec.errors import FailedPrecondition
 from services.features.fast_materialize import VIEW_TABLES, entity_keys, fast_materialize
-from services.features.item_generation import item_generation_key
+from services.features.item_generation import ItemGeneration
 from services.features.profiles import build_item_features, build_user_profiles
 from services.features.redis_reader import connection_kwargs
 from services.features.store import (
@@ -140,14 +140,10 @@ def _compare(
     sdk, fast = runs["sdk"], runs["fast"]
     identical, sampled = _same_hashes(profiles, items, configs)
     if not keep_keys:
-        client = redis.Redis.from_url(choice.redis_url)
-        try:
-            for engine, run in runs.items():
-                run["store"].teardown()
-                # Both paths bump the project's item generation after their write.
-                client.delete(item_generation_key(configs[engine][0].project))
-        finally:
-            client.close()
+        for engine, run in runs.items():
+            run["store"].teardown()
+            # Both paths bump the project's item generation after their write.
+            ItemGeneration(configs[engine][0].feature_repo_dir).forget()
     return {
         "rows": fast["rows"],
         "feast_rows": sdk["rows"],
