@@ -833,17 +833,26 @@ class CrossEncoderReranker:
             missing = [r for r in rows if r not in self._user_states_cache]
         if not missing:
             return 0
-        ids, mask = self._segments(missing)
+        fresh = self._user_states_of(missing)
+        self._remember_user_states(fresh)
         with self._autocast():
-            states = self.split.user_states(ids, mask)
-            # Each row trimmed to its own tokens, as `score_many` keeps them.
-            fresh = {row: states[b : b + 1, : len(row)] for b, row in enumerate(missing)}
-            self._remember_user_states(fresh)
             for row, state in fresh.items():
                 self._joint_user(row, state, self._segments([row])[1])
         with self._state_lock:
             self.user_states_prepared += len(missing)
         return len(missing)
+
+    def _user_states_of(
+        self, rows: Sequence[tuple[int, ...]]
+    ) -> dict[tuple[int, ...], torch.Tensor]:
+        """The user side below the split of each token row, run as one batch: each row's states
+        trimmed to its own tokens, equal to the row run alone (padding is masked out of
+        attention)."""
+        assert self.split is not None
+        ids, mask = self._segments(rows)
+        with self._autocast():
+            states = self.split.user_states(ids, mask)
+        return {row: states[b : b + 1, : len(row)] for b, row in enumerate(rows)}
 
     def _remember_user_states(self, states: dict[tuple[int, ...], torch.Tensor]) -> None:
         with self._state_lock:
@@ -1010,12 +1019,8 @@ class CrossEncoderReranker:
             ]
         fresh: dict[tuple[int, ...], torch.Tensor] = {}
         if missing:
-            ids, mask = self._segments(missing)
-            with self._autocast(), self._forward_clock():
-                states = self.split.user_states(ids, mask)
-            # Trimmed to the row's own tokens: equal to the row run alone (padding is masked
-            # out of attention).
-            fresh = {row: states[b : b + 1, : len(row)] for b, row in enumerate(missing)}
+            with self._forward_clock():
+                fresh = self._user_states_of(missing)
             self._remember_user_states(fresh)
             with self._state_lock:
                 self.user_cache_misses += len(missing)
